@@ -1,0 +1,166 @@
+package llmstream
+
+import (
+	"bufio"
+	"encoding/json"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	_ "github.com/caddyserver/caddy/v2/modules/standard"
+)
+
+// caddyMu serialises tests that run the process-wide Caddy instance.
+var caddyMu sync.Mutex
+
+// freePort returns a loopback port that was free a moment ago.
+func freePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// instance is a real Caddy server configured in-process from a Caddyfile.
+type instance struct {
+	t       testing.TB
+	port    int
+	logPath string
+}
+
+// base is the URL of the site.
+func (c *instance) base() string { return "http://127.0.0.1:" + strconv.Itoa(c.port) }
+
+// caddyfileFor wraps site directives into a complete test Caddyfile that
+// logs to a file the test can read.
+func (c *instance) caddyfileFor(directives string) string {
+	return `{
+	admin off
+	auto_https off
+	persist_config off
+	grace_period 10s
+	log {
+		output file ` + c.logPath + `
+		level DEBUG
+	}
+}
+http://127.0.0.1:` + strconv.Itoa(c.port) + ` {
+` + directives + `
+}
+`
+}
+
+// startCaddy runs Caddy with the given site directives until the test ends.
+func startCaddy(t testing.TB, directives string) *instance {
+	t.Helper()
+	caddyMu.Lock()
+	c := &instance{t: t, port: freePort(t), logPath: filepath.Join(t.TempDir(), "caddy.log")}
+	t.Cleanup(func() {
+		_ = caddy.Stop()
+		caddyMu.Unlock()
+	})
+	c.load(directives)
+	return c
+}
+
+// load (re)loads the configuration.
+func (c *instance) load(directives string) {
+	c.t.Helper()
+	cfg := loadConfig(c.t, c.caddyfileFor(directives))
+	if err := caddy.Load(cfg, true); err != nil {
+		c.t.Fatalf("loading config: %v", err)
+	}
+	waitListening(c.t, c.port)
+}
+
+func loadConfig(t testing.TB, caddyfile string) []byte {
+	t.Helper()
+	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), nil)
+	if err != nil {
+		t.Fatalf("adapting Caddyfile: %v\n%s", err, caddyfile)
+	}
+	return cfg
+}
+
+func waitListening(t testing.TB, port int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		c, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(port))
+		if err == nil {
+			c.Close()
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("nothing listening on port %d", port)
+}
+
+// logs returns what Caddy logged so far.
+func (c *instance) logs() string {
+	b, _ := os.ReadFile(c.logPath)
+	return string(b)
+}
+
+// readEvents reads SSE events (text up to and including the blank line)
+// from r and sends each on the returned channel.
+func readEvents(r *bufio.Reader) <-chan string {
+	ch := make(chan string, 64)
+	go func() {
+		defer close(ch)
+		var ev strings.Builder
+		for {
+			line, err := r.ReadString('\n')
+			ev.WriteString(line)
+			if err != nil {
+				if ev.Len() > 0 {
+					ch <- ev.String()
+				}
+				return
+			}
+			if line == "\n" || line == "\r\n" {
+				ch <- ev.String()
+				ev.Reset()
+			}
+		}
+	}()
+	return ch
+}
+
+// flushWrite writes s and flushes it to the proxy.
+func flushWrite(w http.ResponseWriter, s string) {
+	_, _ = w.Write([]byte(s))
+	_ = http.NewResponseController(w).Flush()
+}
+
+const streamBody = `{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}`
+
+func postStream(t testing.TB, url string, hdr map[string]string) *http.Response {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodPost, url, strings.NewReader(streamBody))
+	req.Header.Set("Content-Type", "application/json")
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
+	resp, err := noCompressClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp
+}
+
+// noCompressClient leaves Accept-Encoding and decoding to the test.
+var noCompressClient = &http.Client{Transport: &http.Transport{DisableCompression: true}}
+
+func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }

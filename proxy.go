@@ -1,0 +1,118 @@
+package llmstream
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+var (
+	errFirstByteTimeout = errors.New("no response headers from the upstream within first_byte_timeout")
+	errIdleTimeout      = errors.New("the upstream was silent longer than idle_timeout")
+)
+
+// hopHeaders are removed in both directions (RFC 9110 §7.6.1), plus
+// Alt-Svc, which describes the upstream, not us.
+var hopHeaders = []string{
+	"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
+	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade", "Alt-Svc",
+}
+
+// clientCredentials are removed from every upstream request: the upstream
+// gets our key and nothing the client sent to prove who it is.
+var clientCredentials = []string{"Authorization", "Api-Key", "X-Api-Key", "X-Goog-Api-Key", "Cookie"}
+
+func removeHopHeaders(h http.Header) {
+	for _, v := range h["Connection"] {
+		for _, f := range strings.Split(v, ",") {
+			if f = strings.TrimSpace(f); f != "" {
+				h.Del(f)
+			}
+		}
+	}
+	for _, k := range hopHeaders {
+		h.Del(k)
+	}
+}
+
+// newUpstreamRequest builds the request for the upstream: same method,
+// path (after the base URL's path) and query, the body read earlier, the
+// client's headers without credentials and hop-by-hop fields, header_up,
+// then the key.
+func (h *Handler) newUpstreamRequest(ctx context.Context, r *http.Request, in *inbound) (*http.Request, error) {
+	target := *h.upstream
+	target.Path = joinPath(h.upstream.Path, r.URL.Path)
+	target.RawPath = ""
+	target.RawQuery = r.URL.RawQuery
+
+	var body io.Reader = http.NoBody
+	if in.body != nil {
+		body = bytes.NewReader(in.body)
+	}
+	req, err := http.NewRequestWithContext(ctx, r.Method, target.String(), body)
+	if err != nil {
+		return nil, err
+	}
+	req.Header = r.Header.Clone()
+	removeHopHeaders(req.Header)
+	for _, k := range clientCredentials {
+		req.Header.Del(k)
+	}
+	// Compressed event streams cannot be parsed (or flushed) incrementally;
+	// ask for identity. A gzip answer sent anyway is decoded in relay.
+	req.Header.Set("Accept-Encoding", "identity")
+	if h.HeaderUp != nil {
+		repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+		if repl == nil {
+			repl = caddy.NewReplacer()
+		}
+		h.HeaderUp.ApplyTo(req.Header, repl)
+	}
+	if h.apiKey != "" {
+		req.Header.Set("Authorization", "Bearer "+h.apiKey)
+	}
+	return req, nil
+}
+
+func joinPath(base, p string) string {
+	switch {
+	case base == "" || base == "/":
+		return p
+	case strings.HasSuffix(base, "/") && strings.HasPrefix(p, "/"):
+		return base + p[1:]
+	case !strings.HasSuffix(base, "/") && !strings.HasPrefix(p, "/"):
+		return base + "/" + p
+	}
+	return base + p
+}
+
+// roundTrip sends req and waits for the response headers, at most
+// first_byte_timeout. ctx must be the request's cancel-cause context.
+func (h *Handler) roundTrip(req *http.Request, cancel context.CancelCauseFunc) (*http.Response, error) {
+	t := time.AfterFunc(time.Duration(h.FirstByteTimeout), func() { cancel(errFirstByteTimeout) })
+	resp, err := h.transport.RoundTrip(req)
+	t.Stop()
+	if err != nil {
+		if cause := context.Cause(req.Context()); cause != nil {
+			return nil, cause
+		}
+		return nil, err
+	}
+	return resp, nil
+}
+
+// upstreamFailure turns a transport error into the error the client sees.
+func (h *Handler) upstreamFailure(err error) *apiError {
+	if errors.Is(err, errFirstByteTimeout) {
+		return &apiError{Status: http.StatusGatewayTimeout, Type: typeTimeout, Code: "upstream_timeout",
+			Message: errFirstByteTimeout.Error()}
+	}
+	return &apiError{Status: http.StatusBadGateway, Type: typeUpstream, Code: "upstream_unreachable",
+		Message: "the upstream could not be reached: " + h.secrets.scrubString(err.Error())}
+}

@@ -1,0 +1,343 @@
+package llmstream
+
+import (
+	"compress/gzip"
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/sse"
+)
+
+// Per-stream read buffers. A stream starts with a small buffer (paced model
+// output arrives in reads of a few hundred bytes) and moves to a large one
+// only when a read fills the small one, so thousands of open slow streams
+// cost little memory while bursts still move in large reads.
+const (
+	smallBuf = 1 << 10
+	largeBuf = 32 << 10
+)
+
+var (
+	smallPool = sync.Pool{New: func() any { b := make([]byte, smallBuf); return &b }}
+	largePool = sync.Pool{New: func() any { b := make([]byte, largeBuf); return &b }}
+)
+
+var heartbeatComment = []byte(": keep-alive\n\n")
+
+// framing is how the answer is delimited for the client, which decides how a
+// broken stream is ended.
+type framing int
+
+const (
+	framePlain  framing = iota // anything else: a broken body aborts the connection
+	frameSSE                   // text/event-stream: final `data: {"error":…}` event
+	frameNDJSON                // application/x-ndjson: final {"error":…} line
+)
+
+// relay copies one upstream answer to the client. It owns every write to the
+// client once created: the relay loop and the heartbeat timer take mu for
+// each write. One time.AfterFunc timer per stream serves both the heartbeat
+// and the idle timeout, so a waiting stream holds no goroutine.
+type relay struct {
+	w  http.ResponseWriter
+	rc *http.ResponseController
+
+	heartbeat time.Duration // <= 0: off
+	idle      time.Duration
+	cancel    context.CancelCauseFunc
+
+	mu        sync.Mutex
+	done      bool
+	committed bool // response headers written
+	frame     framing
+	reading   bool // the body is being read: the idle timeout applies
+	lastRead  time.Time
+	lastWrite time.Time
+	lastByte  byte
+	parser    sse.Parser
+	timer     *time.Timer
+
+	heartbeats int
+	start      time.Time
+}
+
+func newRelay(w http.ResponseWriter, h *Handler, expectSSE bool, cancel context.CancelCauseFunc) *relay {
+	now := time.Now()
+	rl := &relay{
+		w:         w,
+		rc:        http.NewResponseController(w),
+		heartbeat: time.Duration(h.Heartbeat),
+		idle:      time.Duration(h.IdleTimeout),
+		cancel:    cancel,
+		lastRead:  now,
+		lastWrite: now,
+		start:     now,
+	}
+	if expectSSE {
+		// A request with "stream": true expects an event stream; heartbeats
+		// may start before the upstream's headers arrive (reasoning models
+		// can take minutes).
+		rl.frame = frameSSE
+		rl.arm()
+	}
+	return rl
+}
+
+// arm starts the timer if something needs it.
+func (rl *relay) arm() {
+	d := rl.nextTick(time.Now())
+	if d <= 0 {
+		return
+	}
+	if rl.timer == nil {
+		rl.timer = time.AfterFunc(d, rl.tick)
+	} else {
+		rl.timer.Reset(d)
+	}
+}
+
+// nextTick is the delay to the next heartbeat or idle deadline; 0 when
+// neither applies. Called with mu held (or before the relay is shared).
+func (rl *relay) nextTick(now time.Time) time.Duration {
+	var next time.Duration
+	if rl.heartbeat > 0 && rl.frame == frameSSE {
+		next = rl.lastWrite.Add(rl.heartbeat).Sub(now)
+		if next <= 0 {
+			next = rl.heartbeat // mid-event: try again a period later
+		}
+	}
+	if rl.reading && rl.idle > 0 {
+		d := rl.lastRead.Add(rl.idle).Sub(now)
+		if d <= 0 {
+			d = time.Millisecond
+		}
+		if next == 0 || d < next {
+			next = d
+		}
+	}
+	return next
+}
+
+// tick runs on the timer: it ends a stream silent past the idle timeout,
+// or sends a heartbeat comment between events.
+func (rl *relay) tick() {
+	rl.mu.Lock()
+	defer rl.mu.Unlock()
+	if rl.done {
+		return
+	}
+	now := time.Now()
+	if rl.reading && rl.idle > 0 && now.Sub(rl.lastRead) >= rl.idle {
+		rl.cancel(errIdleTimeout)
+		return
+	}
+	if rl.heartbeat > 0 && rl.frame == frameSSE && now.Sub(rl.lastWrite) >= rl.heartbeat && rl.parser.AtBoundary() {
+		if !rl.committed {
+			writeStreamHeaders(rl.w.Header(), "text/event-stream")
+			rl.w.WriteHeader(http.StatusOK)
+			rl.committed = true
+		}
+		if _, err := rl.w.Write(heartbeatComment); err == nil {
+			_ = rl.rc.Flush()
+		}
+		rl.lastWrite = now
+		rl.heartbeats++
+	}
+	if d := rl.nextTick(now); d > 0 {
+		rl.timer.Reset(d)
+	}
+}
+
+// stop ends the relay's timer work; after it returns, nothing else writes.
+func (rl *relay) stop() {
+	rl.mu.Lock()
+	rl.done = true
+	if rl.timer != nil {
+		rl.timer.Stop()
+	}
+	rl.mu.Unlock()
+}
+
+// isCommitted reports whether response headers have been written (by a
+// heartbeat while waiting for the upstream).
+func (rl *relay) isCommitted() bool {
+	rl.mu.Lock()
+	defer rl.mu.Unlock()
+	return rl.committed
+}
+
+// writeStreamHeaders sets what keeps every hop from buffering a stream.
+func writeStreamHeaders(hdr http.Header, contentType string) {
+	hdr.Set("Content-Type", contentType)
+	hdr.Set("Cache-Control", "no-cache")
+	hdr.Set("X-Accel-Buffering", "no") // nginx: no proxy_buffering for this response
+	hdr.Del("Content-Length")
+	hdr.Del("ETag")
+	hdr.Del("Last-Modified")
+}
+
+// framingOf classifies a response by its content type.
+func framingOf(contentType string) framing {
+	ct := strings.ToLower(contentType)
+	switch {
+	case strings.HasPrefix(ct, "text/event-stream"):
+		return frameSSE
+	case strings.HasPrefix(ct, "application/x-ndjson"), strings.HasPrefix(ct, "application/jsonl"):
+		return frameNDJSON
+	}
+	return framePlain
+}
+
+// outcome is how a relayed body ended.
+type outcome struct {
+	err        error // nil: the upstream finished the body
+	clientGone bool
+	bytes      int64
+}
+
+// start writes the response headers for an upstream answer (unless a
+// heartbeat already committed a stream) and switches to the body phase.
+func (rl *relay) begin(resp *http.Response, streaming bool) {
+	rl.mu.Lock()
+	defer rl.mu.Unlock()
+	f := framingOf(resp.Header.Get("Content-Type"))
+	if rl.committed {
+		// Headers are out as an event stream; keep that framing.
+		f = frameSSE
+	} else {
+		hdr := rl.w.Header()
+		copyResponseHeaders(hdr, resp.Header)
+		if streaming || f != framePlain {
+			writeStreamHeaders(hdr, resp.Header.Get("Content-Type"))
+		}
+		rl.w.WriteHeader(resp.StatusCode)
+		rl.committed = true
+	}
+	rl.frame = f
+	rl.reading = true
+	rl.lastRead = time.Now()
+	rl.lastWrite = rl.lastRead
+	if rl.timer != nil {
+		rl.timer.Stop()
+	}
+	rl.arm()
+}
+
+// copyBody relays the upstream body, flushing after every read, until it
+// ends, breaks or the client goes away.
+func (rl *relay) copyBody(body io.Reader) outcome {
+	var out outcome
+	bp := smallPool.Get().(*[]byte)
+	pool := &smallPool
+	defer func() { pool.Put(bp) }()
+	for {
+		buf := *bp
+		n, rerr := body.Read(buf)
+		if n > 0 {
+			rl.mu.Lock()
+			rl.lastRead = time.Now()
+			rl.lastWrite = rl.lastRead
+			_, werr := rl.w.Write(buf[:n])
+			if werr == nil {
+				werr = rl.rc.Flush()
+			}
+			if rl.frame == frameSSE {
+				rl.parser.Feed(buf[:n])
+			}
+			rl.lastByte = buf[n-1]
+			rl.mu.Unlock()
+			out.bytes += int64(n)
+			if werr != nil {
+				out.clientGone = true
+				out.err = errClientGone
+				return out
+			}
+			if n == len(buf) && pool == &smallPool {
+				// A burst: move to the large buffer for the rest.
+				smallPool.Put(bp)
+				bp, pool = largePool.Get().(*[]byte), &largePool
+			}
+		}
+		if rerr == io.EOF {
+			return out
+		}
+		if rerr != nil {
+			out.err = rerr
+			return out
+		}
+	}
+}
+
+// fail ends a started answer whose upstream broke: a final error event for
+// event streams, a final error line for NDJSON. It reports false when the
+// framing has no way to say so, and the connection must be aborted.
+func (rl *relay) fail(e *apiError) bool {
+	rl.mu.Lock()
+	defer rl.mu.Unlock()
+	var msg []byte
+	switch rl.frame {
+	case frameSSE:
+		if rl.parser.InLine() {
+			msg = append(msg, '\n')
+		}
+		if rl.parser.InLine() || !rl.parser.AtBoundary() {
+			msg = append(msg, '\n') // close the cut event before ours
+		}
+		msg = append(msg, "data: "...)
+		msg = append(msg, e.body()...)
+		msg = append(msg, "\n\n"...)
+	case frameNDJSON:
+		if rl.lastByte != 0 && rl.lastByte != '\n' {
+			msg = append(msg, '\n')
+		}
+		msg = append(msg, e.body()...)
+		msg = append(msg, '\n')
+	default:
+		return false
+	}
+	if _, err := rl.w.Write(msg); err == nil {
+		_ = rl.rc.Flush()
+	}
+	return true
+}
+
+// copyResponseHeaders copies upstream response headers for the client,
+// without hop-by-hop fields and cookies for the upstream's domain.
+func copyResponseHeaders(dst, src http.Header) {
+	for k, vv := range src {
+		dst[k] = append(dst[k][:0:0], vv...)
+	}
+	removeHopHeaders(dst)
+	dst.Del("Set-Cookie")
+}
+
+// decodedBody returns the response body, decoding gzip if the upstream sent
+// it although we asked for identity.
+func decodedBody(resp *http.Response) (io.Reader, error) {
+	if !strings.EqualFold(resp.Header.Get("Content-Encoding"), "gzip") {
+		return resp.Body, nil
+	}
+	zr, err := gzip.NewReader(resp.Body)
+	if err != nil {
+		return nil, err
+	}
+	zr.Multistream(false)
+	resp.Header.Del("Content-Encoding")
+	resp.Header.Del("Content-Length")
+	return zr, nil
+}
+
+// brokenStreamError describes why a started answer ended early.
+func brokenStreamError(err error) *apiError {
+	if errors.Is(err, errIdleTimeout) {
+		return &apiError{Status: http.StatusGatewayTimeout, Type: typeTimeout, Code: "upstream_idle_timeout",
+			Message: errIdleTimeout.Error()}
+	}
+	return &apiError{Status: http.StatusBadGateway, Type: typeUpstream, Code: "stream_broken",
+		Message: "the upstream stream broke before it was complete"}
+}

@@ -1,0 +1,96 @@
+package llmstream
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net/http"
+)
+
+// inbound is what the handler learns from the client's request, read once.
+type inbound struct {
+	body   []byte // nil when the request has none
+	isJSON bool
+	model  string
+	stream bool
+}
+
+// readRequest reads the body (at most max bytes) and, for JSON bodies,
+// checks the syntax and takes the fields routing and relaying need.
+func readRequest(r *http.Request, max int64) (*inbound, *apiError) {
+	in := new(inbound)
+	if r.ContentLength > max {
+		return nil, errTooLarge(max)
+	}
+	if r.Body != nil && r.Body != http.NoBody {
+		b, err := io.ReadAll(io.LimitReader(r.Body, max+1))
+		if err != nil {
+			return nil, &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: "body_unreadable",
+				Message: "could not read the request body"}
+		}
+		if int64(len(b)) > max {
+			return nil, errTooLarge(max)
+		}
+		if len(b) > 0 {
+			in.body = b
+		}
+	}
+	if in.body == nil || !looksJSON(r.Header.Get("Content-Type"), in.body) {
+		return in, nil
+	}
+	in.isJSON = true
+	if !json.Valid(in.body) {
+		return nil, &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: "invalid_json",
+			Message: "the request body is not valid JSON"}
+	}
+	var fields struct {
+		Model  json.RawMessage `json:"model"`
+		Stream json.RawMessage `json:"stream"`
+	}
+	if bytes.HasPrefix(bytes.TrimLeft(in.body, " \t\r\n"), []byte("{")) {
+		// Valid JSON: this only fails on type mismatches, which are
+		// reported below for the fields we read.
+		_ = json.Unmarshal(in.body, &fields)
+	}
+	if len(fields.Model) > 0 && string(fields.Model) != "null" {
+		if err := json.Unmarshal(fields.Model, &in.model); err != nil {
+			return nil, fieldError("model", "a string")
+		}
+	}
+	if len(fields.Stream) > 0 && string(fields.Stream) != "null" {
+		if err := json.Unmarshal(fields.Stream, &in.stream); err != nil {
+			return nil, fieldError("stream", "a boolean")
+		}
+	}
+	return in, nil
+}
+
+func errTooLarge(max int64) *apiError {
+	return &apiError{Status: http.StatusRequestEntityTooLarge, Type: typeInvalidRequest, Code: "request_too_large",
+		Message: fmt.Sprintf("the request body is larger than %d bytes", max)}
+}
+
+func fieldError(name, want string) *apiError {
+	return &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: "invalid_type",
+		Message: fmt.Sprintf("%q must be %s", name, want)}
+}
+
+// looksJSON reports whether a body is meant as JSON: labelled so, or
+// unlabelled (or labelled as a form, which is what `curl -d` sends) and
+// starting like a JSON object or array.
+func looksJSON(contentType string, body []byte) bool {
+	mt, _, _ := mime.ParseMediaType(contentType)
+	switch {
+	case mt == "application/json" || (len(mt) > 5 && mt[len(mt)-5:] == "+json"):
+		return true
+	case mt == "" || mt == "application/x-www-form-urlencoded" || mt == "text/plain":
+		t := bytes.TrimLeft(body, " \t\r\n")
+		return len(t) > 0 && (t[0] == '{' || t[0] == '[')
+	}
+	return false
+}
+
+var errClientGone = errors.New("client disconnected")
