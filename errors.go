@@ -94,6 +94,9 @@ func (s *scrubber) scrub(b []byte) []byte {
 		for j < len(b) && isKeyChar(b[j]) {
 			j++
 		}
+		for j > i+1 && b[j-1] == '.' {
+			j-- // a sentence's full stop is not part of the token
+		}
 		if s.reveals(b[i:j]) {
 			out = append(out, b[last:i]...)
 			out = append(out, redacted...)

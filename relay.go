@@ -83,12 +83,14 @@ func newRelay(w http.ResponseWriter, h *Handler, expectSSE bool, cancel context.
 		// may start before the upstream's headers arrive (reasoning models
 		// can take minutes).
 		rl.frame = frameSSE
+		rl.mu.Lock() // the timer may fire before arm returns
 		rl.arm()
+		rl.mu.Unlock()
 	}
 	return rl
 }
 
-// arm starts the timer if something needs it.
+// arm starts the timer if something needs it. Called with mu held.
 func (rl *relay) arm() {
 	d := rl.nextTick(time.Now())
 	if d <= 0 {

@@ -1,0 +1,138 @@
+package llmstream
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddytest"
+)
+
+func TestUnmarshalCaddyfile(t *testing.T) {
+	tests := []struct {
+		name    string
+		input   string
+		want    func(h *Handler) bool
+		wantErr string
+		line    int // where the error must point, when set
+	}{
+		{name: "argument form", input: `llm_stream https://api.openai.com`,
+			want: func(h *Handler) bool { return h.Upstream == "https://api.openai.com" }},
+		{name: "block form", input: `llm_stream {
+				upstream https://api.openai.com/v1base
+				api_key {env.OPENAI_API_KEY}
+				header_up X-A b
+				header_up -X-C
+				dial_timeout 3s
+				first_byte_timeout 1m
+				idle_timeout 90s
+				heartbeat 10s
+				max_request_body 2MB
+			}`,
+			want: func(h *Handler) bool {
+				return h.Upstream == "https://api.openai.com/v1base" && h.APIKey == "{env.OPENAI_API_KEY}" &&
+					h.HeaderUp.Set.Get("X-A") == "b" && len(h.HeaderUp.Delete) == 1 &&
+					time.Duration(h.DialTimeout) == 3*time.Second && time.Duration(h.FirstByteTimeout) == time.Minute &&
+					time.Duration(h.IdleTimeout) == 90*time.Second && time.Duration(h.Heartbeat) == 10*time.Second &&
+					h.MaxRequestBody == 2000000
+			}},
+		{name: "heartbeat off", input: "llm_stream http://x {\n heartbeat off\n}",
+			want: func(h *Handler) bool { return h.Heartbeat < 0 }},
+		{name: "transport block", input: "llm_stream https://x {\n transport http {\n  versions 1.1\n  forward_proxy_url http://127.0.0.1:3128\n }\n}",
+			want: func(h *Handler) bool {
+				return strings.Contains(string(h.TransportRaw), `"protocol":"http"`) &&
+					strings.Contains(string(h.TransportRaw), `"url":"http://127.0.0.1:3128"`)
+			}},
+		{name: "missing upstream", input: "llm_stream {\n api_key k\n}", wantErr: "upstream base URL is required"},
+		{name: "bad url scheme", input: "llm_stream {\n upstream ftp://x\n}", wantErr: "upstream \"ftp://x\": scheme must be http or https", line: 2},
+		{name: "url without host", input: "llm_stream http://", wantErr: "missing host"},
+		{name: "negative duration", input: "llm_stream http://x {\n\n idle_timeout -5s\n}", wantErr: "idle_timeout: duration must not be negative", line: 3},
+		{name: "bad duration", input: "llm_stream http://x {\n dial_timeout soon\n}", wantErr: "bad duration value 'soon'", line: 2},
+		{name: "bad size", input: "llm_stream http://x {\n max_request_body lots\n}", wantErr: "bad size value 'lots'"},
+		{name: "unknown subdirective", input: "llm_stream http://x {\n\n\n stream_faster yes\n}", wantErr: "unrecognized subdirective 'stream_faster'", line: 4},
+		{name: "repeated option", input: "llm_stream http://x {\n api_key a\n api_key b\n}", wantErr: "api_key already specified", line: 3},
+		{name: "heartbeat zero", input: "llm_stream http://x {\n heartbeat 0s\n}", wantErr: "use 'off'"},
+		{name: "extra argument", input: "llm_stream http://x http://y", wantErr: "wrong argument count"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			h := new(Handler)
+			err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("got error %v, want one containing %q", err, tc.wantErr)
+				}
+				if at := fmt.Sprintf("at Testfile:%d", tc.line); tc.line > 0 && !strings.HasSuffix(err.Error(), at) {
+					t.Fatalf("got error %v, want it to end %q", err, at)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("unexpected error: %v", err)
+			}
+			if !tc.want(h) {
+				b, _ := json.Marshal(h)
+				t.Fatalf("unexpected config: %s", b)
+			}
+		})
+	}
+}
+
+// TestAdapt compares `caddy adapt` output with golden files: a Caddyfile,
+// a line of dashes, then the JSON.
+func TestAdapt(t *testing.T) {
+	files, _ := filepath.Glob("testdata/adapt/*.caddyfiletest")
+	if len(files) == 0 {
+		t.Fatal("no golden files")
+	}
+	for _, f := range files {
+		t.Run(filepath.Base(f), func(t *testing.T) {
+			b, err := os.ReadFile(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			in, want, ok := strings.Cut(string(b), "----------")
+			if !ok {
+				t.Fatal("golden file lacks the ---------- separator")
+			}
+			if !caddytest.CompareAdapt(t, f, in, "caddyfile", strings.TrimSpace(want)) {
+				t.Fatal("adapted JSON differs from the golden file")
+			}
+		})
+	}
+}
+
+// TestJSONConfigValidation checks that bad JSON configs fail at load, not
+// at the first request.
+func TestJSONConfigValidation(t *testing.T) {
+	tests := []struct{ name, json, wantErr string }{
+		{"missing upstream", `{}`, "upstream: a base URL is required"},
+		{"bad scheme", `{"upstream":"unix:///x"}`, "scheme must be http or https"},
+		{"negative timeout", `{"upstream":"http://x","idle_timeout":-1}`, "idle_timeout: must not be negative"},
+		{"unknown placeholder", `{"upstream":"http://x","api_key":"{nope.x}"}`, "api_key: unresolvable placeholder"},
+		{"unknown transport", `{"upstream":"http://x","transport":{"protocol":"carrier_pigeon"}}`, "loading transport"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := caddy.NewContext(caddy.Context{Context: t.Context()})
+			defer cancel()
+			var h Handler
+			if err := json.Unmarshal([]byte(tc.json), &h); err != nil {
+				t.Fatal(err)
+			}
+			err := h.Provision(ctx)
+			if err == nil {
+				err = h.Validate()
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Fatalf("got %v, want an error containing %q", err, tc.wantErr)
+			}
+		})
+	}
+}
