@@ -41,7 +41,8 @@ type Mock struct {
 	// request's `max_tokens` lowers it. Default: the words of Text.
 	Tokens int `json:"tokens,omitempty"`
 
-	// The time between two streamed tokens. Default: 50ms.
+	// The time between two streamed tokens. A negative value sends them
+	// without pause. Default: 50ms.
 	Interval caddy.Duration `json:"interval,omitempty"`
 
 	// Extra wait before the first token, like a reasoning model. Default: 0.
@@ -378,6 +379,9 @@ func (m *Mock) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "interval":
 			if err := parseDuration(d, &m.Interval); err != nil {
 				return err
+			}
+			if m.Interval == 0 {
+				m.Interval = -1 // "interval 0": no pause
 			}
 		case "first_token_delay":
 			if err := parseDuration(d, &m.FirstTokenDelay); err != nil {

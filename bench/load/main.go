@@ -1,0 +1,335 @@
+// Command load runs the llm_stream benchmark scenarios against several
+// targets (the mock directly, reverse_proxy, nginx, llm_stream) on loopback
+// and prints them side by side. Every scenario is bounded in requests and
+// time. Targets are given as name=url=pid[,pid...]; the pids are the
+// proxy's processes, read from /proc for CPU time and memory.
+//
+// The mock must run with `stamp`, so each chunk carries the time it was
+// sent (mock_sent_ns) and the per-chunk delay can be measured end to end.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+type target struct {
+	name, url string
+	pids      []int
+}
+
+func main() {
+	var (
+		paced  = flag.String("paced", "/paced/v1/chat/completions", "path of the 100 chunks @20ms stream")
+		burst  = flag.String("burst", "/burst/v1/chat/completions", "path of the 500 chunks, no delay stream")
+		slow   = flag.String("slow", "/slow/v1/chat/completions", "path of the slow stream")
+		open   = flag.Int("open", 2000, "concurrent slow streams")
+		rpsDur = flag.Duration("rps-time", 4*time.Second, "duration of the requests/s scenario")
+	)
+	flag.Parse()
+	var targets []target
+	for _, arg := range flag.Args() {
+		parts := strings.SplitN(arg, "=", 3)
+		if len(parts) != 3 {
+			fmt.Fprintln(os.Stderr, "target must be name=url=pid[,pid]")
+			os.Exit(2)
+		}
+		t := target{name: parts[0], url: parts[1]}
+		for _, p := range strings.Split(parts[2], ",") {
+			if n, err := strconv.Atoi(p); err == nil && n > 0 {
+				t.pids = append(t.pids, n)
+			}
+		}
+		targets = append(targets, t)
+	}
+	rows := map[string][]string{}
+	add := func(row, v string) { rows[row] = append(rows[row], v) }
+	var direct *result
+	for i, t := range targets {
+		fmt.Fprintf(os.Stderr, "== %s\n", t.name)
+		r := runAll(t, *paced, *burst, *slow, *open, *rpsDur)
+		if i == 0 {
+			direct = r
+		}
+		rel := func(v, base float64) string {
+			if i == 0 {
+				return fmt.Sprintf("(%.2f)", v)
+			}
+			return fmt.Sprintf("%+.2f", v-base)
+		}
+		add("ttft", rel(r.ttftP50, direct.ttftP50)+" / "+rel(r.ttftP99, direct.ttftP99))
+		add("chunk", rel(r.chunkP50, direct.chunkP50)+" / "+rel(r.chunkP99, direct.chunkP99))
+		add("cpu", fmt.Sprintf("%.2f", r.cpuPerChunk))
+		add("mem", fmt.Sprintf("%.1f", r.memPerStream))
+		add("openttft", rel(r.openTTFTP50, direct.openTTFTP50)+" / "+rel(r.openTTFTP99, direct.openTTFTP99))
+		add("errors", strconv.Itoa(r.errors))
+		add("rps", fmt.Sprintf("%.0f", r.rps))
+		rows["_cpu"] = append(rows["_cpu"], fmt.Sprint(r.cpuPerChunk))
+		rows["_mem"] = append(rows["_mem"], fmt.Sprint(r.memPerStream))
+	}
+	head := "| scenario (medians; proxies: added = minus direct) |"
+	sep := "|---|"
+	for _, t := range targets {
+		head += " " + t.name + " |"
+		sep += "---|"
+	}
+	fmt.Println(head)
+	fmt.Println(sep)
+	labels := []struct{ key, text string }{
+		{"ttft", "50 streams × 100 chunks @20 ms: TTFT p50 / p99 (ms)"},
+		{"chunk", "same: per-chunk delay p50 / p99 (ms)"},
+		{"cpu", "10 × 100 streams × 500 chunks, no delay: proxy CPU per chunk (µs)"},
+		{"mem", fmt.Sprintf("%d open slow streams: proxy memory per stream (KB)", *open)},
+		{"openttft", fmt.Sprintf("%d open slow streams (opened over 2 s): TTFT p50 / p99 (ms)", *open)},
+		{"errors", "errors (all scenarios)"},
+		{"rps", "non-streaming requests/s (32 in flight)"},
+	}
+	for _, l := range labels {
+		fmt.Printf("| %s | %s |\n", l.text, strings.Join(rows[l.key], " | "))
+	}
+	// ratios of the last target against reverse_proxy, when both ran
+	idx := func(name string) int {
+		return slices.IndexFunc(targets, func(t target) bool { return t.name == name })
+	}
+	if rp, ls := idx("reverse_proxy"), idx("llm_stream"); rp >= 0 && ls >= 0 {
+		f := func(k string, i int) float64 { v, _ := strconv.ParseFloat(rows[k][i], 64); return v }
+		fmt.Printf("\nllm_stream / reverse_proxy: CPU per chunk %.2f×, memory per open stream %.2f×\n",
+			f("_cpu", ls)/f("_cpu", rp), f("_mem", ls)/f("_mem", rp))
+	}
+}
+
+type result struct {
+	ttftP50, ttftP99, chunkP50, chunkP99 float64
+	cpuPerChunk, memPerStream            float64
+	openTTFTP50, openTTFTP99             float64
+	errors                               int
+	rps                                  float64
+}
+
+var client = &http.Client{Transport: &http.Transport{
+	MaxIdleConnsPerHost: 4096,
+	DisableCompression:  true,
+}}
+
+const body = `{"model":"mock-1","stream":true,"messages":[{"role":"user","content":"hello"}]}`
+
+// stream runs one streamed request and reports the time to the first
+// content chunk and each chunk's delay since the mock sent it.
+func stream(ctx context.Context, url string, started chan<- struct{}) (ttft time.Duration, delays []time.Duration, chunks int, err error) {
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, url, strings.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", "Bearer client")
+	t0 := time.Now()
+	resp, err := client.Do(req)
+	if err != nil {
+		return 0, nil, 0, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		io.Copy(io.Discard, resp.Body)
+		return 0, nil, 0, fmt.Errorf("status %d", resp.StatusCode)
+	}
+	br := bufio.NewReaderSize(resp.Body, 4096)
+	done := false
+	for {
+		line, rerr := br.ReadSlice('\n')
+		now := time.Now()
+		if bytes.HasPrefix(line, []byte("data: ")) {
+			if bytes.HasPrefix(line, []byte("data: [DONE]")) {
+				done = true
+			} else if i := bytes.Index(line, []byte(`"mock_sent_ns":`)); i >= 0 {
+				rest := line[i+len(`"mock_sent_ns":`):]
+				j := bytes.IndexAny(rest, ",}")
+				ns, _ := strconv.ParseInt(string(rest[:j]), 10, 64)
+				if chunks == 0 {
+					ttft = now.Sub(t0)
+					if started != nil {
+						started <- struct{}{}
+					}
+				}
+				delays = append(delays, now.Sub(time.Unix(0, ns)))
+				chunks++
+			}
+		}
+		if rerr != nil {
+			if rerr == io.EOF && done {
+				return ttft, delays, chunks, nil
+			}
+			if rerr == io.EOF {
+				return ttft, delays, chunks, fmt.Errorf("stream ended without [DONE]")
+			}
+			return ttft, delays, chunks, rerr
+		}
+	}
+}
+
+func pct(ds []time.Duration, p float64) float64 {
+	if len(ds) == 0 {
+		return 0
+	}
+	slices.Sort(ds)
+	return float64(ds[int(float64(len(ds)-1)*p)]) / 1e6
+}
+
+// cpuTicks is the user+system CPU time of the processes, in seconds.
+func cpuSeconds(pids []int) float64 {
+	var total float64
+	for _, pid := range pids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			continue
+		}
+		f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+2:]))
+		u, _ := strconv.ParseFloat(f[11], 64)
+		s, _ := strconv.ParseFloat(f[12], 64)
+		total += (u + s) / 100 // USER_HZ
+	}
+	return total
+}
+
+// rssKB is the resident memory of the processes.
+func rssKB(pids []int) float64 {
+	var total float64
+	for _, pid := range pids {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, "VmRSS:") {
+				v, _ := strconv.ParseFloat(strings.Fields(l)[1], 64)
+				total += v
+			}
+		}
+	}
+	return total
+}
+
+func runAll(t target, paced, burst, slow string, open int, rpsDur time.Duration) *result {
+	r := new(result)
+	var errs atomic.Int64
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+
+	// 1. 50 paced streams
+	var mu sync.Mutex
+	var ttfts, delays []time.Duration
+	var wg sync.WaitGroup
+	for i := 0; i < 50; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			tt, d, _, err := stream(ctx, t.url+paced, nil)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				errs.Add(1)
+				return
+			}
+			ttfts = append(ttfts, tt)
+			delays = append(delays, d...)
+		}()
+	}
+	wg.Wait()
+	r.ttftP50, r.ttftP99 = pct(ttfts, .5), pct(ttfts, .99)
+	r.chunkP50, r.chunkP99 = pct(delays, .5), pct(delays, .99)
+
+	// 2. 100 burst streams, repeated 10 times so that the CPU time read
+	// from /proc (10 ms ticks) is measured to about 2%: CPU per chunk
+	var chunks atomic.Int64
+	cpu0 := cpuSeconds(t.pids)
+	for round := 0; round < 10; round++ {
+		for i := 0; i < 100; i++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				_, _, n, err := stream(ctx, t.url+burst, nil)
+				if err != nil {
+					errs.Add(1)
+				}
+				chunks.Add(int64(n))
+			}()
+		}
+		wg.Wait()
+	}
+	if n := chunks.Load(); n > 0 && len(t.pids) > 0 {
+		r.cpuPerChunk = (cpuSeconds(t.pids) - cpu0) / float64(n) * 1e6
+	}
+
+	// 3. many open slow streams: memory per stream and TTFT
+	time.Sleep(500 * time.Millisecond)
+	rss0 := rssKB(t.pids)
+	started := make(chan struct{}, open)
+	ttfts = ttfts[:0]
+	for i := 0; i < open; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			tt, _, _, err := stream(ctx, t.url+slow, started)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				errs.Add(1)
+				return
+			}
+			ttfts = append(ttfts, tt)
+		}()
+		if i%100 == 99 {
+			time.Sleep(100 * time.Millisecond) // ramp up over 2 s, as real traffic does
+		}
+	}
+	for i := 0; i < open; i++ {
+		select {
+		case <-started:
+		case <-time.After(30 * time.Second):
+			i = open
+		}
+	}
+	time.Sleep(300 * time.Millisecond)
+	if len(t.pids) > 0 {
+		r.memPerStream = (rssKB(t.pids) - rss0) / float64(open)
+	}
+	wg.Wait()
+	r.openTTFTP50, r.openTTFTP99 = pct(ttfts, .5), pct(ttfts, .99)
+
+	// 4. non-streaming requests per second, 32 in flight
+	var reqs atomic.Int64
+	end := time.Now().Add(rpsDur)
+	for i := 0; i < 32; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for time.Now().Before(end) {
+				req, _ := http.NewRequest(http.MethodPost, t.url+"/json/v1/chat/completions",
+					strings.NewReader(`{"model":"mock-1","messages":[{"role":"user","content":"hello"}]}`))
+				req.Header.Set("Content-Type", "application/json")
+				resp, err := client.Do(req)
+				if err != nil {
+					errs.Add(1)
+					continue
+				}
+				b, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 || !bytes.Contains(b, []byte(`"chat.completion"`)) {
+					errs.Add(1)
+					continue
+				}
+				reqs.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	r.rps = float64(reqs.Load()) / rpsDur.Seconds()
+	r.errors = int(errs.Load())
+	client.CloseIdleConnections()
+	return r
+}
