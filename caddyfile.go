@@ -2,6 +2,7 @@ package llmstream
 
 import (
 	"encoding/json"
+	"strconv"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -39,14 +40,33 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    transport http {
 //	        ...
 //	    }
+//	    upstream <base_url> {
+//	        provider      openai|azure|anthropic|gemini
+//	        api_key       <key> [<key>...]
+//	        api_version   <version>
+//	        models        <name|glob>...
+//	        rename        <client_model> <upstream_model>
+//	        weight        <n>
+//	        priority      <n>
+//	        header_up     [+|-]<field> [<value>]
+//	        forward_proxy <url>
+//	    }
+//	    retries             <n>
+//	    retry_on            connect|timeout|<status>...
+//	    retry_backoff       <base> <max>
+//	    unhealthy_after     <n> <cooldown>
+//	    first_token_timeout <duration>
+//	    key_affinity        header <name>|user|off
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // directive name
+	var ups []*Upstream
+	blocks := false
 	if d.NextArg() {
-		h.Upstream = d.Val()
-		if _, err := parseBaseURL(h.Upstream); err != nil {
+		if _, err := parseBaseURL(d.Val()); err != nil {
 			return d.Err(err.Error())
 		}
+		ups = append(ups, &Upstream{URL: d.Val()})
 	}
 	if d.NextArg() {
 		return d.ArgErr()
@@ -54,24 +74,74 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	seen := map[string]bool{}
 	for d.NextBlock(0) {
 		opt := d.Val()
-		if seen[opt] && opt != "header_up" {
+		if seen[opt] && opt != "header_up" && opt != "upstream" {
 			return d.Errf("%s already specified", opt)
 		}
 		seen[opt] = true
 		switch opt {
 		case "upstream":
-			if h.Upstream != "" {
-				return d.Err("upstream already specified")
+			u, block, err := parseUpstream(d)
+			if err != nil {
+				return err
 			}
+			blocks = blocks || block
+			ups = append(ups, u)
+		case "retries":
 			if !d.NextArg() {
 				return d.ArgErr()
 			}
-			h.Upstream = d.Val()
-			if _, err := parseBaseURL(h.Upstream); err != nil {
-				return d.Err(err.Error())
+			n, err := strconv.Atoi(d.Val())
+			if err != nil || n < 0 {
+				return d.Errf("bad retries value '%s'", d.Val())
 			}
-			if d.NextArg() {
+			h.Retries = &n
+		case "retry_on":
+			h.RetryOn = d.RemainingArgs()
+			if len(h.RetryOn) == 0 {
 				return d.ArgErr()
+			}
+			for _, o := range h.RetryOn {
+				if c, err := strconv.Atoi(o); o != "connect" && o != "timeout" && (err != nil || c < 400 || c > 599) {
+					return d.Errf("retry_on: '%s' is not connect, timeout or a 4xx/5xx status", o)
+				}
+			}
+		case "retry_backoff":
+			if err := parseDuration(d, &h.RetryBackoff, true); err != nil {
+				return err
+			}
+			if err := parseDuration(d, &h.RetryBackoffMax, false); err != nil {
+				return err
+			}
+			if h.RetryBackoffMax < h.RetryBackoff {
+				return d.Err("retry_backoff: the maximum is below the base")
+			}
+		case "unhealthy_after":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			n, err := strconv.Atoi(d.Val())
+			if err != nil || n <= 0 {
+				return d.Errf("bad unhealthy_after count '%s'", d.Val())
+			}
+			h.UnhealthyAfter = n
+			if err := parseDuration(d, &h.UnhealthyCooldown, false); err != nil {
+				return err
+			}
+		case "first_token_timeout":
+			if err := parseDuration(d, &h.FirstTokenTimeout, false); err != nil {
+				return err
+			}
+		case "key_affinity":
+			args := d.RemainingArgs()
+			switch {
+			case len(args) == 1 && args[0] == "off":
+				h.KeyAffinity = ""
+			case len(args) == 1 && args[0] == "user":
+				h.KeyAffinity = "user"
+			case len(args) == 2 && args[0] == "header":
+				h.KeyAffinity = "header:" + args[1]
+			default:
+				return d.Err("key_affinity: want 'header <name>', 'user' or 'off'")
 			}
 		case "api_key":
 			if !d.NextArg() {
@@ -140,14 +210,112 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return d.Errf("unrecognized subdirective '%s'", opt)
 		}
 	}
-	if h.Upstream == "" {
+	switch {
+	case len(ups) == 0:
 		return d.Err("llm_stream: an upstream base URL is required")
+	case len(ups) == 1 && !blocks:
+		h.Upstream = ups[0].URL // the single-upstream form
+	default:
+		if h.APIKey != "" {
+			return d.Err("api_key: with upstream blocks or several upstreams, set api_key inside each upstream block")
+		}
+		h.Upstreams = ups
 	}
 	return nil
 }
 
-// parseDuration reads one positive (or zero) duration argument.
-func parseDuration(d *caddyfile.Dispenser, into *caddy.Duration) error {
+// parseUpstream reads `upstream <base_url> [{ ... }]`; block reports
+// whether it had a block.
+func parseUpstream(d *caddyfile.Dispenser) (*Upstream, bool, error) {
+	if !d.NextArg() {
+		return nil, false, d.ArgErr()
+	}
+	u := &Upstream{URL: d.Val()}
+	if _, err := parseBaseURL(u.URL); err != nil {
+		return nil, false, d.Err(err.Error())
+	}
+	if d.NextArg() {
+		return nil, false, d.ArgErr()
+	}
+	block := false
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		block = true
+		opt := d.Val()
+		if seen[opt] && opt != "header_up" && opt != "api_key" && opt != "rename" && opt != "models" {
+			return nil, false, d.Errf("%s already specified", opt)
+		}
+		seen[opt] = true
+		switch opt {
+		case "provider":
+			if !d.NextArg() {
+				return nil, false, d.ArgErr()
+			}
+			u.Provider = d.Val()
+			if !providers[u.Provider] {
+				return nil, false, d.Errf("unknown provider '%s' (want openai, azure, anthropic or gemini)", u.Provider)
+			}
+		case "api_key":
+			keys := d.RemainingArgs()
+			if len(keys) == 0 {
+				return nil, false, d.ArgErr()
+			}
+			u.APIKeys = append(u.APIKeys, keys...)
+		case "api_version":
+			if !d.NextArg() {
+				return nil, false, d.ArgErr()
+			}
+			u.APIVersion = d.Val()
+		case "models":
+			ms := d.RemainingArgs()
+			if len(ms) == 0 {
+				return nil, false, d.ArgErr()
+			}
+			u.Models = append(u.Models, ms...)
+		case "rename":
+			args := d.RemainingArgs()
+			if len(args) != 2 {
+				return nil, false, d.ArgErr()
+			}
+			if u.Rename == nil {
+				u.Rename = map[string]string{}
+			}
+			u.Rename[args[0]] = args[1]
+		case "weight", "priority":
+			if !d.NextArg() {
+				return nil, false, d.ArgErr()
+			}
+			n, err := strconv.Atoi(d.Val())
+			if err != nil || (opt == "weight" && n <= 0) {
+				return nil, false, d.Errf("bad %s value '%s'", opt, d.Val())
+			}
+			if opt == "weight" {
+				u.Weight = n
+			} else {
+				u.Priority = n
+			}
+		case "header_up":
+			if u.HeaderUp == nil {
+				u.HeaderUp = new(headers.HeaderOps)
+			}
+			if err := parseHeaderOp(d, u.HeaderUp); err != nil {
+				return nil, false, err
+			}
+		case "forward_proxy":
+			if !d.NextArg() {
+				return nil, false, d.ArgErr()
+			}
+			u.ForwardProxy = d.Val()
+		default:
+			return nil, false, d.Errf("unrecognized upstream subdirective '%s'", opt)
+		}
+	}
+	return u, block, nil
+}
+
+// parseDuration reads one positive (or zero) duration argument; more
+// says whether further arguments may follow on the line.
+func parseDuration(d *caddyfile.Dispenser, into *caddy.Duration, more ...bool) error {
 	name := d.Val()
 	if !d.NextArg() {
 		return d.ArgErr()
@@ -160,8 +328,10 @@ func parseDuration(d *caddyfile.Dispenser, into *caddy.Duration) error {
 		return d.Errf("%s: duration must not be negative, got %s", name, time.Duration(dur))
 	}
 	*into = caddy.Duration(dur)
-	if d.NextArg() {
-		return d.ArgErr()
+	if len(more) == 0 || !more[0] {
+		if d.NextArg() {
+			return d.ArgErr()
+		}
 	}
 	return nil
 }

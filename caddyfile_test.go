@@ -115,7 +115,7 @@ func TestJSONConfigValidation(t *testing.T) {
 		{"missing upstream", `{}`, "upstream: a base URL is required"},
 		{"bad scheme", `{"upstream":"unix:///x"}`, "scheme must be http or https"},
 		{"negative timeout", `{"upstream":"http://x","idle_timeout":-1}`, "idle_timeout: must not be negative"},
-		{"unknown placeholder", `{"upstream":"http://x","api_key":"{nope.x}"}`, "api_key: unresolvable placeholder"},
+		{"unknown placeholder", `{"upstream":"http://x","api_key":"{nope.x}"}`, "unresolvable placeholder"},
 		{"unknown transport", `{"upstream":"http://x","transport":{"protocol":"carrier_pigeon"}}`, "loading transport"},
 	}
 	for _, tc := range tests {

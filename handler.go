@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"math/rand/v2"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -17,115 +19,274 @@ import (
 // scrubbed) before it is passed on.
 const maxErrorBody = 1 << 20
 
-// ServeHTTP proxies one request: read the body once, send it upstream with
-// the configured key, and relay the answer as it arrives.
+// authRest is how long a key answered with 401 or 403 rests.
+const authRest = 10 * time.Minute
+
+// ServeHTTP proxies one request: read the body once, pick the upstreams
+// that serve its model, try them (failing over while the client has seen
+// nothing of an answer) and relay the answer as it arrives.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	in, aerr := readRequest(r, h.MaxRequestBody)
 	if aerr != nil {
 		aerr.write(w)
 		return nil
 	}
+	if r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, "/models") && len(h.router.names) > 0 {
+		h.serveModels(w)
+		return nil
+	}
+	cands := h.router.candidates(in.model)
+	if len(cands) == 0 {
+		(&apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "model_not_found",
+			Message: "the model " + strconv.Quote(in.model) + " is not served here"}).write(w)
+		return nil
+	}
+	p := h.newPlan(cands, h.affinityValue(r.Header.Get, in.user))
 
-	// One context for the upstream request: cancelled when the client
-	// leaves, and with a cause when a timeout of ours fires.
-	ctx, cancel := context.WithCancelCause(r.Context())
-	defer cancel(nil)
-
-	rl := newRelay(w, h, in.stream, cancel)
+	rl := newRelay(w, h, in.stream, nil)
 	defer rl.stop()
 
-	req, err := h.newUpstreamRequest(ctx, r, in)
-	if err != nil {
-		return caddyhttpError(err)
+	var last attemptResult
+	switchKey := false
+	for n := 0; n <= *h.Retries; n++ {
+		at := p.next(switchKey)
+		if n > 0 && at.reused && !h.backoff(r.Context(), n, last.retryAfter) {
+			return nil // the client left while we waited
+		}
+		last = h.try(r, in, rl, at)
+		if last.done {
+			return nil
+		}
+		h.record(at, &last, n)
+		if !h.retryable(&last, cands, at) {
+			break
+		}
+		switchKey = last.status == http.StatusTooManyRequests || last.status == 401 || last.status == 403
 	}
-	start := time.Now()
-	resp, err := h.roundTrip(req, cancel)
+	h.finalFailure(w, r, rl, &last)
+	return nil
+}
+
+// attemptResult is how one attempt ended.
+type attemptResult struct {
+	done       bool   // the client got its answer (or left): nothing more to do
+	outcome    string // "connect", "timeout" or "status"
+	err        error
+	status     int
+	header     http.Header
+	body       []byte // scrubbed error body
+	retryAfter time.Duration
+}
+
+// try runs one attempt: the upstream request and, when it answers, the
+// relay of the answer.
+func (h *Handler) try(r *http.Request, in *inbound, rl *relay, at attempt) attemptResult {
+	ctx, cancel := context.WithCancelCause(r.Context())
+	defer cancel(nil)
+	rl.setAttempt(cancel)
+
+	req, err := h.newUpstreamRequest(ctx, r, in, at.up, at.key)
 	if err != nil {
-		return h.failBeforeBody(w, r, rl, err)
+		return attemptResult{outcome: "connect", err: err}
+	}
+	resp, err := h.roundTrip(at.up, req, cancel)
+	if err != nil {
+		if r.Context().Err() != nil {
+			return attemptResult{done: true}
+		}
+		if errors.Is(err, errFirstByteTimeout) {
+			return attemptResult{outcome: "timeout", err: err}
+		}
+		return attemptResult{outcome: "connect", err: err}
 	}
 	defer resp.Body.Close()
 
 	if resp.StatusCode >= 400 {
-		h.passError(w, rl, resp)
-		return nil
+		raw, _ := io.ReadAll(io.LimitReader(resp.Body, maxErrorBody))
+		return attemptResult{
+			outcome:    "status",
+			status:     resp.StatusCode,
+			header:     resp.Header,
+			body:       h.secrets.scrub(raw),
+			retryAfter: parseRetryAfter(resp.Header.Get("Retry-After")),
+		}
 	}
 
 	body, err := decodedBody(resp)
 	if err != nil {
-		return h.failBeforeBody(w, r, rl, err)
+		return attemptResult{outcome: "connect", err: err}
 	}
 	rl.begin(resp, in.stream)
+	start := rl.attemptStart
 	out := rl.copyBody(body)
-	rl.stop()
-
-	logFields := []zap.Field{
-		zap.String("upstream", h.Upstream),
-		zap.String("key", fingerprint(h.apiKey)),
-		zap.Int("status", resp.StatusCode),
-		zap.Int64("bytes", out.bytes),
-		zap.Duration("duration", time.Since(start)),
+	fields := func() []zap.Field {
+		return []zap.Field{
+			zap.String("upstream", at.up.URL),
+			zap.String("key", at.key.id),
+			zap.Int("status", resp.StatusCode),
+			zap.Int64("bytes", out.bytes),
+			zap.Duration("duration", time.Since(start)),
+		}
 	}
 	switch {
 	case out.err == nil:
-		h.logger.Debug("relayed", logFields...)
+		h.state.succeeded(at.up)
+		if c := h.logger.Check(zap.DebugLevel, "relayed"); c != nil {
+			c.Write(fields()...)
+		}
+		return attemptResult{done: true}
 	case out.clientGone || r.Context().Err() != nil:
 		// The client left: the deferred cancel stops the upstream now.
-		h.logger.Debug("client disconnected", logFields...)
-	default:
-		cause := context.Cause(ctx)
-		if cause == nil {
-			cause = out.err
+		if c := h.logger.Check(zap.DebugLevel, "client disconnected"); c != nil {
+			c.Write(fields()...)
 		}
-		h.logger.Warn("upstream stream broke", append(logFields, zap.String("error", h.secrets.scrubString(cause.Error())))...)
-		if !rl.fail(brokenStreamError(cause)) {
-			// A plain body cut short must not look complete.
-			panic(http.ErrAbortHandler)
-		}
+		return attemptResult{done: true}
 	}
-	return nil
+	cause := context.Cause(ctx)
+	if cause == nil || errors.Is(cause, context.Canceled) {
+		cause = out.err
+	}
+	if rl.canFailOver() {
+		// Only comments reached the client: another attempt can still
+		// answer it without it noticing.
+		outcome := "connect"
+		if errors.Is(cause, errFirstTokenTimeout) || errors.Is(cause, errIdleTimeout) {
+			outcome = "timeout"
+		}
+		return attemptResult{outcome: outcome, err: cause}
+	}
+	h.state.failed(at.up, time.Now())
+	h.logger.Warn("upstream stream broke", append(fields(), zap.String("error", h.secrets.scrubString(cause.Error())))...)
+	if !rl.fail(brokenStreamError(cause)) {
+		// A plain body cut short must not look complete.
+		panic(http.ErrAbortHandler)
+	}
+	return attemptResult{done: true}
 }
 
-// failBeforeBody answers a request whose upstream gave no response.
-func (h *Handler) failBeforeBody(w http.ResponseWriter, r *http.Request, rl *relay, err error) error {
+// record logs a failed attempt and updates upstream health and key rests.
+func (h *Handler) record(at attempt, res *attemptResult, n int) {
+	now := time.Now()
+	switch {
+	case res.status == http.StatusTooManyRequests:
+		rest := res.retryAfter
+		if rest <= 0 {
+			rest = time.Duration(h.RetryBackoffMax)
+		}
+		h.state.rest(at.key.id, now.Add(rest))
+	case res.status == 401 || res.status == 403:
+		h.state.rest(at.key.id, now.Add(authRest))
+	case res.outcome != "status" || res.status >= 500:
+		h.state.failed(at.up, now)
+	}
+	fields := []zap.Field{
+		zap.Int("attempt", n+1),
+		zap.String("upstream", at.up.URL),
+		zap.String("key", at.key.id),
+		zap.String("outcome", res.outcome),
+	}
+	if res.status != 0 {
+		fields = append(fields, zap.Int("status", res.status))
+	}
+	if res.err != nil {
+		fields = append(fields, zap.String("error", h.secrets.scrubString(res.err.Error())))
+	}
+	h.logger.Warn("upstream attempt failed", fields...)
+}
+
+// retryable reports whether the outcome may be retried on another attempt.
+func (h *Handler) retryable(res *attemptResult, cands []*Upstream, at attempt) bool {
+	if res.outcome != "status" {
+		return h.retryOn[res.outcome]
+	}
+	if h.retryOn[strconv.Itoa(res.status)] {
+		return true
+	}
+	// A rejected key is worth retrying only with another key.
+	return (res.status == 401 || res.status == 403) && (len(cands) > 1 || len(at.up.keys) > 1)
+}
+
+// backoff waits before an attempt that reuses a key: exponential with full
+// jitter, or the upstream's Retry-After when longer, both capped at the
+// maximum. It reports false when the client left meanwhile.
+func (h *Handler) backoff(ctx context.Context, n int, retryAfter time.Duration) bool {
+	ceil := time.Duration(h.RetryBackoff) << min(n-1, 20)
+	maxWait := time.Duration(h.RetryBackoffMax)
+	ceil = min(ceil, maxWait)
+	wait := time.Duration(rand.Int64N(int64(ceil) + 1))
+	if retryAfter > wait {
+		wait = min(retryAfter, maxWait)
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// finalFailure answers with the last attempt's failure: the upstream's own
+// error status and body when it sent one, else 502/504.
+func (h *Handler) finalFailure(w http.ResponseWriter, r *http.Request, rl *relay, last *attemptResult) {
+	rl.stop()
 	if r.Context().Err() != nil {
-		// The client left while we waited; nobody to answer.
-		h.logger.Debug("client disconnected before the upstream answered", zap.String("upstream", h.Upstream))
-		return nil
+		return // the client left; nobody to answer
 	}
-	e := h.upstreamFailure(err)
-	h.logger.Warn("upstream request failed",
-		zap.String("upstream", h.Upstream),
-		zap.String("key", fingerprint(h.apiKey)),
-		zap.String("error", e.Message))
-	rl.stop()
-	if rl.isCommitted() {
-		rl.fail(e) // heartbeats already started an event stream
-		return nil
-	}
-	e.write(w)
-	return nil
-}
-
-// passError relays an upstream error status with its body, scrubbed of the
-// key, and its headers (Retry-After among them).
-func (h *Handler) passError(w http.ResponseWriter, rl *relay, resp *http.Response) {
-	rl.stop()
-	raw, _ := io.ReadAll(io.LimitReader(resp.Body, maxErrorBody))
-	body := h.secrets.scrub(raw)
-	h.logger.Warn("upstream answered with an error",
-		zap.String("upstream", h.Upstream),
-		zap.String("key", fingerprint(h.apiKey)),
-		zap.Int("status", resp.StatusCode))
-	if rl.isCommitted() {
-		rl.fail(upstreamStatusError(resp.StatusCode, body))
+	committed := rl.isCommitted()
+	if last.outcome == "status" {
+		if committed {
+			rl.fail(upstreamStatusError(last.status, last.body))
+			return
+		}
+		hdr := w.Header()
+		copyResponseHeaders(hdr, last.header)
+		hdr.Del("Content-Encoding")
+		hdr.Set("Content-Length", strconv.Itoa(len(last.body)))
+		w.WriteHeader(last.status)
+		_, _ = w.Write(last.body)
 		return
 	}
-	hdr := w.Header()
-	copyResponseHeaders(hdr, resp.Header)
-	hdr.Del("Content-Encoding")
-	hdr.Set("Content-Length", strconv.Itoa(len(body)))
-	w.WriteHeader(resp.StatusCode)
-	_, _ = w.Write(body)
+	e := h.upstreamFailure(last.err)
+	if committed {
+		rl.fail(e) // heartbeats already started an event stream
+		return
+	}
+	e.write(w)
+}
+
+// parseRetryAfter reads Retry-After in seconds or as an HTTP date.
+func parseRetryAfter(v string) time.Duration {
+	if v == "" {
+		return 0
+	}
+	if s, err := strconv.Atoi(v); err == nil && s >= 0 {
+		return time.Duration(s) * time.Second
+	}
+	if t, err := http.ParseTime(v); err == nil {
+		return time.Until(t)
+	}
+	return 0
+}
+
+// serveModels answers GET /v1/models with the names configured in
+// `models` (exact names) and `rename`.
+func (h *Handler) serveModels(w http.ResponseWriter) {
+	type model struct {
+		ID      string `json:"id"`
+		Object  string `json:"object"`
+		Created int64  `json:"created"`
+		OwnedBy string `json:"owned_by"`
+	}
+	list := struct {
+		Object string  `json:"object"`
+		Data   []model `json:"data"`
+	}{Object: "list", Data: []model{}}
+	for _, name := range h.router.names {
+		list.Data = append(list.Data, model{ID: name, Object: "model", OwnedBy: "llm_stream"})
+	}
+	writeJSON(w, list)
 }
 
 // upstreamStatusError turns an upstream error answer into an in-band error,
@@ -151,8 +312,4 @@ func upstreamStatusError(status int, body []byte) *apiError {
 		}
 	}
 	return e
-}
-
-func caddyhttpError(err error) error {
-	return caddyhttp.Error(http.StatusInternalServerError, errors.New("building the upstream request: "+err.Error()))
 }

@@ -233,6 +233,7 @@ func TestKeyNeverLeaks(t *testing.T) {
 	defer up.Close()
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		api_key `+testKey+`
+		retries 0
 	}`)
 	resp := postStream(t, c.base()+"/v1/chat/completions", nil)
 	body, _ := io.ReadAll(resp.Body)
@@ -282,7 +283,7 @@ func TestClientErrors(t *testing.T) {
 	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		select {
 		case <-r.Context().Done():
-		case <-time.After(5 * time.Second):
+		case <-time.After(2 * time.Second):
 		}
 	}))
 	defer slow.Close()
@@ -293,6 +294,7 @@ func TestClientErrors(t *testing.T) {
 	handle /slow/* {
 		llm_stream `+slow.URL+` {
 			first_byte_timeout 100ms
+			retries 0
 		}
 	}
 	handle {

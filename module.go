@@ -10,14 +10,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net/http"
 	"net/url"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/headers"
-	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"go.uber.org/zap"
 )
 
@@ -85,17 +85,62 @@ type Handler struct {
 	// Default: 16 MiB.
 	MaxRequestBody int64 `json:"max_request_body,omitempty"`
 
-	// The transport used to reach the upstream: one of Caddy's
-	// `http.reverse_proxy.transport` modules, normally `http`, so its TLS,
-	// proxy, HTTP-version and keep-alive options apply. Default: the `http`
-	// transport with `dial_timeout` and TLS for `https` upstreams.
+	// The transport used to reach the upstreams: Caddy's `http` transport
+	// module (`http.reverse_proxy.transport.http`), so its TLS, proxy,
+	// HTTP-version and keep-alive options apply. Each upstream gets its own
+	// instance, with TLS added for `https` upstreams and `dial_timeout` when
+	// the block sets none. Default: the `http` transport.
 	TransportRaw json.RawMessage `json:"transport,omitempty" caddy:"namespace=http.reverse_proxy.transport inline_key=protocol"`
 
-	upstream  *url.URL
-	apiKey    string
-	secrets   *scrubber
-	transport http.RoundTripper
-	logger    *zap.Logger
+	// Several upstreams, each with its provider style, keys, models,
+	// renames, weight and priority. Use either this or `upstream` and
+	// `api_key`.
+	Upstreams []*Upstream `json:"upstreams,omitempty"`
+
+	// Further attempts after the first, on another key or upstream, while
+	// no part of the answer has reached the client. Default: 2.
+	Retries *int `json:"retries,omitempty"`
+
+	// Which outcomes are retried: `connect` (the upstream could not be
+	// reached, or broke before sending any event), `timeout`
+	// (`first_byte_timeout` or `first_token_timeout`) and status codes.
+	// Default: `connect timeout 429 500 502 503 504`. A 401 or 403 is also
+	// retried, on another key or upstream, when there is one.
+	RetryOn []string `json:"retry_on,omitempty"`
+
+	// Base of the exponential backoff (with full jitter) before a retry that
+	// reuses a key already tried in this request. Default: 200ms.
+	RetryBackoff caddy.Duration `json:"retry_backoff,omitempty"`
+
+	// The longest backoff; a Retry-After from the upstream is honoured up
+	// to this. Default: 5s.
+	RetryBackoffMax caddy.Duration `json:"retry_backoff_max,omitempty"`
+
+	// Passive health: this many consecutive failures take an upstream out
+	// of rotation for UnhealthyCooldown (it is still tried when nothing
+	// else is left). Default: 3.
+	UnhealthyAfter int `json:"unhealthy_after,omitempty"`
+
+	// How long an unhealthy upstream stays out. Default: 30s.
+	UnhealthyCooldown caddy.Duration `json:"unhealthy_cooldown,omitempty"`
+
+	// A streamed answer that sends no data event within this time after its
+	// headers counts as a failed attempt and fails over (comments such as
+	// `: PROCESSING` do not count). Default: off, because reasoning models
+	// may think for minutes.
+	FirstTokenTimeout caddy.Duration `json:"first_token_timeout,omitempty"`
+
+	// Keeps a conversation on one key so the provider's prompt cache stays
+	// warm: `user` (the body's `user` member) or `header:<name>`. Default:
+	// empty, keys rotate per request.
+	KeyAffinity string `json:"key_affinity,omitempty"`
+
+	ups     []*Upstream
+	router  *router
+	state   routeState
+	retryOn map[string]bool
+	secrets *scrubber
+	logger  *zap.Logger
 }
 
 // CaddyModule returns the Caddy module information.
@@ -125,28 +170,46 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.MaxRequestBody = defaultMaxRequestBody
 	}
 
-	if h.Upstream == "" {
-		return errors.New("upstream: a base URL is required")
+	if h.Retries == nil {
+		two := 2
+		h.Retries = &two
 	}
-	u, err := parseBaseURL(h.Upstream)
-	if err != nil {
-		return err
+	if len(h.RetryOn) == 0 {
+		h.RetryOn = []string{"connect", "timeout", "429", "500", "502", "503", "504"}
 	}
-	h.upstream = u
+	h.retryOn = map[string]bool{}
+	for _, o := range h.RetryOn {
+		h.retryOn[o] = true
+	}
+	if h.RetryBackoff == 0 {
+		h.RetryBackoff = caddy.Duration(200 * time.Millisecond)
+	}
+	if h.RetryBackoffMax == 0 {
+		h.RetryBackoffMax = caddy.Duration(5 * time.Second)
+	}
+	if h.UnhealthyAfter == 0 {
+		h.UnhealthyAfter = 3
+	}
+	if h.UnhealthyCooldown == 0 {
+		h.UnhealthyCooldown = caddy.Duration(30 * time.Second)
+	}
 
-	key, err := resolveSecret(h.APIKey)
-	if err != nil {
-		return fmt.Errorf("api_key: %w", err)
-	}
-	h.apiKey = key
-	h.secrets = newScrubber(key)
-	if h.APIKey != "" && key == "" {
-		h.logger.Warn("api_key resolved to an empty value; requests go upstream without a key",
-			zap.String("upstream", h.Upstream))
-	}
-	if key != "" && key == h.APIKey {
-		h.logger.Warn("api_key is a literal in the config; prefer {env.NAME} or {file.path}",
-			zap.String("key", fingerprint(key)))
+	switch {
+	case h.Upstream != "" && len(h.Upstreams) > 0:
+		return errors.New("upstream: use either one upstream URL or upstream blocks, not both")
+	case h.Upstream != "":
+		u := &Upstream{URL: h.Upstream}
+		if h.APIKey != "" {
+			u.APIKeys = []string{h.APIKey}
+		}
+		h.ups = []*Upstream{u}
+	case len(h.Upstreams) > 0:
+		if h.APIKey != "" {
+			return errors.New("api_key: with upstream blocks, set api_key inside each block")
+		}
+		h.ups = h.Upstreams
+	default:
+		return errors.New("upstream: a base URL is required")
 	}
 
 	if h.HeaderUp != nil {
@@ -154,66 +217,23 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return fmt.Errorf("header_up: %w", err)
 		}
 	}
-
-	h.transport, err = h.loadTransport(ctx, u.Scheme == "https")
-	if err != nil {
-		return fmt.Errorf("loading transport: %w", err)
+	var secrets []string
+	for _, u := range h.ups {
+		if err := u.provision(ctx, h); err != nil {
+			return err
+		}
+		for _, k := range u.keys {
+			secrets = append(secrets, k.secret)
+		}
+		h.logger.Debug("upstream provisioned",
+			zap.String("upstream", u.URL),
+			zap.String("provider", u.Provider),
+			zap.Int("keys", len(u.keys)))
 	}
-	h.logger.Debug("provisioned",
-		zap.String("upstream", h.Upstream),
-		zap.String("key", fingerprint(key)))
+	h.secrets = newScrubber(secrets...)
+	h.router = newRouter(h.ups)
+	h.state = newMemoryState(h.UnhealthyAfter, time.Duration(h.UnhealthyCooldown))
 	return nil
-}
-
-// loadTransport loads the configured transport or builds the default one.
-// An `http` transport gets TLS for https upstreams and the dial timeout
-// when it sets none of its own.
-func (h *Handler) loadTransport(ctx caddy.Context, useTLS bool) (http.RoundTripper, error) {
-	if h.TransportRaw == nil {
-		t := &reverseproxy.HTTPTransport{
-			DialTimeout: h.DialTimeout,
-			// The request is written once; a small write buffer keeps
-			// memory per connection low without costing extra syscalls.
-			WriteBufferSize: 1024,
-		}
-		if useTLS {
-			t.TLS = new(reverseproxy.TLSConfig)
-		}
-		if err := t.Provision(ctx); err != nil {
-			return nil, err
-		}
-		return t, nil
-	}
-	var ht reverseproxy.HTTPTransport
-	if err := json.Unmarshal(h.TransportRaw, &ht); err == nil && isHTTPProtocol(h.TransportRaw) {
-		// Adjust before Caddy provisions it: TLS for https upstreams (as
-		// reverse_proxy's Caddyfile does) and our dial timeout.
-		raw := map[string]json.RawMessage{}
-		_ = json.Unmarshal(h.TransportRaw, &raw)
-		if useTLS && ht.TLS == nil {
-			raw["tls"] = json.RawMessage("{}")
-		}
-		if ht.DialTimeout == 0 {
-			raw["dial_timeout"], _ = json.Marshal(h.DialTimeout)
-		}
-		h.TransportRaw, _ = json.Marshal(raw)
-	}
-	mod, err := ctx.LoadModule(h, "TransportRaw")
-	if err != nil {
-		return nil, err
-	}
-	rt, ok := mod.(http.RoundTripper)
-	if !ok {
-		return nil, fmt.Errorf("module %T is not an http.RoundTripper", mod)
-	}
-	return rt, nil
-}
-
-func isHTTPProtocol(raw json.RawMessage) bool {
-	var p struct {
-		Protocol string `json:"protocol"`
-	}
-	return json.Unmarshal(raw, &p) == nil && p.Protocol == "http"
 }
 
 // Validate checks the provisioned configuration.
@@ -230,16 +250,21 @@ func (h *Handler) Validate() error {
 	if h.MaxRequestBody < 0 {
 		return errors.New("max_request_body: must not be negative")
 	}
-	return nil
-}
-
-// Cleanup releases idle upstream connections. It runs after a config reload
-// while the old configuration's streams may still be relaying, so it must
-// not close anything in use; the transport modules loaded through the
-// context are cleaned up by Caddy itself.
-func (h *Handler) Cleanup() error {
-	if c, ok := h.transport.(interface{ CloseIdleConnections() }); ok && h.TransportRaw == nil {
-		c.CloseIdleConnections()
+	if *h.Retries < 0 {
+		return errors.New("retries: must not be negative")
+	}
+	for _, o := range h.RetryOn {
+		if o != "connect" && o != "timeout" {
+			if c, err := strconv.Atoi(o); err != nil || c < 400 || c > 599 {
+				return fmt.Errorf("retry_on: %q is not connect, timeout or a 4xx/5xx status", o)
+			}
+		}
+	}
+	if h.RetryBackoffMax < h.RetryBackoff {
+		return errors.New("retry_backoff: the maximum is below the base")
+	}
+	if h.KeyAffinity != "" && h.KeyAffinity != "user" && !strings.HasPrefix(h.KeyAffinity, "header:") {
+		return fmt.Errorf("key_affinity: %q is not user or header:<name>", h.KeyAffinity)
 	}
 	return nil
 }
@@ -289,6 +314,5 @@ func fingerprint(key string) string {
 var (
 	_ caddy.Provisioner           = (*Handler)(nil)
 	_ caddy.Validator             = (*Handler)(nil)
-	_ caddy.CleanerUpper          = (*Handler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 )

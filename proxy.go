@@ -13,8 +13,9 @@ import (
 )
 
 var (
-	errFirstByteTimeout = errors.New("no response headers from the upstream within first_byte_timeout")
-	errIdleTimeout      = errors.New("the upstream was silent longer than idle_timeout")
+	errFirstByteTimeout  = errors.New("no response headers from the upstream within first_byte_timeout")
+	errIdleTimeout       = errors.New("the upstream was silent longer than idle_timeout")
+	errFirstTokenTimeout = errors.New("no data event from the upstream within first_token_timeout")
 )
 
 // hopHeaders are removed in both directions (RFC 9110 §7.6.1), plus
@@ -41,19 +42,24 @@ func removeHopHeaders(h http.Header) {
 	}
 }
 
-// newUpstreamRequest builds the request for the upstream: same method,
-// path (after the base URL's path) and query, the body read earlier, the
-// client's headers without credentials and hop-by-hop fields, header_up,
-// then the key.
-func (h *Handler) newUpstreamRequest(ctx context.Context, r *http.Request, in *inbound) (*http.Request, error) {
-	target := *h.upstream
-	target.Path = joinPath(h.upstream.Path, r.URL.Path)
+// newUpstreamRequest builds the request for one attempt: same method,
+// path (after the base URL's path) and query, the body read earlier (with
+// the model renamed for this upstream), the client's headers without
+// credentials and hop-by-hop fields, header_up, then the key in the
+// provider's style.
+func (h *Handler) newUpstreamRequest(ctx context.Context, r *http.Request, in *inbound, u *Upstream, key *apiKey) (*http.Request, error) {
+	target := *u.base
+	target.Path = joinPath(u.base.Path, r.URL.Path)
 	target.RawPath = ""
 	target.RawQuery = r.URL.RawQuery
 
 	var body io.Reader = http.NoBody
 	if in.body != nil {
-		body = bytes.NewReader(in.body)
+		b := in.body
+		if to := u.upstreamModel(in.model); in.isJSON && to != in.model {
+			b = withModel(b, to)
+		}
+		body = bytes.NewReader(b)
 	}
 	req, err := http.NewRequestWithContext(ctx, r.Method, target.String(), body)
 	if err != nil {
@@ -67,16 +73,19 @@ func (h *Handler) newUpstreamRequest(ctx context.Context, r *http.Request, in *i
 	// Compressed event streams cannot be parsed (or flushed) incrementally;
 	// ask for identity. A gzip answer sent anyway is decoded in relay.
 	req.Header.Set("Accept-Encoding", "identity")
-	if h.HeaderUp != nil {
+	if h.HeaderUp != nil || u.HeaderUp != nil {
 		repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 		if repl == nil {
 			repl = caddy.NewReplacer()
 		}
-		h.HeaderUp.ApplyTo(req.Header, repl)
+		if h.HeaderUp != nil {
+			h.HeaderUp.ApplyTo(req.Header, repl)
+		}
+		if u.HeaderUp != nil {
+			u.HeaderUp.ApplyTo(req.Header, repl)
+		}
 	}
-	if h.apiKey != "" {
-		req.Header.Set("Authorization", "Bearer "+h.apiKey)
-	}
+	u.authorize(req, key.secret)
 	return req, nil
 }
 
@@ -93,10 +102,10 @@ func joinPath(base, p string) string {
 }
 
 // roundTrip sends req and waits for the response headers, at most
-// first_byte_timeout. ctx must be the request's cancel-cause context.
-func (h *Handler) roundTrip(req *http.Request, cancel context.CancelCauseFunc) (*http.Response, error) {
+// first_byte_timeout. cancel must cancel req's context.
+func (h *Handler) roundTrip(u *Upstream, req *http.Request, cancel context.CancelCauseFunc) (*http.Response, error) {
 	t := time.AfterFunc(time.Duration(h.FirstByteTimeout), func() { cancel(errFirstByteTimeout) })
-	resp, err := h.transport.RoundTrip(req)
+	resp, err := u.transport.RoundTrip(req)
 	t.Stop()
 	if err != nil {
 		if cause := context.Cause(req.Context()); cause != nil {

@@ -47,20 +47,23 @@ type relay struct {
 	w  http.ResponseWriter
 	rc *http.ResponseController
 
-	heartbeat time.Duration // <= 0: off
-	idle      time.Duration
-	cancel    context.CancelCauseFunc
+	heartbeat  time.Duration // <= 0: off
+	idle       time.Duration
+	firstToken time.Duration // <= 0: off
 
-	mu        sync.Mutex
-	done      bool
-	committed bool // response headers written
-	frame     framing
-	reading   bool // the body is being read: the idle timeout applies
-	lastRead  time.Time
-	lastWrite time.Time
-	lastByte  byte
-	parser    sse.Parser
-	timer     *time.Timer
+	mu           sync.Mutex
+	cancel       context.CancelCauseFunc // the current attempt's
+	attemptStart time.Time
+	wroteBody    bool // some upstream body bytes reached the client
+	done         bool
+	committed    bool // response headers written
+	frame        framing
+	reading      bool // the body is being read: the idle timeout applies
+	lastRead     time.Time
+	lastWrite    time.Time
+	lastByte     byte
+	parser       sse.Parser
+	timer        *time.Timer
 
 	heartbeats int
 	start      time.Time
@@ -69,14 +72,15 @@ type relay struct {
 func newRelay(w http.ResponseWriter, h *Handler, expectSSE bool, cancel context.CancelCauseFunc) *relay {
 	now := time.Now()
 	rl := &relay{
-		w:         w,
-		rc:        http.NewResponseController(w),
-		heartbeat: time.Duration(h.Heartbeat),
-		idle:      time.Duration(h.IdleTimeout),
-		cancel:    cancel,
-		lastRead:  now,
-		lastWrite: now,
-		start:     now,
+		w:          w,
+		rc:         http.NewResponseController(w),
+		heartbeat:  time.Duration(h.Heartbeat),
+		idle:       time.Duration(h.IdleTimeout),
+		firstToken: time.Duration(h.FirstTokenTimeout),
+		cancel:     cancel,
+		lastRead:   now,
+		lastWrite:  now,
+		start:      now,
 	}
 	if expectSSE {
 		// A request with "stream": true expects an event stream; heartbeats
@@ -114,15 +118,43 @@ func (rl *relay) nextTick(now time.Time) time.Duration {
 		}
 	}
 	if rl.reading && rl.idle > 0 {
-		d := rl.lastRead.Add(rl.idle).Sub(now)
-		if d <= 0 {
-			d = time.Millisecond
+		if d := max(rl.lastRead.Add(rl.idle).Sub(now), time.Millisecond); next == 0 || d < next {
+			next = d
 		}
-		if next == 0 || d < next {
+	}
+	if rl.awaitingFirstToken() {
+		if d := max(rl.attemptStart.Add(rl.firstToken).Sub(now), time.Millisecond); next == 0 || d < next {
 			next = d
 		}
 	}
 	return next
+}
+
+// awaitingFirstToken reports whether first_token_timeout applies now: an
+// event stream whose current attempt has sent no data event yet.
+func (rl *relay) awaitingFirstToken() bool {
+	return rl.firstToken > 0 && rl.reading && rl.frame == frameSSE && !rl.parser.SawField()
+}
+
+// canFailOver reports whether the client has seen nothing of an answer yet
+// (at most heartbeats and comments between events), so another attempt can
+// still answer it invisibly.
+func (rl *relay) canFailOver() bool {
+	rl.mu.Lock()
+	defer rl.mu.Unlock()
+	if !rl.wroteBody {
+		return true
+	}
+	return rl.frame == frameSSE && !rl.parser.SawField() && !rl.parser.InLine()
+}
+
+// setAttempt makes cancel the one the timers use, for a new attempt.
+func (rl *relay) setAttempt(cancel context.CancelCauseFunc) {
+	rl.mu.Lock()
+	rl.cancel = cancel
+	rl.attemptStart = time.Now()
+	rl.reading = false
+	rl.mu.Unlock()
 }
 
 // tick runs on the timer: it ends a stream silent past the idle timeout,
@@ -136,6 +168,10 @@ func (rl *relay) tick() {
 	now := time.Now()
 	if rl.reading && rl.idle > 0 && now.Sub(rl.lastRead) >= rl.idle {
 		rl.cancel(errIdleTimeout)
+		return
+	}
+	if rl.awaitingFirstToken() && now.Sub(rl.attemptStart) >= rl.firstToken {
+		rl.cancel(errFirstTokenTimeout)
 		return
 	}
 	if rl.heartbeat > 0 && rl.frame == frameSSE && now.Sub(rl.lastWrite) >= rl.heartbeat && rl.parser.AtBoundary() {
@@ -222,7 +258,8 @@ func (rl *relay) begin(resp *http.Response, streaming bool) {
 	}
 	rl.frame = f
 	rl.reading = true
-	rl.lastRead = time.Now()
+	rl.attemptStart = time.Now()
+	rl.lastRead = rl.attemptStart
 	rl.lastWrite = rl.lastRead
 	if rl.timer != nil {
 		rl.timer.Stop()
@@ -252,6 +289,7 @@ func (rl *relay) copyBody(body io.Reader) outcome {
 				rl.parser.Feed(buf[:n])
 			}
 			rl.lastByte = buf[n-1]
+			rl.wroteBody = true
 			rl.mu.Unlock()
 			out.bytes += int64(n)
 			if werr != nil {
@@ -336,6 +374,10 @@ func decodedBody(resp *http.Response) (io.Reader, error) {
 
 // brokenStreamError describes why a started answer ended early.
 func brokenStreamError(err error) *apiError {
+	if errors.Is(err, errFirstTokenTimeout) {
+		return &apiError{Status: http.StatusGatewayTimeout, Type: typeTimeout, Code: "upstream_timeout",
+			Message: errFirstTokenTimeout.Error()}
+	}
 	if errors.Is(err, errIdleTimeout) {
 		return &apiError{Status: http.StatusGatewayTimeout, Type: typeTimeout, Code: "upstream_idle_timeout",
 			Message: errIdleTimeout.Error()}

@@ -16,6 +16,7 @@ type inbound struct {
 	isJSON bool
 	model  string
 	stream bool
+	user   string
 }
 
 // readRequest reads the body (at most max bytes) and, for JSON bodies,
@@ -49,6 +50,7 @@ func readRequest(r *http.Request, max int64) (*inbound, *apiError) {
 	var fields struct {
 		Model  json.RawMessage `json:"model"`
 		Stream json.RawMessage `json:"stream"`
+		User   json.RawMessage `json:"user"`
 	}
 	if bytes.HasPrefix(bytes.TrimLeft(in.body, " \t\r\n"), []byte("{")) {
 		// Valid JSON: this only fails on type mismatches, which are
@@ -65,7 +67,111 @@ func readRequest(r *http.Request, max int64) (*inbound, *apiError) {
 			return nil, fieldError("stream", "a boolean")
 		}
 	}
+	if len(fields.User) > 0 {
+		_ = json.Unmarshal(fields.User, &in.user) // only for key affinity
+	}
 	return in, nil
+}
+
+// withModel returns the body with the top-level "model" member's value
+// replaced by name; every other byte is unchanged. The body is valid JSON.
+func withModel(body []byte, name string) []byte {
+	start, end := topLevelValue(body, "model")
+	if start < 0 {
+		return body
+	}
+	v, _ := json.Marshal(name)
+	out := make([]byte, 0, len(body)-(end-start)+len(v))
+	out = append(out, body[:start]...)
+	out = append(out, v...)
+	return append(out, body[end:]...)
+}
+
+// topLevelValue finds the byte range of a top-level member's value in a
+// valid JSON object, or -1, -1.
+func topLevelValue(b []byte, key string) (int, int) {
+	i := skipSpace(b, 0)
+	if i >= len(b) || b[i] != '{' {
+		return -1, -1
+	}
+	i++
+	for {
+		i = skipSpace(b, i)
+		if i >= len(b) || b[i] != '"' {
+			return -1, -1
+		}
+		ks := i
+		i = skipString(b, i)
+		var k string
+		if json.Unmarshal(b[ks:i], &k) != nil {
+			return -1, -1
+		}
+		i = skipSpace(b, i)
+		if i >= len(b) || b[i] != ':' {
+			return -1, -1
+		}
+		vs := skipSpace(b, i+1)
+		ve := skipValue(b, vs)
+		if k == key {
+			return vs, ve
+		}
+		i = skipSpace(b, ve)
+		if i >= len(b) || b[i] != ',' {
+			return -1, -1
+		}
+		i++
+	}
+}
+
+func skipSpace(b []byte, i int) int {
+	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
+		i++
+	}
+	return i
+}
+
+// skipString returns the index after the string starting at b[i] == '"'.
+func skipString(b []byte, i int) int {
+	for i++; i < len(b); i++ {
+		switch b[i] {
+		case '\\':
+			i++
+		case '"':
+			return i + 1
+		}
+	}
+	return i
+}
+
+// skipValue returns the index after the value starting at b[i].
+func skipValue(b []byte, i int) int {
+	if i >= len(b) {
+		return i
+	}
+	switch b[i] {
+	case '"':
+		return skipString(b, i)
+	case '{', '[':
+		depth := 0
+		for ; i < len(b); i++ {
+			switch b[i] {
+			case '"':
+				i = skipString(b, i) - 1
+			case '{', '[':
+				depth++
+			case '}', ']':
+				depth--
+				if depth == 0 {
+					return i + 1
+				}
+			}
+		}
+		return i
+	}
+	for i < len(b) && b[i] != ',' && b[i] != '}' && b[i] != ']' && b[i] != ' ' && b[i] != '\t' && b[i] != '\n' && b[i] != '\r' {
+		i++
+	}
+	return i
 }
 
 func errTooLarge(max int64) *apiError {
