@@ -49,6 +49,41 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				return strings.Contains(string(h.TransportRaw), `"protocol":"http"`) &&
 					strings.Contains(string(h.TransportRaw), `"url":"http://127.0.0.1:3128"`)
 			}},
+		{name: "upstream blocks", input: `llm_stream {
+				upstream https://a {
+					api_key k1 k2
+					api_key k3
+					models gpt-4o o3-*
+					rename gpt-4o-fast gpt-4o
+					weight 3
+					priority 1
+					provider azure
+					api_version 2025-01-01
+					forward_proxy http://127.0.0.1:3128
+					header_up X-A b
+				}
+				upstream https://b
+				retries 0
+				retry_on connect 429
+				retry_backoff 10ms 1s
+				unhealthy_after 4 2m
+				first_token_timeout 20s
+				key_affinity header X-Conversation
+			}`,
+			want: func(h *Handler) bool {
+				a := h.Upstreams[0]
+				return len(h.Upstreams) == 2 && h.Upstream == "" && len(a.APIKeys) == 3 && len(a.Models) == 2 &&
+					a.Rename["gpt-4o-fast"] == "gpt-4o" && a.Weight == 3 && a.Priority == 1 && a.Provider == "azure" &&
+					a.APIVersion == "2025-01-01" && a.ForwardProxy != "" && a.HeaderUp.Set.Get("X-A") == "b" &&
+					h.Upstreams[1].URL == "https://b" && *h.Retries == 0 && len(h.RetryOn) == 2 &&
+					time.Duration(h.RetryBackoff) == 10*time.Millisecond && time.Duration(h.RetryBackoffMax) == time.Second &&
+					h.UnhealthyAfter == 4 && time.Duration(h.UnhealthyCooldown) == 2*time.Minute &&
+					time.Duration(h.FirstTokenTimeout) == 20*time.Second && h.KeyAffinity == "header:X-Conversation"
+			}},
+		{name: "top-level key with blocks", input: "llm_stream {\n api_key k\n upstream http://a {\n  weight 2\n }\n}", wantErr: "set api_key inside each upstream block"},
+		{name: "unknown provider", input: "llm_stream {\n upstream http://a {\n  provider bard\n }\n}", wantErr: "unknown provider 'bard'", line: 3},
+		{name: "bad retry_on", input: "llm_stream http://a {\n retry_on 200\n}", wantErr: "retry_on: '200'"},
+		{name: "bad weight", input: "llm_stream {\n upstream http://a {\n  weight 0\n }\n}", wantErr: "bad weight value '0'"},
 		{name: "missing upstream", input: "llm_stream {\n api_key k\n}", wantErr: "upstream base URL is required"},
 		{name: "bad url scheme", input: "llm_stream {\n upstream ftp://x\n}", wantErr: "upstream \"ftp://x\": scheme must be http or https", line: 2},
 		{name: "url without host", input: "llm_stream http://", wantErr: "missing host"},

@@ -1,0 +1,211 @@
+package llmstream
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"testing"
+	"time"
+)
+
+// testUpstream builds a provisioned-enough upstream for routing tests.
+func testUpstream(name string, models []string, rename map[string]string, weight, priority int, keys ...string) *Upstream {
+	u := &Upstream{URL: "http://" + name, Models: models, Rename: rename, Weight: weight, Priority: priority}
+	if u.Weight == 0 {
+		u.Weight = 1
+	}
+	u.exact = map[string]bool{}
+	for _, m := range models {
+		if containsGlob(m) {
+			u.globs = append(u.globs, m)
+		} else {
+			u.exact[m] = true
+		}
+	}
+	for _, k := range keys {
+		u.keys = append(u.keys, &apiKey{secret: k, id: fingerprint(k)})
+	}
+	if len(u.keys) == 0 {
+		u.keys = []*apiKey{{id: "none"}}
+	}
+	return u
+}
+
+func containsGlob(s string) bool {
+	for _, c := range s {
+		if c == '*' || c == '?' || c == '[' {
+			return true
+		}
+	}
+	return false
+}
+
+func names(ups []*Upstream) string {
+	s := ""
+	for _, u := range ups {
+		s += u.URL[len("http://"):] + " "
+	}
+	return s
+}
+
+func TestRouterCandidates(t *testing.T) {
+	openai := testUpstream("openai", []string{"gpt-4o", "gpt-4o-mini", "o[13]-*"}, nil, 1, 0)
+	deepseek := testUpstream("deepseek", []string{"deepseek-*"}, map[string]string{"gpt-4o": "deepseek-chat"}, 1, 1)
+	anthropic := testUpstream("anthropic", []string{"claude-?-*"}, nil, 1, 0)
+	rt := newRouter([]*Upstream{openai, deepseek, anthropic})
+	tests := []struct{ model, want string }{
+		{"gpt-4o", "openai deepseek "},
+		{"gpt-4o-mini", "openai "},
+		{"o1-preview", "openai "},
+		{"o2-preview", ""},
+		{"deepseek-reasoner", "deepseek "},
+		{"claude-3-haiku", "anthropic "},
+		{"claude-35-haiku", ""},
+		{"llama-3", ""},
+		{"", "openai deepseek anthropic "},
+	}
+	for _, tc := range tests {
+		if got := names(rt.candidates(tc.model)); got != tc.want {
+			t.Errorf("candidates(%q): got %q, want %q", tc.model, got, tc.want)
+		}
+	}
+	catchAll := testUpstream("local", nil, nil, 1, 5)
+	rt = newRouter([]*Upstream{openai, catchAll})
+	if got := names(rt.candidates("llama-3")); got != "local " {
+		t.Errorf("catch-all: got %q", got)
+	}
+	if got := deepseek.upstreamModel("gpt-4o"); got != "deepseek-chat" {
+		t.Errorf("rename: got %q", got)
+	}
+}
+
+func TestOrderWeightsAndPriority(t *testing.T) {
+	a := testUpstream("a", nil, nil, 1, 0)
+	b := testUpstream("b", nil, nil, 3, 0)
+	fallback := testUpstream("fallback", nil, nil, 100, 1)
+	rnd := rand.New(rand.NewPCG(1, 2))
+	healthy := func(*Upstream) bool { return true }
+	first := map[*Upstream]int{}
+	const n = 10000
+	for i := 0; i < n; i++ {
+		o := order([]*Upstream{a, b, fallback}, healthy, rnd.Float64)
+		first[o[0]]++
+		if o[2] != fallback {
+			t.Fatalf("a priority-1 fallback came before priority 0: %s", names(o))
+		}
+	}
+	// 1:3 → 25% / 75%, each within ±10% of its expected share.
+	for u, want := range map[*Upstream]float64{a: 0.25 * n, b: 0.75 * n} {
+		if got := float64(first[u]); got < want*0.9 || got > want*1.1 {
+			t.Errorf("%s first %v times, want %v ±10%%", u.URL, got, want)
+		}
+	}
+	// An unhealthy upstream goes last, even before fallbacks.
+	o := order([]*Upstream{a, b, fallback}, func(u *Upstream) bool { return u != a && u != b }, rnd.Float64)
+	if names(o) != "fallback a b " && names(o) != "fallback b a " {
+		t.Errorf("unhealthy not last: %s", names(o))
+	}
+}
+
+func TestHealthCooldownAndRecovery(t *testing.T) {
+	u := testUpstream("u", nil, nil, 1, 0, "k1")
+	s := newMemoryState(2, 30*time.Second)
+	t0 := time.Unix(1000, 0)
+	s.failed(u, t0)
+	if !s.usable(u, t0) {
+		t.Fatal("one failure took the upstream out")
+	}
+	s.failed(u, t0)
+	if s.usable(u, t0.Add(29*time.Second)) {
+		t.Fatal("two failures did not take the upstream out")
+	}
+	if !s.usable(u, t0.Add(30*time.Second)) {
+		t.Fatal("the upstream did not come back after the cooldown")
+	}
+	s.failed(u, t0.Add(31*time.Second)) // half-open: one more failure is enough
+	if s.usable(u, t0.Add(32*time.Second)) {
+		t.Fatal("a failure right after the cooldown did not take it out again")
+	}
+	s.succeeded(u)
+	if !s.usable(u, t0.Add(32*time.Second)) {
+		t.Fatal("a success did not restore the upstream")
+	}
+	// all keys resting makes an upstream unusable too
+	s.rest(u.keys[0].id, t0.Add(time.Minute))
+	if s.usable(u, t0.Add(59*time.Second)) || !s.usable(u, t0.Add(time.Minute)) {
+		t.Fatal("key rest not applied or not lifted")
+	}
+}
+
+func TestKeyRotationRestAndAffinity(t *testing.T) {
+	u := testUpstream("u", nil, nil, 1, 0, "k1", "k2", "k3")
+	h := &Handler{state: newMemoryState(3, time.Minute)}
+	count := map[string]int{}
+	for i := 0; i < 300; i++ {
+		at := h.newPlan([]*Upstream{u}, "").next(false)
+		count[at.key.secret]++
+	}
+	if count["k1"] != 100 || count["k2"] != 100 || count["k3"] != 100 {
+		t.Fatalf("rotation: got %v, want 100 each", count)
+	}
+	h.state.rest(u.keys[1].id, time.Now().Add(time.Minute))
+	for i := 0; i < 30; i++ {
+		if at := h.newPlan([]*Upstream{u}, "").next(false); at.key.secret == "k2" {
+			t.Fatal("a resting key was used while others were free")
+		}
+	}
+	// After a 429 the plan moves to another key of the same upstream.
+	p := h.newPlan([]*Upstream{u}, "")
+	a1 := p.next(false)
+	a2 := p.next(true)
+	if a1.key == a2.key || a2.up != u {
+		t.Fatalf("429 retry used %s then %s", a1.key.secret, a2.key.secret)
+	}
+	// Affinity keeps a conversation on one key.
+	k := h.newPlan([]*Upstream{u}, "conversation-42").next(false).key
+	for i := 0; i < 20; i++ {
+		if got := h.newPlan([]*Upstream{u}, "conversation-42").next(false).key; got != k {
+			t.Fatalf("affinity moved from %s to %s", k.secret, got.secret)
+		}
+	}
+}
+
+func TestWithModelIsByteExact(t *testing.T) {
+	in := "{ \"messages\" : [{\"role\":\"user\",\"content\":\"gpt-4o \\\"model\\\": x\"}],\n\t\"model\"\t:  \"gpt-4o\" , \"stream\":true}"
+	want := "{ \"messages\" : [{\"role\":\"user\",\"content\":\"gpt-4o \\\"model\\\": x\"}],\n\t\"model\"\t:  \"deepseek-chat\" , \"stream\":true}"
+	if got := string(withModel([]byte(in), "deepseek-chat")); got != want {
+		t.Fatalf("got %s\nwant %s", got, want)
+	}
+	esc := `{"mod\u0065l":"gpt-4o","x":{"model":"inner"}}`
+	if got := string(withModel([]byte(esc), "m2")); got != `{"mod\u0065l":"m2","x":{"model":"inner"}}` {
+		t.Fatalf("escaped key: got %s", got)
+	}
+}
+
+// BenchmarkRoute measures candidates + ordering + the first attempt at 100
+// upstreams × 1,000 model names each, plus a glob per upstream.
+func BenchmarkRoute(b *testing.B) {
+	var ups []*Upstream
+	for i := 0; i < 100; i++ {
+		models := make([]string, 0, 1001)
+		for j := 0; j < 1000; j++ {
+			models = append(models, fmt.Sprintf("model-%d-%d", i, j))
+		}
+		models = append(models, fmt.Sprintf("family-%d-*", i))
+		ups = append(ups, testUpstream(fmt.Sprint("u", i), models, nil, 1+i%3, i%2, "k1", "k2"))
+	}
+	h := &Handler{router: newRouter(ups), state: newMemoryState(3, time.Minute)}
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		i++
+		model := fmt.Sprintf("model-%d-%d", i%100, i%1000)
+		if i%2 == 0 {
+			model = fmt.Sprintf("family-%d-x", i%100)
+		}
+		cands := h.router.candidates(model)
+		if len(cands) == 0 {
+			b.Fatal("no candidates for", model)
+		}
+		_ = h.newPlan(cands, "").next(false)
+	}
+}
