@@ -81,6 +81,9 @@ func (rt *router) candidates(model string) []*Upstream {
 // by priority, then a weighted random order among equals (each upstream's
 // chance to come first is its share of the weights).
 func order(cands []*Upstream, healthy func(*Upstream) bool, rnd func() float64) []*Upstream {
+	if len(cands) == 1 {
+		return cands
+	}
 	type ranked struct {
 		u       *Upstream
 		down    bool
@@ -113,7 +116,8 @@ func order(cands []*Upstream, healthy func(*Upstream) bool, rnd func() float64) 
 type plan struct {
 	ups      []*Upstream
 	idx      int
-	tried    map[*apiKey]bool
+	started  bool
+	tried    []*apiKey // a handful at most: retries are few
 	affinity uint64
 	sticky   bool
 	resting  func(*apiKey) bool
@@ -131,13 +135,13 @@ type attempt struct {
 // next returns the attempt after a failure. sameUpstream asks for another
 // key of the current upstream (after a 429 or 401/403), when it has one.
 func (p *plan) next(sameUpstream bool) attempt {
-	if p.tried == nil {
-		p.tried = map[*apiKey]bool{}
+	if !p.started {
+		p.started = true
 		return p.pick(p.ups[0], false)
 	}
 	if sameUpstream {
 		if k := p.freshKey(p.ups[p.idx]); k != nil {
-			p.tried[k] = true
+			p.tried = append(p.tried, k)
 			return attempt{up: p.ups[p.idx], key: k}
 		}
 	}
@@ -150,7 +154,7 @@ func (p *plan) next(sameUpstream bool) attempt {
 
 func (p *plan) pick(u *Upstream, mayReuse bool) attempt {
 	if k := p.freshKey(u); k != nil {
-		p.tried[k] = true
+		p.tried = append(p.tried, k)
 		return attempt{up: u, key: k}
 	}
 	return attempt{up: u, key: p.firstKey(u), reused: mayReuse}
@@ -174,7 +178,7 @@ func (p *plan) freshKey(u *Upstream) *apiKey {
 	var spare *apiKey
 	for i := 0; i < n; i++ {
 		k := u.keys[(s+i)%n]
-		if p.tried[k] {
+		if slices.Contains(p.tried, k) {
 			continue
 		}
 		if !p.resting(k) {

@@ -1,10 +1,18 @@
 package llmstream
 
 import (
+	"context"
+	"encoding/json"
 	"fmt"
+	"io"
 	"math/rand/v2"
+	"net/http"
+	"net/http/httptest"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
 )
 
 // testUpstream builds a provisioned-enough upstream for routing tests.
@@ -17,6 +25,7 @@ func testUpstream(name string, models []string, rename map[string]string, weight
 	for _, m := range models {
 		if containsGlob(m) {
 			u.globs = append(u.globs, m)
+			u.globPrefix = append(u.globPrefix, m[:strings.IndexAny(m, "*?[")])
 		} else {
 			u.exact[m] = true
 		}
@@ -194,18 +203,71 @@ func BenchmarkRoute(b *testing.B) {
 		ups = append(ups, testUpstream(fmt.Sprint("u", i), models, nil, 1+i%3, i%2, "k1", "k2"))
 	}
 	h := &Handler{router: newRouter(ups), state: newMemoryState(3, time.Minute)}
+	var models []string // half exact names, half glob matches
+	for i := 0; i < 1000; i++ {
+		models = append(models, fmt.Sprintf("model-%d-%d", i%100, (i*7)%1000), fmt.Sprintf("family-%d-x", i%100))
+	}
 	b.ReportAllocs()
 	i := 0
 	for b.Loop() {
 		i++
-		model := fmt.Sprintf("model-%d-%d", i%100, i%1000)
-		if i%2 == 0 {
-			model = fmt.Sprintf("family-%d-x", i%100)
-		}
+		model := models[i%len(models)]
 		cands := h.router.candidates(model)
 		if len(cands) == 0 {
 			b.Fatal("no candidates for", model)
 		}
 		_ = h.newPlan(cands, "").next(false)
+	}
+}
+
+// BenchmarkHealthyPath compares a whole streamed request through ServeHTTP
+// with one upstream against the same request with two fallbacks, a rename
+// and a three-key pool in play: the failover machinery must cost nothing
+// while everything is healthy.
+func BenchmarkHealthyPath(b *testing.B) {
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		io.WriteString(w, "data: {\"k\":1}\n\ndata: [DONE]\n\n")
+	}))
+	defer up.Close()
+	b.Setenv("BENCH_KEY", "sk-bench")
+	configs := map[string]string{
+		"single": `{"upstream":"` + up.URL + `","api_key":"{env.BENCH_KEY}"}`,
+		"failover": `{"upstreams":[
+			{"url":"` + up.URL + `","api_keys":["{env.BENCH_KEY}1","{env.BENCH_KEY}2","{env.BENCH_KEY}3"],"models":["gpt-4o","fast"]},
+			{"url":"http://127.0.0.1:1","api_keys":["{env.BENCH_KEY}4"],"priority":1},
+			{"url":"http://127.0.0.1:1","api_keys":["{env.BENCH_KEY}5"],"priority":2}]}`,
+		"failover+rename": `{"upstreams":[
+			{"url":"` + up.URL + `","api_keys":["{env.BENCH_KEY}1","{env.BENCH_KEY}2","{env.BENCH_KEY}3"],"models":["gpt-4o"],"rename":{"fast":"gpt-4o"}},
+			{"url":"http://127.0.0.1:1","api_keys":["{env.BENCH_KEY}4"],"priority":1},
+			{"url":"http://127.0.0.1:1","api_keys":["{env.BENCH_KEY}5"],"priority":2}]}`,
+	}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	defer cancel()
+	handlers := map[string]*Handler{}
+	for name, cfg := range configs { // provisioned first: its logs stay out of the results
+		h := new(Handler)
+		if err := json.Unmarshal([]byte(cfg), h); err != nil {
+			b.Fatal(err)
+		}
+		if err := h.Provision(ctx); err != nil {
+			b.Fatal(err)
+		}
+		handlers[name] = h
+	}
+	for _, name := range []string{"single", "failover", "failover+rename"} {
+		h := handlers[name]
+		b.Run(name, func(b *testing.B) {
+			body := `{"model":"fast","stream":true,"messages":[{"role":"user","content":"hi"}]}`
+			b.ReportAllocs()
+			for b.Loop() {
+				req := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", strings.NewReader(body))
+				req.Header.Set("Content-Type", "application/json")
+				w := httptest.NewRecorder()
+				if err := h.ServeHTTP(w, req, nil); err != nil || w.Code != 200 {
+					b.Fatalf("status %d, %v", w.Code, err)
+				}
+			}
+		})
 	}
 }

@@ -63,12 +63,13 @@ type Upstream struct {
 	// `http://proxy.internal:3128`.
 	ForwardProxy string `json:"forward_proxy,omitempty"`
 
-	base      *url.URL
-	keys      []*apiKey
-	exact     map[string]bool
-	globs     []string
-	transport http.RoundTripper
-	rr        atomic.Uint64 // key rotation
+	base       *url.URL
+	keys       []*apiKey
+	exact      map[string]bool
+	globs      []string
+	globPrefix []string // literal start of each glob
+	transport  http.RoundTripper
+	rr         atomic.Uint64 // key rotation
 }
 
 // apiKey is one resolved key; id is its fingerprint.
@@ -123,6 +124,7 @@ func (u *Upstream) provision(ctx caddy.Context, h *Handler) error {
 				return fmt.Errorf("upstream %s: bad model pattern %q", u.URL, m)
 			}
 			u.globs = append(u.globs, m)
+			u.globPrefix = append(u.globPrefix, m[:strings.IndexAny(m, "*?[\\")])
 		} else {
 			u.exact[m] = true
 		}
@@ -150,9 +152,12 @@ func (u *Upstream) serves(model string) bool {
 	if _, ok := u.Rename[model]; ok {
 		return true
 	}
-	for _, g := range u.globs {
-		if ok, _ := path.Match(g, model); ok {
-			return true
+	for i, g := range u.globs {
+		// The literal prefix rules most patterns out with one compare.
+		if strings.HasPrefix(model, u.globPrefix[i]) {
+			if ok, _ := path.Match(g, model); ok {
+				return true
+			}
 		}
 	}
 	return false
