@@ -50,7 +50,7 @@ http://:$MOCK {
 	}
 	handle_path /slow/* {
 		llm_mock {
-			tokens 8
+			tokens 10
 			interval 1s
 			stamp
 		}
