@@ -106,10 +106,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				}
 			}
 		case "retry_backoff":
-			if err := parseDuration(d, &h.RetryBackoff, true); err != nil {
+			if err := parseDurationArg(d, &h.RetryBackoff); err != nil {
 				return err
 			}
-			if err := parseDuration(d, &h.RetryBackoffMax, false); err != nil {
+			if err := parseDuration(d, &h.RetryBackoffMax); err != nil {
 				return err
 			}
 			if h.RetryBackoffMax < h.RetryBackoff {
@@ -124,11 +124,11 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("bad unhealthy_after count '%s'", d.Val())
 			}
 			h.UnhealthyAfter = n
-			if err := parseDuration(d, &h.UnhealthyCooldown, false); err != nil {
+			if err := parseDuration(d, &h.UnhealthyCooldown); err != nil {
 				return err
 			}
 		case "first_token_timeout":
-			if err := parseDuration(d, &h.FirstTokenTimeout, false); err != nil {
+			if err := parseDuration(d, &h.FirstTokenTimeout); err != nil {
 				return err
 			}
 		case "key_affinity":
@@ -313,10 +313,21 @@ func parseUpstream(d *caddyfile.Dispenser) (*Upstream, bool, error) {
 	return u, block, nil
 }
 
-// parseDuration reads one positive (or zero) duration argument; more
-// says whether further arguments may follow on the line.
-func parseDuration(d *caddyfile.Dispenser, into *caddy.Duration, more ...bool) error {
-	name := d.Val()
+// parseDuration reads a line's last argument: one positive (or zero)
+// duration.
+func parseDuration(d *caddyfile.Dispenser, into *caddy.Duration) error {
+	if err := parseDurationArg(d, into); err != nil {
+		return err
+	}
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	return nil
+}
+
+// parseDurationArg reads the next argument as a positive (or zero)
+// duration.
+func parseDurationArg(d *caddyfile.Dispenser, into *caddy.Duration) error {
 	if !d.NextArg() {
 		return d.ArgErr()
 	}
@@ -325,14 +336,9 @@ func parseDuration(d *caddyfile.Dispenser, into *caddy.Duration, more ...bool) e
 		return d.Errf("bad duration value '%s': %v", d.Val(), err)
 	}
 	if dur < 0 {
-		return d.Errf("%s: duration must not be negative, got %s", name, time.Duration(dur))
+		return d.Errf("duration must not be negative, got %s", time.Duration(dur))
 	}
 	*into = caddy.Duration(dur)
-	if len(more) == 0 || !more[0] {
-		if d.NextArg() {
-			return d.ArgErr()
-		}
-	}
 	return nil
 }
 

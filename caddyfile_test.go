@@ -87,7 +87,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		{name: "missing upstream", input: "llm_stream {\n api_key k\n}", wantErr: "upstream base URL is required"},
 		{name: "bad url scheme", input: "llm_stream {\n upstream ftp://x\n}", wantErr: "upstream \"ftp://x\": scheme must be http or https", line: 2},
 		{name: "url without host", input: "llm_stream http://", wantErr: "missing host"},
-		{name: "negative duration", input: "llm_stream http://x {\n\n idle_timeout -5s\n}", wantErr: "idle_timeout: duration must not be negative", line: 3},
+		{name: "negative duration", input: "llm_stream http://x {\n\n idle_timeout -5s\n}", wantErr: "duration must not be negative", line: 3},
 		{name: "bad duration", input: "llm_stream http://x {\n dial_timeout soon\n}", wantErr: "bad duration value 'soon'", line: 2},
 		{name: "bad size", input: "llm_stream http://x {\n max_request_body lots\n}", wantErr: "bad size value 'lots'"},
 		{name: "unknown subdirective", input: "llm_stream http://x {\n\n\n stream_faster yes\n}", wantErr: "unrecognized subdirective 'stream_faster'", line: 4},

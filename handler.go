@@ -273,6 +273,11 @@ func parseRetryAfter(v string) time.Duration {
 // serveModels answers GET /v1/models with the names configured in
 // `models` (exact names) and `rename`.
 func (h *Handler) serveModels(w http.ResponseWriter) {
+	writeModelList(w, h.router.names, "llm_stream", 0)
+}
+
+// writeModelList writes an OpenAI model list.
+func writeModelList(w http.ResponseWriter, names []string, owner string, created int64) {
 	type model struct {
 		ID      string `json:"id"`
 		Object  string `json:"object"`
@@ -283,8 +288,8 @@ func (h *Handler) serveModels(w http.ResponseWriter) {
 		Object string  `json:"object"`
 		Data   []model `json:"data"`
 	}{Object: "list", Data: []model{}}
-	for _, name := range h.router.names {
-		list.Data = append(list.Data, model{ID: name, Object: "model", OwnedBy: "llm_stream"})
+	for _, name := range names {
+		list.Data = append(list.Data, model{ID: name, Object: "model", Created: created, OwnedBy: owner})
 	}
 	writeJSON(w, list)
 }

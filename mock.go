@@ -165,20 +165,7 @@ func promptTokens(req mockRequest) int {
 }
 
 func (m *Mock) serveModels(w http.ResponseWriter) {
-	type model struct {
-		ID      string `json:"id"`
-		Object  string `json:"object"`
-		Created int64  `json:"created"`
-		OwnedBy string `json:"owned_by"`
-	}
-	list := struct {
-		Object string  `json:"object"`
-		Data   []model `json:"data"`
-	}{Object: "list"}
-	for _, name := range m.Models {
-		list.Data = append(list.Data, model{ID: name, Object: "model", Created: 1700000000, OwnedBy: "llm_mock"})
-	}
-	writeJSON(w, list)
+	writeModelList(w, m.Models, "llm_mock", 1700000000)
 }
 
 func writeJSON(w http.ResponseWriter, v any) {
