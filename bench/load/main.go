@@ -37,8 +37,10 @@ func main() {
 		slow   = flag.String("slow", "/slow/v1/chat/completions", "path of the slow stream")
 		open   = flag.Int("open", 2000, "concurrent slow streams")
 		rpsDur = flag.Duration("rps-time", 4*time.Second, "duration of the requests/s scenario")
+		only   = flag.String("only", "", "run only this scenario (paced, burst, open or rps); for profiling")
 	)
 	flag.Parse()
+	onlyScenario = *only
 	var targets []target
 	for _, arg := range flag.Args() {
 		parts := strings.SplitN(arg, "=", 3)
@@ -92,7 +94,7 @@ func main() {
 		{"chunk", "same: per-chunk delay p50 / p99 (ms)"},
 		{"cpu", "10 × 100 streams × 500 chunks, no delay: proxy CPU per chunk (µs)"},
 		{"mem", fmt.Sprintf("%d open slow streams: proxy memory per stream (KB)", *open)},
-		{"openttft", fmt.Sprintf("%d open slow streams (opened over 2 s): TTFT p50 / p99 (ms)", *open)},
+		{"openttft", fmt.Sprintf("%d open slow streams (opened 1 per ms): TTFT p50 / p99 (ms)", *open)},
 		{"errors", "errors (all scenarios)"},
 		{"rps", "non-streaming requests/s (32 in flight)"},
 	}
@@ -214,6 +216,11 @@ func rssKB(pids []int) float64 {
 	return total
 }
 
+// onlyScenario limits a run to one scenario, for profiling.
+var onlyScenario string
+
+func enabled(name string) bool { return onlyScenario == "" || onlyScenario == name }
+
 func runAll(t target, paced, burst, slow string, open int, rpsDur time.Duration) *result {
 	r := new(result)
 	var errs atomic.Int64
@@ -222,116 +229,126 @@ func runAll(t target, paced, burst, slow string, open int, rpsDur time.Duration)
 
 	// 1. 50 paced streams
 	var mu sync.Mutex
-	var ttfts, delays []time.Duration
+	var ttfts []time.Duration
 	var wg sync.WaitGroup
-	for i := 0; i < 50; i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			tt, d, _, err := stream(ctx, t.url+paced, nil)
-			mu.Lock()
-			defer mu.Unlock()
-			if err != nil {
-				errs.Add(1)
-				return
-			}
-			ttfts = append(ttfts, tt)
-			delays = append(delays, d...)
-		}()
-	}
-	wg.Wait()
-	r.ttftP50, r.ttftP99 = pct(ttfts, .5), pct(ttfts, .99)
-	r.chunkP50, r.chunkP99 = pct(delays, .5), pct(delays, .99)
-
-	// 2. 100 burst streams, repeated 10 times so that the CPU time read
-	// from /proc (10 ms ticks) is measured to about 2%: CPU per chunk
-	var chunks atomic.Int64
-	cpu0 := cpuSeconds(t.pids)
-	for round := 0; round < 10; round++ {
-		for i := 0; i < 100; i++ {
+	if enabled("paced") {
+		var delays []time.Duration
+		for i := 0; i < 50; i++ {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				_, _, n, err := stream(ctx, t.url+burst, nil)
+				tt, d, _, err := stream(ctx, t.url+paced, nil)
+				mu.Lock()
+				defer mu.Unlock()
 				if err != nil {
 					errs.Add(1)
+					return
 				}
-				chunks.Add(int64(n))
+				ttfts = append(ttfts, tt)
+				delays = append(delays, d...)
 			}()
 		}
 		wg.Wait()
+		r.ttftP50, r.ttftP99 = pct(ttfts, .5), pct(ttfts, .99)
+		r.chunkP50, r.chunkP99 = pct(delays, .5), pct(delays, .99)
 	}
-	if n := chunks.Load(); n > 0 && len(t.pids) > 0 {
-		r.cpuPerChunk = (cpuSeconds(t.pids) - cpu0) / float64(n) * 1e6
+
+	// 2. 100 burst streams, repeated 10 times so that the CPU time read
+	// from /proc (10 ms ticks) is measured to about 2%: CPU per chunk
+	if enabled("burst") {
+		var chunks atomic.Int64
+		cpu0 := cpuSeconds(t.pids)
+		for round := 0; round < 10; round++ {
+			for i := 0; i < 100; i++ {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					_, _, n, err := stream(ctx, t.url+burst, nil)
+					if err != nil {
+						errs.Add(1)
+					}
+					chunks.Add(int64(n))
+				}()
+			}
+			wg.Wait()
+		}
+		if n := chunks.Load(); n > 0 && len(t.pids) > 0 {
+			r.cpuPerChunk = (cpuSeconds(t.pids) - cpu0) / float64(n) * 1e6
+		}
 	}
 
 	// 3. many open slow streams: memory per stream and TTFT. Measured on
 	// a process warmed by the scenarios above, as a proxy in production is:
 	// RSS counts only touched pages, so a fresh process under-reports
 	// buffers that bursts will fill.
-	runtimeSettle()
-	rss0 := rssKB(t.pids)
-	started := make(chan struct{}, open)
-	ttfts = ttfts[:0]
-	for i := 0; i < open; i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			tt, _, _, err := stream(ctx, t.url+slow, started)
-			mu.Lock()
-			defer mu.Unlock()
-			if err != nil {
-				errs.Add(1)
-				return
-			}
-			ttfts = append(ttfts, tt)
-		}()
-		if i%100 == 99 {
-			time.Sleep(100 * time.Millisecond) // ramp up over 2 s, as real traffic does
-		}
-	}
-	for i := 0; i < open; i++ {
-		select {
-		case <-started:
-		case <-time.After(30 * time.Second):
-			i = open
-		}
-	}
-	time.Sleep(300 * time.Millisecond)
-	if len(t.pids) > 0 {
-		r.memPerStream = (rssKB(t.pids) - rss0) / float64(open)
-	}
-	wg.Wait()
-	r.openTTFTP50, r.openTTFTP99 = pct(ttfts, .5), pct(ttfts, .99)
-
-	// 4. non-streaming requests per second, 32 in flight
-	var reqs atomic.Int64
-	end := time.Now().Add(rpsDur)
-	for i := 0; i < 32; i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for time.Now().Before(end) {
-				req, _ := http.NewRequest(http.MethodPost, t.url+"/json/v1/chat/completions",
-					strings.NewReader(`{"model":"mock-1","messages":[{"role":"user","content":"hello"}]}`))
-				req.Header.Set("Content-Type", "application/json")
-				resp, err := client.Do(req)
+	if enabled("open") {
+		runtimeSettle()
+		rss0 := rssKB(t.pids)
+		started := make(chan struct{}, open)
+		ttfts = ttfts[:0]
+		for i := 0; i < open; i++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				tt, _, _, err := stream(ctx, t.url+slow, started)
+				mu.Lock()
+				defer mu.Unlock()
 				if err != nil {
 					errs.Add(1)
-					continue
+					return
 				}
-				b, _ := io.ReadAll(resp.Body)
-				resp.Body.Close()
-				if resp.StatusCode != 200 || !bytes.Contains(b, []byte(`"chat.completion"`)) {
-					errs.Add(1)
-					continue
-				}
-				reqs.Add(1)
+				ttfts = append(ttfts, tt)
+			}()
+			// Arrivals spread evenly over 2 s (1,000 new streams a second), as
+			// real traffic arrives, rather than in bursts that only measure
+			// accept-queue depth.
+			time.Sleep(time.Millisecond)
+		}
+		for i := 0; i < open; i++ {
+			select {
+			case <-started:
+			case <-time.After(30 * time.Second):
+				i = open
 			}
-		}()
+		}
+		time.Sleep(300 * time.Millisecond)
+		if len(t.pids) > 0 {
+			r.memPerStream = (rssKB(t.pids) - rss0) / float64(open)
+		}
+		wg.Wait()
+		r.openTTFTP50, r.openTTFTP99 = pct(ttfts, .5), pct(ttfts, .99)
 	}
-	wg.Wait()
-	r.rps = float64(reqs.Load()) / rpsDur.Seconds()
+
+	// 4. non-streaming requests per second, 32 in flight
+	if enabled("rps") {
+		var reqs atomic.Int64
+		end := time.Now().Add(rpsDur)
+		for i := 0; i < 32; i++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for time.Now().Before(end) {
+					req, _ := http.NewRequest(http.MethodPost, t.url+"/json/v1/chat/completions",
+						strings.NewReader(`{"model":"mock-1","messages":[{"role":"user","content":"hello"}]}`))
+					req.Header.Set("Content-Type", "application/json")
+					resp, err := client.Do(req)
+					if err != nil {
+						errs.Add(1)
+						continue
+					}
+					b, _ := io.ReadAll(resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode != 200 || !bytes.Contains(b, []byte(`"chat.completion"`)) {
+						errs.Add(1)
+						continue
+					}
+					reqs.Add(1)
+				}
+			}()
+		}
+		wg.Wait()
+		r.rps = float64(reqs.Load()) / rpsDur.Seconds()
+	}
 	r.errors = int(errs.Load())
 	client.CloseIdleConnections()
 	return r
