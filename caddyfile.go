@@ -74,7 +74,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	seen := map[string]bool{}
 	for d.NextBlock(0) {
 		opt := d.Val()
-		if seen[opt] && opt != "header_up" && opt != "upstream" {
+		if seen[opt] && opt != "header_up" && opt != "upstream" && opt != "client_key" && opt != "allow_models" && opt != "allow_paths" {
 			return d.Errf("%s already specified", opt)
 		}
 		seen[opt] = true
@@ -86,6 +86,74 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			blocks = blocks || block
 			ups = append(ups, u)
+		case "client_key":
+			args := d.RemainingArgs()
+			if len(args) < 1 || len(args) > 2 {
+				return d.ArgErr()
+			}
+			name := ""
+			if len(args) == 2 {
+				name = args[1]
+			}
+			// Only the digest goes into the JSON config, never the key.
+			k, err := parseClientKey(args[0], name)
+			if err != nil {
+				return d.Errf("client_key: %v", err)
+			}
+			h.ClientKeys = append(h.ClientKeys, k)
+		case "client_keys_file":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			h.ClientKeysFile = d.Val()
+		case "identity":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			h.Identity = d.Val()
+		case "allow_models", "allow_paths":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			if opt == "allow_models" {
+				h.AllowModels = append(h.AllowModels, args...)
+			} else {
+				h.AllowPaths = append(h.AllowPaths, args...)
+			}
+		case "limit":
+			l, err := parseLimit(d)
+			if err != nil {
+				return err
+			}
+			h.Limit = l
+		case "store":
+			sc, err := parseStore(d)
+			if err != nil {
+				return err
+			}
+			h.Store = sc
+		case "on_disconnect":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			switch d.Val() {
+			case "cancel":
+				h.OnDisconnect = "cancel"
+				if d.NextArg() {
+					return d.ArgErr()
+				}
+			case "drain":
+				h.OnDisconnect = "drain"
+				if d.NextArg() {
+					d.Prev()
+					if err := parseDuration(d, &h.DrainMax); err != nil {
+						return err
+					}
+				}
+			default:
+				return d.Errf("on_disconnect: '%s' is not cancel or drain", d.Val())
+			}
 		case "retries":
 			if !d.NextArg() {
 				return d.ArgErr()
@@ -222,6 +290,101 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		h.Upstreams = ups
 	}
 	return nil
+}
+
+// parseLimit reads a `limit { requests <n> <window>; tokens <n> <window>;
+// concurrent <n> }` block.
+func parseLimit(d *caddyfile.Dispenser) (*Limits, error) {
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	l := new(Limits)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		opt := d.Val()
+		if !d.NextArg() {
+			return nil, d.ArgErr()
+		}
+		n, err := strconv.ParseInt(d.Val(), 10, 64)
+		if err != nil || n <= 0 {
+			return nil, d.Errf("limit %s: bad count '%s'", opt, d.Val())
+		}
+		switch opt {
+		case "requests":
+			l.Requests = n
+			err = parseDuration(d, &l.RequestWindow)
+		case "tokens":
+			l.Tokens = n
+			err = parseDuration(d, &l.TokenWindow)
+		case "concurrent":
+			l.Concurrent = n
+			if d.NextArg() {
+				err = d.ArgErr()
+			}
+		default:
+			return nil, d.Errf("unrecognized limit '%s'", opt)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	if l.Requests == 0 && l.Tokens == 0 && l.Concurrent == 0 {
+		return nil, d.Err("limit: set requests, tokens or concurrent")
+	}
+	return l, nil
+}
+
+// parseStore reads `store redis <address> [<db>] { password <pw>; prefix
+// <prefix>; fail open|closed }` (or `store memory`).
+func parseStore(d *caddyfile.Dispenser) (*StoreConfig, error) {
+	if !d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	switch d.Val() {
+	case "memory":
+		if d.NextArg() {
+			return nil, d.ArgErr()
+		}
+		return nil, nil
+	case "redis":
+	default:
+		return nil, d.Errf("store: '%s' is not memory or redis", d.Val())
+	}
+	sc := new(StoreConfig)
+	if !d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	sc.Redis = d.Val()
+	if d.NextArg() {
+		db, err := strconv.Atoi(d.Val())
+		if err != nil || db < 0 {
+			return nil, d.Errf("store: bad database number '%s'", d.Val())
+		}
+		sc.DB = db
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		opt := d.Val()
+		if !d.NextArg() {
+			return nil, d.ArgErr()
+		}
+		switch opt {
+		case "password":
+			sc.Password = d.Val()
+		case "prefix":
+			sc.Prefix = d.Val()
+		case "fail":
+			switch d.Val() {
+			case "open":
+				sc.FailOpen = true
+			case "closed":
+				sc.FailOpen = false
+			default:
+				return nil, d.Errf("store: fail '%s' is not open or closed", d.Val())
+			}
+		default:
+			return nil, d.Errf("unrecognized store option '%s'", opt)
+		}
+	}
+	return sc, nil
 }
 
 // parseUpstream reads `upstream <base_url> [{ ... }]`; block reports

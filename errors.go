@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"strconv"
+	"time"
 )
 
 // Error types and codes sent to clients, in the OpenAI error shape.
@@ -21,6 +22,8 @@ type apiError struct {
 	Message string `json:"message"`
 	Type    string `json:"type"`
 	Code    string `json:"code"`
+
+	retryAfter time.Duration // sent as Retry-After when set
 }
 
 func (e *apiError) Error() string { return e.Message }
@@ -40,6 +43,9 @@ func (e *apiError) write(w http.ResponseWriter) {
 	hdr.Set("Content-Type", "application/json")
 	hdr.Set("Content-Length", strconv.Itoa(len(b)))
 	hdr.Del("Content-Encoding")
+	if e.retryAfter > 0 {
+		hdr.Set("Retry-After", strconv.Itoa(int((e.retryAfter+time.Second-1)/time.Second)))
+	}
 	w.WriteHeader(e.Status)
 	_, _ = w.Write(b)
 }

@@ -183,6 +183,7 @@ func TestRenameAndProviderStyles(t *testing.T) {
 			models gemini-*
 			api_key AIza-gemini-key-1
 		}
+		allow_paths /v1/* /v1beta/models*
 	}`)
 	send := func(path, body string, hdr map[string]string) {
 		req, _ := http.NewRequest(http.MethodPost, c.base()+path, strings.NewReader(body))

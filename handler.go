@@ -26,36 +26,72 @@ const authRest = 10 * time.Minute
 // that serve its model, try them (failing over while the client has seen
 // nothing of an answer) and relay the answer as it arrives.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+	start := time.Now()
+	// admit: who is calling, and may they reach this path?
+	identity := h.identify(r)
+	if h.authRequired() && identity == "" {
+		(&apiError{Status: http.StatusUnauthorized, Type: typeInvalidRequest, Code: "invalid_api_key",
+			Message: "a valid API key is required (Authorization: Bearer <key> or x-api-key)"}).write(w)
+		return nil
+	}
+	if !h.pathAllowed(r.URL.Path) {
+		(&apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "unknown_url",
+			Message: "unknown request URL: " + r.Method + " " + r.URL.Path}).write(w)
+		return nil
+	}
+
+	// inspect: the body, once
 	in, aerr := readRequest(r, h.MaxRequestBody)
 	if aerr != nil {
 		aerr.write(w)
+		return nil
+	}
+	if !h.modelAllowed(in.model) {
+		(&apiError{Status: http.StatusForbidden, Type: typeInvalidRequest, Code: "model_not_allowed",
+			Message: "the model " + strconv.Quote(in.model) + " may not be used here"}).write(w)
 		return nil
 	}
 	if r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, "/models") && len(h.router.names) > 0 {
 		h.serveModels(w)
 		return nil
 	}
+
+	// route
 	cands := h.router.candidates(in.model)
 	if len(cands) == 0 {
 		(&apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "model_not_found",
 			Message: "the model " + strconv.Quote(in.model) + " is not served here"}).write(w)
 		return nil
 	}
-	p := h.newPlan(cands, h.affinityValue(r.Header.Get, in.user))
-
+	hideUsage := wantsUsageInjection(r.URL.Path, in)
+	if hideUsage {
+		// Ask for the usage chunk so usage is exact, and keep it from a
+		// client that did not ask for it.
+		in.body = withIncludeUsage(in.body)
+	}
+	ad, aerr := h.admit(r.Context(), identity, in.tokenEstimate())
+	if aerr != nil {
+		aerr.write(w)
+		return nil
+	}
+	u := new(usage)
 	rl := newRelay(w, h, in.stream, nil)
+	rl.usage, rl.hideUsage = u, hideUsage
 	defer rl.stop()
 
+	// attempt and relay
+	p := h.newPlan(cands, h.affinityValue(r.Header.Get, in.user))
 	var last attemptResult
+	var at attempt
 	switchKey := false
 	for n := 0; n <= *h.Retries; n++ {
-		at := p.next(switchKey)
+		at = p.next(switchKey)
 		if n > 0 && at.reused && !h.backoff(r.Context(), n, last.retryAfter) {
-			return nil // the client left while we waited
+			break // the client left while we waited
 		}
 		last = h.try(r, in, rl, at)
 		if last.done {
-			return nil
+			break
 		}
 		h.record(at, &last, n)
 		if !h.retryable(&last, cands, at) {
@@ -63,13 +99,23 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		}
 		switchKey = last.status == http.StatusTooManyRequests || last.status == 401 || last.status == 403
 	}
-	h.finalFailure(w, r, rl, &last)
+	if !last.done {
+		h.finalFailure(w, r, rl, &last)
+	}
+
+	// finish
+	rl.stop()
+	u.finish(last.complete)
+	h.settle(ad, u)
+	h.recordUsage(r, identity, in, at, &last, u, rl, start)
 	return nil
 }
 
 // attemptResult is how one attempt ended.
 type attemptResult struct {
 	done       bool   // the client got its answer (or left): nothing more to do
+	complete   bool   // the upstream finished its answer
+	code       int    // the status the client got, when done
 	outcome    string // "connect", "timeout" or "status"
 	err        error
 	status     int
@@ -81,8 +127,25 @@ type attemptResult struct {
 // try runs one attempt: the upstream request and, when it answers, the
 // relay of the answer.
 func (h *Handler) try(r *http.Request, in *inbound, rl *relay, at attempt) attemptResult {
-	ctx, cancel := context.WithCancelCause(r.Context())
+	parent := r.Context()
+	if h.OnDisconnect == "drain" {
+		// Keep reading after the client left, for at most drain_max, only
+		// to capture usage.
+		parent = context.WithoutCancel(parent)
+	}
+	ctx, cancel := context.WithCancelCause(parent)
 	defer cancel(nil)
+	if h.OnDisconnect == "drain" {
+		var drainTimer *time.Timer
+		stop := context.AfterFunc(r.Context(), func() {
+			drainTimer = time.AfterFunc(time.Duration(h.DrainMax), func() { cancel(errDrainTimeout) })
+		})
+		defer func() {
+			if !stop() && drainTimer != nil {
+				drainTimer.Stop()
+			}
+		}()
+	}
 	rl.setAttempt(cancel)
 
 	req, err := h.newUpstreamRequest(ctx, r, in, at.up, at.key)
@@ -92,7 +155,7 @@ func (h *Handler) try(r *http.Request, in *inbound, rl *relay, at attempt) attem
 	resp, err := h.roundTrip(at.up, req, cancel)
 	if err != nil {
 		if r.Context().Err() != nil {
-			return attemptResult{done: true}
+			return attemptResult{done: true, code: 499}
 		}
 		if errors.Is(err, errFirstByteTimeout) {
 			return attemptResult{outcome: "timeout", err: err}
@@ -118,7 +181,7 @@ func (h *Handler) try(r *http.Request, in *inbound, rl *relay, at attempt) attem
 	}
 	rl.begin(resp, in.stream)
 	start := rl.attemptStart
-	out := rl.copyBody(body)
+	out := rl.copyBody(body, h.OnDisconnect == "drain")
 	fields := func() []zap.Field {
 		return []zap.Field{
 			zap.String("upstream", at.up.URL),
@@ -134,13 +197,13 @@ func (h *Handler) try(r *http.Request, in *inbound, rl *relay, at attempt) attem
 		if c := h.logger.Check(zap.DebugLevel, "relayed"); c != nil {
 			c.Write(fields()...)
 		}
-		return attemptResult{done: true}
+		return attemptResult{done: true, complete: true, code: resp.StatusCode}
 	case out.clientGone || r.Context().Err() != nil:
 		// The client left: the deferred cancel stops the upstream now.
 		if c := h.logger.Check(zap.DebugLevel, "client disconnected"); c != nil {
 			c.Write(fields()...)
 		}
-		return attemptResult{done: true}
+		return attemptResult{done: true, code: 499}
 	}
 	cause := context.Cause(ctx)
 	if cause == nil || errors.Is(cause, context.Canceled) {
@@ -161,7 +224,7 @@ func (h *Handler) try(r *http.Request, in *inbound, rl *relay, at attempt) attem
 		// A plain body cut short must not look complete.
 		panic(http.ErrAbortHandler)
 	}
-	return attemptResult{done: true}
+	return attemptResult{done: true, code: resp.StatusCode}
 }
 
 // record logs a failed attempt and updates upstream health and key rests.

@@ -289,10 +289,13 @@ func TestClientErrors(t *testing.T) {
 	defer slow.Close()
 	c := startCaddy(t, `
 	handle /refused/* {
-		llm_stream http://127.0.0.1:1
+		llm_stream http://127.0.0.1:1 {
+			allow_paths /refused/*
+		}
 	}
 	handle /slow/* {
 		llm_stream `+slow.URL+` {
+			allow_paths /slow/*
 			first_byte_timeout 100ms
 			retries 0
 		}
@@ -354,6 +357,7 @@ func TestHeartbeat(t *testing.T) {
 	defer up.Close()
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		heartbeat 30ms
+		allow_paths /late-headers /mid-event
 	}`)
 	for _, path := range []string{"/late-headers", "/mid-event"} {
 		t.Run(path, func(t *testing.T) {
@@ -413,6 +417,7 @@ func TestBrokenStreamsEndWithAnErrorEvent(t *testing.T) {
 	}))
 	defer up.Close()
 	c := startCaddy(t, `llm_stream `+up.URL+` {
+		allow_paths /stall /cut
 		idle_timeout 100ms
 		heartbeat 20ms
 	}`)

@@ -5,11 +5,14 @@
 package llmstream
 
 import (
+	"sync"
+
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/store"
 	"net/url"
 	"strconv"
 	"strings"
@@ -135,12 +138,59 @@ type Handler struct {
 	// empty, keys rotate per request.
 	KeyAffinity string `json:"key_affinity,omitempty"`
 
+	// Keys handed to clients, stored as SHA-256 digests. With any client
+	// key (or `identity`) configured, requests without a valid credential
+	// (`Authorization: Bearer <key>` or `x-api-key: <key>`) get 401.
+	ClientKeys []ClientKey `json:"client_keys,omitempty"`
+
+	// A file of client keys, one `<key-or-sha256:hex> <name>` a line (`#`
+	// starts a comment). Read when the config loads, so a reload picks up
+	// changes.
+	ClientKeysFile string `json:"client_keys_file,omitempty"`
+
+	// Who the caller is, from a placeholder such as `{http.auth.user.id}`
+	// after `basic_auth` or `forward_auth`. An empty value gets 401. Use
+	// either this or client keys.
+	Identity string `json:"identity,omitempty"`
+
+	// Per-identity limits. Without client keys or identity, callers are
+	// limited per client address.
+	Limit *Limits `json:"limit,omitempty"`
+
+	// Models clients may ask for (names or globs); others get 403.
+	// Default: any.
+	AllowModels []string `json:"allow_models,omitempty"`
+
+	// Request paths that may reach the upstream (exact, or with `*`
+	// matching any characters); others get 404, so the injected key cannot
+	// reach files, fine-tuning or organisation endpoints. Default:
+	// /v1/chat/completions /v1/completions /v1/embeddings /v1/models
+	// /v1/responses /v1/messages.
+	AllowPaths []string `json:"allow_paths,omitempty"`
+
+	// Where limit state lives. Default: in this process's memory.
+	Store *StoreConfig `json:"store,omitempty"`
+
+	// What happens upstream when the client leaves mid-answer: `cancel`
+	// (stop at once, the default) or `drain` (keep reading, without
+	// writing, for at most DrainMax, only to capture usage for billing).
+	OnDisconnect string `json:"on_disconnect,omitempty"`
+
+	// The longest drain after the client left. Default: 30s.
+	DrainMax caddy.Duration `json:"drain_max,omitempty"`
+
 	ups     []*Upstream
 	router  *router
 	state   routeState
 	retryOn map[string]bool
 	secrets *scrubber
 	logger  *zap.Logger
+
+	clientKeys []clientKey
+	allowPaths []string
+	limits     store.Limits
+	store      store.Store
+	inflight   *sync.WaitGroup // requests that may still settle with the store
 }
 
 // CaddyModule returns the Caddy module information.
@@ -233,6 +283,25 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.secrets = newScrubber(secrets...)
 	h.router = newRouter(h.ups)
 	h.state = newMemoryState(h.UnhealthyAfter, time.Duration(h.UnhealthyCooldown))
+
+	h.inflight = new(sync.WaitGroup)
+	if err := h.provisionAccess(); err != nil {
+		return err
+	}
+	return h.provisionLimits()
+}
+
+// Cleanup closes the limit store once the requests this configuration
+// admitted have settled: after a reload, old streams still relay.
+func (h *Handler) Cleanup() error {
+	if h.store == nil {
+		return nil
+	}
+	s := h.store
+	go func() {
+		h.inflight.Wait()
+		_ = s.Close()
+	}()
 	return nil
 }
 
@@ -262,6 +331,12 @@ func (h *Handler) Validate() error {
 	}
 	if h.RetryBackoffMax < h.RetryBackoff {
 		return errors.New("retry_backoff: the maximum is below the base")
+	}
+	if h.Identity != "" && (len(h.ClientKeys) > 0 || h.ClientKeysFile != "") {
+		return errors.New("identity: use either identity or client keys, not both")
+	}
+	if h.OnDisconnect != "" && h.OnDisconnect != "cancel" && h.OnDisconnect != "drain" {
+		return fmt.Errorf("on_disconnect: %q is not cancel or drain", h.OnDisconnect)
 	}
 	if h.KeyAffinity != "" && h.KeyAffinity != "user" && !strings.HasPrefix(h.KeyAffinity, "header:") {
 		return fmt.Errorf("key_affinity: %q is not user or header:<name>", h.KeyAffinity)
@@ -314,5 +389,6 @@ func fingerprint(key string) string {
 var (
 	_ caddy.Provisioner           = (*Handler)(nil)
 	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 )

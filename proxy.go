@@ -16,6 +16,7 @@ var (
 	errFirstByteTimeout  = errors.New("no response headers from the upstream within first_byte_timeout")
 	errIdleTimeout       = errors.New("the upstream was silent longer than idle_timeout")
 	errFirstTokenTimeout = errors.New("no data event from the upstream within first_token_timeout")
+	errDrainTimeout      = errors.New("the client left and drain_max passed")
 )
 
 // hopHeaders are removed in both directions (RFC 9110 §7.6.1), plus

@@ -47,9 +47,9 @@ type relay struct {
 	w  http.ResponseWriter
 	rc *http.ResponseController
 
-	heartbeat  time.Duration // <= 0: off
-	idle       time.Duration
-	firstToken time.Duration // <= 0: off
+	heartbeat         time.Duration // <= 0: off
+	idle              time.Duration
+	firstTokenTimeout time.Duration // <= 0: off
 
 	mu           sync.Mutex
 	cancel       context.CancelCauseFunc // the current attempt's
@@ -67,21 +67,33 @@ type relay struct {
 
 	heartbeats int
 	start      time.Time
+
+	usage      *usage    // filled from the answer, when set
+	hideUsage  bool      // drop the include_usage chunk the client did not ask for
+	pend       []byte    // with hideUsage: the start of an event not complete yet
+	jsonBuf    []byte    // a plain JSON answer, kept (bounded) to read its usage
+	firstToken time.Time // when the first data event reached the client
+	discarding bool      // draining: the client left, the answer is read but not written
 }
+
+// maxUsageBody bounds how much of a plain JSON answer is kept to read its
+// usage.
+const maxUsageBody = 4 << 20
 
 func newRelay(w http.ResponseWriter, h *Handler, expectSSE bool, cancel context.CancelCauseFunc) *relay {
 	now := time.Now()
 	rl := &relay{
-		w:          w,
-		rc:         http.NewResponseController(w),
-		heartbeat:  time.Duration(h.Heartbeat),
-		idle:       time.Duration(h.IdleTimeout),
-		firstToken: time.Duration(h.FirstTokenTimeout),
-		cancel:     cancel,
-		lastRead:   now,
-		lastWrite:  now,
-		start:      now,
+		w:                 w,
+		rc:                http.NewResponseController(w),
+		heartbeat:         time.Duration(h.Heartbeat),
+		idle:              time.Duration(h.IdleTimeout),
+		firstTokenTimeout: time.Duration(h.FirstTokenTimeout),
+		cancel:            cancel,
+		lastRead:          now,
+		lastWrite:         now,
+		start:             now,
 	}
+	rl.parser.OnEvent = rl.onEvent
 	if expectSSE {
 		// A request with "stream": true expects an event stream; heartbeats
 		// may start before the upstream's headers arrive (reasoning models
@@ -92,6 +104,16 @@ func newRelay(w http.ResponseWriter, h *Handler, expectSSE bool, cancel context.
 		rl.mu.Unlock()
 	}
 	return rl
+}
+
+// onEvent observes each complete event: usage, and the first token.
+func (rl *relay) onEvent(ev sse.Event) {
+	if rl.firstToken.IsZero() && len(ev.Data) > 0 {
+		rl.firstToken = time.Now()
+	}
+	if rl.usage != nil {
+		rl.usage.readEvent(ev.Name, ev.Data)
+	}
 }
 
 // arm starts the timer if something needs it. Called with mu held.
@@ -123,7 +145,7 @@ func (rl *relay) nextTick(now time.Time) time.Duration {
 		}
 	}
 	if rl.awaitingFirstToken() {
-		if d := max(rl.attemptStart.Add(rl.firstToken).Sub(now), time.Millisecond); next == 0 || d < next {
+		if d := max(rl.attemptStart.Add(rl.firstTokenTimeout).Sub(now), time.Millisecond); next == 0 || d < next {
 			next = d
 		}
 	}
@@ -133,7 +155,7 @@ func (rl *relay) nextTick(now time.Time) time.Duration {
 // awaitingFirstToken reports whether first_token_timeout applies now: an
 // event stream whose current attempt has sent no data event yet.
 func (rl *relay) awaitingFirstToken() bool {
-	return rl.firstToken > 0 && rl.reading && rl.frame == frameSSE && !rl.parser.SawField()
+	return rl.firstTokenTimeout > 0 && rl.reading && rl.frame == frameSSE && !rl.parser.SawField()
 }
 
 // canFailOver reports whether the client has seen nothing of an answer yet
@@ -170,7 +192,7 @@ func (rl *relay) tick() {
 		rl.cancel(errIdleTimeout)
 		return
 	}
-	if rl.awaitingFirstToken() && now.Sub(rl.attemptStart) >= rl.firstToken {
+	if rl.awaitingFirstToken() && now.Sub(rl.attemptStart) >= rl.firstTokenTimeout {
 		rl.cancel(errFirstTokenTimeout)
 		return
 	}
@@ -268,8 +290,9 @@ func (rl *relay) begin(resp *http.Response, streaming bool) {
 }
 
 // copyBody relays the upstream body, flushing after every read, until it
-// ends, breaks or the client goes away.
-func (rl *relay) copyBody(body io.Reader) outcome {
+// ends, breaks or the client goes away. With drain, a client that left
+// does not stop the reading: the rest is read (for usage) but not written.
+func (rl *relay) copyBody(body io.Reader, drain bool) outcome {
 	var out outcome
 	bp := smallPool.Get().(*[]byte)
 	pool := &smallPool
@@ -280,22 +303,18 @@ func (rl *relay) copyBody(body io.Reader) outcome {
 		if n > 0 {
 			rl.mu.Lock()
 			rl.lastRead = time.Now()
-			rl.lastWrite = rl.lastRead
-			_, werr := rl.w.Write(buf[:n])
-			if werr == nil {
-				werr = rl.rc.Flush()
-			}
-			if rl.frame == frameSSE {
-				rl.parser.Feed(buf[:n])
-			}
-			rl.lastByte = buf[n-1]
-			rl.wroteBody = true
+			werr := rl.write(buf[:n])
 			rl.mu.Unlock()
 			out.bytes += int64(n)
 			if werr != nil {
-				out.clientGone = true
-				out.err = errClientGone
-				return out
+				if !drain {
+					out.clientGone = true
+					out.err = errClientGone
+					return out
+				}
+				rl.mu.Lock()
+				rl.discarding = true
+				rl.mu.Unlock()
 			}
 			if n == len(buf) && pool == &smallPool {
 				// A burst: move to the large buffer for the rest.
@@ -304,6 +323,17 @@ func (rl *relay) copyBody(body io.Reader) outcome {
 			}
 		}
 		if rerr == io.EOF {
+			rl.mu.Lock()
+			if len(rl.pend) > 0 && !rl.discarding {
+				rl.writeOut(rl.pend) // an unterminated last event
+				rl.pend = rl.pend[:0]
+			}
+			if rl.usage != nil && len(rl.jsonBuf) > 0 {
+				rl.usage.readJSON(rl.jsonBuf)
+			}
+			gone := rl.discarding
+			rl.mu.Unlock()
+			out.clientGone = gone
 			return out
 		}
 		if rerr != nil {
@@ -311,6 +341,103 @@ func (rl *relay) copyBody(body io.Reader) outcome {
 			return out
 		}
 	}
+}
+
+// write observes one upstream read and passes it on. Called with mu held.
+func (rl *relay) write(b []byte) error {
+	switch rl.frame {
+	case frameSSE:
+		rl.parser.Feed(b)
+	case framePlain:
+		if rl.usage != nil && len(rl.jsonBuf)+len(b) <= maxUsageBody {
+			rl.jsonBuf = append(rl.jsonBuf, b...)
+		}
+	}
+	if rl.discarding {
+		return nil
+	}
+	if rl.hideUsage && rl.frame == frameSSE {
+		return rl.writeEvents(b)
+	}
+	return rl.writeOut(b)
+}
+
+// writeOut writes to the client and flushes. Called with mu held.
+func (rl *relay) writeOut(b []byte) error {
+	rl.lastWrite = time.Now()
+	rl.lastByte = b[len(b)-1]
+	rl.wroteBody = true
+	if _, err := rl.w.Write(b); err != nil {
+		return err
+	}
+	return rl.rc.Flush()
+}
+
+// writeEvents writes the complete events in pend+b except the usage chunk
+// include_usage added, and keeps an incomplete last event for the next
+// read. Called with mu held.
+func (rl *relay) writeEvents(b []byte) error {
+	data := b
+	if len(rl.pend) > 0 {
+		rl.pend = append(rl.pend, b...)
+		data = rl.pend
+	}
+	var out []byte // only when something is dropped
+	start, last := 0, 0
+	for {
+		end := eventEnd(data, start)
+		if end < 0 {
+			break
+		}
+		if isUsageChunk(data[start:end]) {
+			out = append(out, data[last:start]...)
+			last = end
+		}
+		start = end
+	}
+	var err error
+	switch {
+	case out != nil:
+		out = append(out, data[last:start]...)
+		if len(out) > 0 {
+			err = rl.writeOut(out)
+		}
+	case start > 0:
+		err = rl.writeOut(data[:start])
+	}
+	rest := data[start:]
+	if len(rest) > sse.MaxEventData {
+		// Not an event we would drop: pass it on as it is.
+		err = rl.writeOut(rest)
+		rest = nil
+	}
+	rl.pend = append(rl.pend[:0], rest...)
+	return err
+}
+
+// eventEnd returns the index after the blank line that ends the event
+// starting at from, or -1.
+func eventEnd(b []byte, from int) int {
+	for i := from; i < len(b); i++ {
+		if b[i] != '\n' && b[i] != '\r' {
+			continue
+		}
+		// a line ends at i; a blank line follows when the next line is empty
+		j := i + 1
+		if b[i] == '\r' && j < len(b) && b[j] == '\n' {
+			j++
+		}
+		if j < len(b) && (b[j] == '\n' || b[j] == '\r') {
+			k := j + 1
+			if b[j] == '\r' && k < len(b) && b[k] == '\n' {
+				k++
+			} else if b[j] == '\r' && k == len(b) {
+				return -1 // "\r" may still be followed by "\n"
+			}
+			return k
+		}
+	}
+	return -1
 }
 
 // fail ends a started answer whose upstream broke: a final error event for

@@ -41,7 +41,7 @@ func BenchmarkRelay(b *testing.B) {
 		rl := newRelay(&discardWriter{hdr: http.Header{}}, h, true, func(error) {})
 		rl.frame = frameSSE
 		rl.reading = true
-		out := rl.copyBody(&chunkReader{chunk: benchChunk, n: chunks})
+		out := rl.copyBody(&chunkReader{chunk: benchChunk, n: chunks}, false)
 		rl.stop()
 		if out.err != nil {
 			b.Fatal(out.err)

@@ -17,6 +17,16 @@ type inbound struct {
 	model  string
 	stream bool
 	user   string
+	// the largest answer asked for: max_tokens, max_completion_tokens or
+	// max_output_tokens
+	maxTokens int64
+}
+
+// tokenEstimate is what a request may cost at most, as far as can be
+// told before the answer: the request's size in bytes / 3 (a generous
+// bytes-per-token ratio for prompts) plus the answer's cap when given.
+func (in *inbound) tokenEstimate() int64 {
+	return int64(len(in.body))/3 + in.maxTokens
 }
 
 // readRequest reads the body (at most max bytes) and, for JSON bodies,
@@ -51,6 +61,10 @@ func readRequest(r *http.Request, max int64) (*inbound, *apiError) {
 		Model  json.RawMessage `json:"model"`
 		Stream json.RawMessage `json:"stream"`
 		User   json.RawMessage `json:"user"`
+
+		MaxTokens           *int64 `json:"max_tokens"`
+		MaxCompletionTokens *int64 `json:"max_completion_tokens"`
+		MaxOutputTokens     *int64 `json:"max_output_tokens"`
 	}
 	if bytes.HasPrefix(bytes.TrimLeft(in.body, " \t\r\n"), []byte("{")) {
 		// Valid JSON: this only fails on type mismatches, which are
@@ -65,6 +79,11 @@ func readRequest(r *http.Request, max int64) (*inbound, *apiError) {
 	if len(fields.Stream) > 0 && string(fields.Stream) != "null" {
 		if err := json.Unmarshal(fields.Stream, &in.stream); err != nil {
 			return nil, fieldError("stream", "a boolean")
+		}
+	}
+	for _, v := range []*int64{fields.MaxTokens, fields.MaxCompletionTokens, fields.MaxOutputTokens} {
+		if v != nil && *v > in.maxTokens {
+			in.maxTokens = *v
 		}
 	}
 	if len(fields.User) > 0 {

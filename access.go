@@ -1,0 +1,212 @@
+package llmstream
+
+import (
+	"bufio"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/hex"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+)
+
+// defaultAllowPaths are the endpoints reachable when allow_paths is not set:
+// model calls, not files, fine-tuning or organisation endpoints.
+var defaultAllowPaths = []string{
+	"/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+	"/v1/models", "/v1/responses", "/v1/messages",
+}
+
+// ClientKey is a key the operator handed to a client, stored only as the
+// SHA-256 digest of the key.
+type ClientKey struct {
+	// Hex SHA-256 digest of the key. The Caddyfile accepts the key itself
+	// and stores only this.
+	SHA256 string `json:"sha256,omitempty"`
+
+	// Who holds the key: the identity in limits, logs and metrics.
+	Name string `json:"name,omitempty"`
+}
+
+// clientKey is a parsed ClientKey.
+type clientKey struct {
+	digest [sha256.Size]byte
+	name   string
+}
+
+// parseClientKey reads `<key>|sha256:<hex> [<name>]`.
+func parseClientKey(key, name string) (ClientKey, error) {
+	var digest []byte
+	if hexDigest, ok := strings.CutPrefix(key, "sha256:"); ok {
+		b, err := hex.DecodeString(hexDigest)
+		if err != nil || len(b) != sha256.Size {
+			return ClientKey{}, fmt.Errorf("sha256: wants %d hex digits", 2*sha256.Size)
+		}
+		digest = b
+	} else {
+		if key == "" {
+			return ClientKey{}, fmt.Errorf("empty client key")
+		}
+		sum := sha256.Sum256([]byte(key))
+		digest = sum[:]
+	}
+	h := hex.EncodeToString(digest)
+	if name == "" {
+		name = "key-" + h[:8]
+	}
+	return ClientKey{SHA256: h, Name: name}, nil
+}
+
+// provisionAccess sets up who may call and what they may reach.
+func (h *Handler) provisionAccess() error {
+	h.allowPaths = h.AllowPaths
+	if len(h.allowPaths) == 0 {
+		h.allowPaths = defaultAllowPaths
+	}
+	if err := h.loadClientKeys(); err != nil {
+		return err
+	}
+	if !h.authRequired() {
+		h.logger.Warn("no client_key or identity configured: anyone who reaches this endpoint uses the upstream key",
+			zap.Strings("allow_paths", h.allowPaths))
+	}
+	return nil
+}
+
+// loadClientKeys collects the configured keys and the keys file.
+func (h *Handler) loadClientKeys() error {
+	all := append([]ClientKey(nil), h.ClientKeys...)
+	if h.ClientKeysFile != "" {
+		f, err := os.Open(h.ClientKeysFile)
+		if err != nil {
+			return fmt.Errorf("client_keys_file: %w", err)
+		}
+		defer f.Close()
+		sc := bufio.NewScanner(f)
+		for n := 1; sc.Scan(); n++ {
+			line := strings.TrimSpace(sc.Text())
+			if line == "" || strings.HasPrefix(line, "#") {
+				continue
+			}
+			fields := strings.Fields(line)
+			name := ""
+			if len(fields) > 1 {
+				name = fields[1]
+			}
+			k, err := parseClientKey(fields[0], name)
+			if err != nil {
+				return fmt.Errorf("client_keys_file %s:%d: %w", h.ClientKeysFile, n, err)
+			}
+			all = append(all, k)
+		}
+		if err := sc.Err(); err != nil {
+			return fmt.Errorf("client_keys_file: %w", err)
+		}
+	}
+	for _, k := range all {
+		ck, err := parseClientKey("sha256:"+k.SHA256, k.Name)
+		if err != nil {
+			return fmt.Errorf("client_keys: %w", err)
+		}
+		var c clientKey
+		hex.Decode(c.digest[:], []byte(ck.SHA256))
+		c.name = ck.Name
+		for _, u := range h.ups {
+			for _, uk := range u.keys {
+				if uk.secret != "" && sha256.Sum256([]byte(uk.secret)) == c.digest {
+					return fmt.Errorf("client_keys: %s is an upstream key; clients must never hold one", c.name)
+				}
+			}
+		}
+		h.clientKeys = append(h.clientKeys, c)
+	}
+	return nil
+}
+
+// authRequired reports whether callers must prove who they are.
+func (h *Handler) authRequired() bool { return len(h.clientKeys) > 0 || h.Identity != "" }
+
+// identify returns the caller's identity name, or "" when the request
+// carries no valid credential. Without client keys or identity configured,
+// callers are told apart by their address, for limits only.
+func (h *Handler) identify(r *http.Request) string {
+	switch {
+	case len(h.clientKeys) > 0:
+		cred := r.Header.Get("X-Api-Key")
+		if v, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer "); ok {
+			cred = strings.TrimSpace(v)
+		}
+		if cred == "" {
+			return ""
+		}
+		sum := sha256.Sum256([]byte(cred))
+		// Every digest is compared, in constant time: no early exit that
+		// would tell how many keys were tried.
+		name := ""
+		for i := range h.clientKeys {
+			if subtle.ConstantTimeCompare(sum[:], h.clientKeys[i].digest[:]) == 1 {
+				name = h.clientKeys[i].name
+			}
+		}
+		return name
+	case h.Identity != "":
+		repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+		if repl == nil {
+			return ""
+		}
+		return strings.TrimSpace(repl.ReplaceAll(h.Identity, ""))
+	}
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		host = r.RemoteAddr
+	}
+	return "ip:" + host
+}
+
+// pathAllowed reports whether the request path is in allow_paths.
+func (h *Handler) pathAllowed(p string) bool {
+	for _, pat := range h.allowPaths {
+		if wildcardMatch(pat, p) {
+			return true
+		}
+	}
+	return false
+}
+
+// modelAllowed reports whether clients may ask for the model.
+func (h *Handler) modelAllowed(model string) bool {
+	if len(h.AllowModels) == 0 || model == "" {
+		return true
+	}
+	for _, pat := range h.AllowModels {
+		if ok, _ := path.Match(pat, model); ok || pat == model {
+			return true
+		}
+	}
+	return false
+}
+
+// wildcardMatch matches s against a pattern where `*` stands for any run
+// of characters, slashes included.
+func wildcardMatch(pattern, s string) bool {
+	star := strings.IndexByte(pattern, '*')
+	if star < 0 {
+		return pattern == s
+	}
+	if !strings.HasPrefix(s, pattern[:star]) {
+		return false
+	}
+	rest := pattern[star+1:]
+	for i := star; i <= len(s); i++ {
+		if wildcardMatch(rest, s[i:]) {
+			return true
+		}
+	}
+	return false
+}

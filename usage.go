@@ -1,0 +1,238 @@
+package llmstream
+
+import (
+	"bytes"
+	"encoding/json"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+)
+
+// Usage status: how much of the token usage is known.
+const (
+	usageExact   = "exact"   // the upstream reported it and the answer completed
+	usagePartial = "partial" // some was reported, but the answer did not complete
+	usageAbsent  = "absent"  // nothing was reported (never guessed as zero)
+)
+
+// usage is what the upstream reported about tokens.
+type usage struct {
+	prompt, completion, totalTokens int64
+	seen                            bool
+	status                          string
+}
+
+func (u *usage) total() int64 {
+	if u.totalTokens > 0 {
+		return u.totalTokens
+	}
+	return u.prompt + u.completion
+}
+
+// usageFields covers the usage shapes of OpenAI (chat, completions,
+// embeddings), the Responses API, Anthropic and Gemini.
+type usageFields struct {
+	PromptTokens     *int64 `json:"prompt_tokens"`
+	CompletionTokens *int64 `json:"completion_tokens"`
+	TotalTokens      *int64 `json:"total_tokens"`
+	InputTokens      *int64 `json:"input_tokens"`
+	OutputTokens     *int64 `json:"output_tokens"`
+}
+
+func (u *usage) apply(f *usageFields) {
+	set := func(dst *int64, v *int64) {
+		if v != nil {
+			*dst = *v
+			u.seen = true
+		}
+	}
+	set(&u.prompt, f.PromptTokens)
+	set(&u.completion, f.CompletionTokens)
+	set(&u.totalTokens, f.TotalTokens)
+	set(&u.prompt, f.InputTokens)
+	set(&u.completion, f.OutputTokens)
+}
+
+var (
+	usageObject  = []byte(`"usage":{`)
+	usageMeta    = []byte(`"usageMetadata":{`)
+	messageStart = []byte("message_start")
+	messageDelta = []byte("message_delta")
+)
+
+// readEvent takes usage from one SSE event: OpenAI chunks (the final
+// `"choices":[]` chunk), Responses API `response.completed`, Anthropic
+// `message_start` (input tokens) and `message_delta` (output tokens so
+// far), Gemini `usageMetadata`.
+func (u *usage) readEvent(name, data []byte) {
+	switch {
+	case bytes.Equal(name, messageStart):
+		var ev struct {
+			Message struct {
+				Usage usageFields `json:"usage"`
+			} `json:"message"`
+		}
+		if json.Unmarshal(data, &ev) == nil {
+			u.apply(&ev.Message.Usage)
+		}
+	case bytes.Equal(name, messageDelta):
+		var ev struct {
+			Usage usageFields `json:"usage"`
+		}
+		if json.Unmarshal(data, &ev) == nil {
+			u.apply(&ev.Usage)
+		}
+	case bytes.Contains(data, usageObject) || bytes.Contains(data, usageMeta):
+		u.readJSON(data)
+	}
+}
+
+// readJSON takes usage from a whole JSON answer (or event data).
+func (u *usage) readJSON(body []byte) {
+	var v struct {
+		Usage    *usageFields `json:"usage"`
+		Response *struct {
+			Usage *usageFields `json:"usage"`
+		} `json:"response"`
+		UsageMetadata *struct {
+			Prompt     *int64 `json:"promptTokenCount"`
+			Candidates *int64 `json:"candidatesTokenCount"`
+			Total      *int64 `json:"totalTokenCount"`
+		} `json:"usageMetadata"`
+	}
+	if json.Unmarshal(body, &v) != nil {
+		return
+	}
+	switch {
+	case v.Usage != nil:
+		u.apply(v.Usage)
+	case v.Response != nil && v.Response.Usage != nil:
+		u.apply(v.Response.Usage)
+	case v.UsageMetadata != nil:
+		u.apply(&usageFields{PromptTokens: v.UsageMetadata.Prompt, CompletionTokens: v.UsageMetadata.Candidates, TotalTokens: v.UsageMetadata.Total})
+	}
+}
+
+// finish sets the status once the answer ended.
+func (u *usage) finish(complete bool) {
+	switch {
+	case !u.seen:
+		u.status = usageAbsent
+	case complete:
+		u.status = usageExact
+	default:
+		u.status = usagePartial
+	}
+}
+
+// isUsageChunk reports whether an SSE event is the extra OpenAI usage
+// chunk (`"choices":[]` with a usage object) that include_usage adds.
+func isUsageChunk(ev []byte) bool {
+	return bytes.Contains(ev, []byte(`"choices":[]`)) && bytes.Contains(ev, usageObject)
+}
+
+// wantsUsageInjection reports whether a request is a streamed chat
+// completion whose client did not ask for the usage chunk.
+func wantsUsageInjection(path string, in *inbound) bool {
+	if !in.stream || !in.isJSON || !strings.HasSuffix(path, "/chat/completions") {
+		return false
+	}
+	s, e := topLevelValue(in.body, "stream_options")
+	if s < 0 {
+		return true
+	}
+	var so struct {
+		IncludeUsage bool `json:"include_usage"`
+	}
+	_ = json.Unmarshal(in.body[s:e], &so)
+	return !so.IncludeUsage
+}
+
+// withIncludeUsage returns the body with stream_options.include_usage set
+// to true: inserted as the first member (of the body, or of an existing
+// stream_options object), every other byte unchanged.
+func withIncludeUsage(body []byte) []byte {
+	s, e := topLevelValue(body, "stream_options")
+	if s < 0 {
+		open := bytes.IndexByte(body, '{') + 1
+		member := `"stream_options":{"include_usage":true}`
+		if rest := bytes.TrimLeft(body[open:], " \t\r\n"); len(rest) > 0 && rest[0] != '}' {
+			member += ","
+		}
+		return splice(body, open, open, member)
+	}
+	opts := body[s:e]
+	if bytes.TrimSpace(opts)[0] != '{' {
+		return splice(body, s, e, `{"include_usage":true}`) // null or junk
+	}
+	if vs, ve := topLevelValue(opts, "include_usage"); vs >= 0 {
+		return splice(body, s+vs, s+ve, "true")
+	}
+	open := s + bytes.IndexByte(opts, '{') + 1
+	member := `"include_usage":true`
+	if rest := bytes.TrimLeft(body[open:e], " \t\r\n"); len(rest) > 0 && rest[0] != '}' {
+		member += ","
+	}
+	return splice(body, open, open, member)
+}
+
+// splice replaces b[from:to] with s in a new slice.
+func splice(b []byte, from, to int, s string) []byte {
+	out := make([]byte, 0, len(b)-(to-from)+len(s))
+	out = append(out, b[:from]...)
+	out = append(out, s...)
+	return append(out, b[to:]...)
+}
+
+// recordUsage writes the usage record of a request: one `llm usage` log
+// line and the {llm.*} placeholders for access logs and headers.
+func (h *Handler) recordUsage(r *http.Request, identity string, in *inbound, at attempt, res *attemptResult, u *usage, rl *relay, start time.Time) {
+	duration := time.Since(start)
+	upstream := ""
+	if at.up != nil {
+		upstream = at.up.URL
+	}
+	status := res.code
+	if !res.done {
+		status = res.status
+	}
+	if !h.authRequired() {
+		identity = "" // an address is for limits only, not for the log
+	}
+	var ttft time.Duration
+	rl.mu.Lock()
+	if !rl.firstToken.IsZero() {
+		ttft = rl.firstToken.Sub(start)
+	}
+	rl.mu.Unlock()
+	var tps float64
+	if gen := duration - ttft; u.completion > 0 && ttft > 0 && gen > 0 {
+		tps = float64(u.completion) / gen.Seconds()
+	}
+	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
+		repl.Set("llm.model", in.model)
+		repl.Set("llm.upstream", upstream)
+		repl.Set("llm.identity", identity)
+		repl.Set("llm.usage.prompt_tokens", u.prompt)
+		repl.Set("llm.usage.completion_tokens", u.completion)
+		repl.Set("llm.usage.total_tokens", u.total())
+		repl.Set("llm.usage.status", u.status)
+		repl.Set("llm.ttft_ms", ttft.Milliseconds())
+	}
+	h.logger.Info("llm usage",
+		zap.String("identity", identity),
+		zap.String("model", in.model),
+		zap.String("upstream", upstream),
+		zap.Int("status", status),
+		zap.Int64("prompt_tokens", u.prompt),
+		zap.Int64("completion_tokens", u.completion),
+		zap.Int64("total_tokens", u.total()),
+		zap.String("usage_status", u.status),
+		zap.Duration("ttft", ttft),
+		zap.Duration("duration", duration),
+		zap.Float64("tokens_per_second", tps),
+	)
+}
