@@ -13,6 +13,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"golang.org/x/crypto/bcrypt"
 )
@@ -150,9 +151,7 @@ func TestIdentityFromBasicAuth(t *testing.T) {
 	if resp.StatusCode != 200 {
 		t.Fatalf("got %d", resp.StatusCode)
 	}
-	if !strings.Contains(c.logs(), `"identity":"dora"`) {
-		t.Error("the usage line does not name the identity")
-	}
+	c.waitLog(`"identity":"dora"`)
 	req, _ = http.NewRequest("POST", c.base()+"/v1/chat/completions", strings.NewReader(chatBody))
 	req.SetBasicAuth("dora", "secret")
 	resp, _ = http.DefaultClient.Do(req)
@@ -248,8 +247,13 @@ func TestExactStreamUsage(t *testing.T) {
 	if want := `{"model":"gpt-4o","stream":true,"stream_options": {"include_usage":true,"x":1},"messages":[]}`; bodies[2] != want {
 		t.Fatalf("merge: got %s", bodies[2])
 	}
-	logs := c.logs()
-	if n := strings.Count(logs, `"prompt_tokens":40,"completion_tokens":20,"total_tokens":60,"usage_status":"exact"`); n != 3 {
+	exact := `"prompt_tokens":40,"completion_tokens":20,"total_tokens":60,"usage_status":"exact"`
+	logs := c.waitLog(exact)
+	for deadline := time.Now().Add(3 * time.Second); strings.Count(logs, exact) < 3 && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+		logs = c.logs()
+	}
+	if n := strings.Count(logs, exact); n != 3 {
 		t.Fatalf("%d exact usage records, want 3:\n%s", n, logs)
 	}
 	if !strings.Contains(logs, `"identity":"meter"`) {
@@ -272,7 +276,7 @@ http://127.0.0.1:%d {
 	}`, mockPort, mockPort))
 	do(t, "POST", c.base()+"/v1/chat/completions", `{"model":"m","max_tokens":3,"messages":[{"role":"user","content":"x"}]}`, nil)
 	do(t, "POST", c.base()+"/v1/messages", `{"model":"claude-3","stream":true,"max_tokens":4,"messages":[{"role":"user","content":"x"}]}`, nil)
-	logs := c.logs()
+	logs := c.waitLog(`"llm_completion":4`)
 	if !strings.Contains(logs, `"completion_tokens":3,"total_tokens":8,"usage_status":"exact"`) {
 		t.Errorf("JSON usage not recorded exactly:\n%s", logs)
 	}

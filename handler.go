@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -136,12 +137,23 @@ func (h *Handler) try(r *http.Request, in *inbound, rl *relay, at attempt) attem
 	ctx, cancel := context.WithCancelCause(parent)
 	defer cancel(nil)
 	if h.OnDisconnect == "drain" {
+		// When the client leaves, the attempt has drain_max left.
+		var mu sync.Mutex
 		var drainTimer *time.Timer
+		finished := false
 		stop := context.AfterFunc(r.Context(), func() {
-			drainTimer = time.AfterFunc(time.Duration(h.DrainMax), func() { cancel(errDrainTimeout) })
+			mu.Lock()
+			defer mu.Unlock()
+			if !finished {
+				drainTimer = time.AfterFunc(time.Duration(h.DrainMax), func() { cancel(errDrainTimeout) })
+			}
 		})
 		defer func() {
-			if !stop() && drainTimer != nil {
+			stop()
+			mu.Lock()
+			defer mu.Unlock()
+			finished = true
+			if drainTimer != nil {
 				drainTimer.Stop()
 			}
 		}()

@@ -81,6 +81,10 @@ func (c *instance) load(directives string) {
 	if err := caddy.Load(cfg, true); err != nil {
 		c.t.Fatalf("loading config: %v", err)
 	}
+	// A reload closes idle keep-alive connections; a POST on one of them
+	// would fail with EOF (clients retry only idempotent requests).
+	http.DefaultClient.CloseIdleConnections()
+	noCompressClient.CloseIdleConnections()
 	waitListening(c.t, c.port)
 }
 
@@ -164,3 +168,27 @@ func postStream(t testing.TB, url string, hdr map[string]string) *http.Response 
 var noCompressClient = &http.Client{Transport: &http.Transport{DisableCompression: true}}
 
 func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }
+
+// waitLog waits until Caddy's log holds every one of the strings (the
+// usage line is written after the client got the last byte) and returns
+// the log.
+func (c *instance) waitLog(want ...string) string {
+	c.t.Helper()
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		logs := c.logs()
+		missing := ""
+		for _, w := range want {
+			if !strings.Contains(logs, w) {
+				missing = w
+			}
+		}
+		if missing == "" {
+			return logs
+		}
+		if time.Now().After(deadline) {
+			c.t.Fatalf("the log lacks %s", missing)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
