@@ -80,6 +80,41 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 					h.UnhealthyAfter == 4 && time.Duration(h.UnhealthyCooldown) == 2*time.Minute &&
 					time.Duration(h.FirstTokenTimeout) == 20*time.Second && h.KeyAffinity == "header:X-Conversation"
 			}},
+		{name: "access and limits", input: `llm_stream http://a {
+				client_key sk-plain alice
+				client_key sha256:` + strings.Repeat("ab", 32) + `
+				client_keys_file /etc/caddy/keys
+				allow_models gpt-4o* claude-*
+				allow_paths /v1/chat/completions
+				allow_paths /v1/models
+				limit {
+					requests 60 1m
+					tokens 100000 1h
+					concurrent 2
+				}
+				store redis 127.0.0.1:6379 2 {
+					password {env.REDIS_PASSWORD}
+					prefix llm:
+					fail open
+				}
+				on_disconnect drain 20s
+			}`,
+			want: func(h *Handler) bool {
+				return len(h.ClientKeys) == 2 && h.ClientKeys[0].Name == "alice" && len(h.ClientKeys[0].SHA256) == 64 &&
+					h.ClientKeys[1].Name == "key-abababab" && h.ClientKeysFile == "/etc/caddy/keys" &&
+					len(h.AllowModels) == 2 && len(h.AllowPaths) == 2 &&
+					h.Limit.Requests == 60 && time.Duration(h.Limit.RequestWindow) == time.Minute &&
+					h.Limit.Tokens == 100000 && time.Duration(h.Limit.TokenWindow) == time.Hour && h.Limit.Concurrent == 2 &&
+					h.Store.Redis == "127.0.0.1:6379" && h.Store.DB == 2 && h.Store.Password == "{env.REDIS_PASSWORD}" &&
+					h.Store.Prefix == "llm:" && h.Store.FailOpen && h.OnDisconnect == "drain" && time.Duration(h.DrainMax) == 20*time.Second
+			}},
+		{name: "identity", input: "llm_stream http://a {\n identity {http.auth.user.id}\n}",
+			want: func(h *Handler) bool { return h.Identity == "{http.auth.user.id}" }},
+		{name: "bad client key digest", input: "llm_stream http://a {\n client_key sha256:abc\n}", wantErr: "client_key: sha256: wants 64 hex digits", line: 2},
+		{name: "limit without window", input: "llm_stream http://a {\n limit {\n  requests 5\n }\n}", wantErr: "wrong argument count", line: 3},
+		{name: "unknown limit", input: "llm_stream http://a {\n limit {\n  bananas 5 1m\n }\n}", wantErr: "unrecognized limit 'bananas'", line: 3},
+		{name: "bad store", input: "llm_stream http://a {\n store etcd x\n}", wantErr: "store: 'etcd' is not memory or redis", line: 2},
+		{name: "bad on_disconnect", input: "llm_stream http://a {\n on_disconnect linger\n}", wantErr: "on_disconnect: 'linger'", line: 2},
 		{name: "top-level key with blocks", input: "llm_stream {\n api_key k\n upstream http://a {\n  weight 2\n }\n}", wantErr: "set api_key inside each upstream block"},
 		{name: "unknown provider", input: "llm_stream {\n upstream http://a {\n  provider bard\n }\n}", wantErr: "unknown provider 'bard'", line: 3},
 		{name: "bad retry_on", input: "llm_stream http://a {\n retry_on 200\n}", wantErr: "retry_on: '200'"},

@@ -3,6 +3,7 @@ package llmstream
 import (
 	"bufio"
 	"encoding/json"
+	"go.uber.org/zap"
 	"net"
 	"net/http"
 	"os"
@@ -192,3 +193,7 @@ func (c *instance) waitLog(want ...string) string {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+type syncWaitGroup = sync.WaitGroup
+
+func nopLogger() *zap.Logger { return zap.NewNop() }

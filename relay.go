@@ -1,6 +1,7 @@
 package llmstream
 
 import (
+	"bytes"
 	"compress/gzip"
 	"context"
 	"errors"
@@ -362,9 +363,23 @@ func (rl *relay) write(b []byte) error {
 	return rl.writeOut(b)
 }
 
-// writeOut writes to the client and flushes. Called with mu held.
+// nextLineEnd is the index of the first CR or LF in b, or -1.
+func nextLineEnd(b []byte) int {
+	n := bytes.IndexByte(b, '\n')
+	seg := b
+	if n >= 0 {
+		seg = b[:n]
+	}
+	if c := bytes.IndexByte(seg, '\r'); c >= 0 {
+		return c
+	}
+	return n
+}
+
+// writeOut writes to the client and flushes. Called with mu held, after
+// lastRead was set.
 func (rl *relay) writeOut(b []byte) error {
-	rl.lastWrite = time.Now()
+	rl.lastWrite = rl.lastRead
 	rl.lastByte = b[len(b)-1]
 	rl.wroteBody = true
 	if _, err := rl.w.Write(b); err != nil {
@@ -382,7 +397,8 @@ func (rl *relay) writeEvents(b []byte) error {
 		rl.pend = append(rl.pend, b...)
 		data = rl.pend
 	}
-	var out []byte // only when something is dropped
+	var out []byte // built only when something is dropped
+	dropped := false
 	start, last := 0, 0
 	for {
 		end := eventEnd(data, start)
@@ -391,13 +407,13 @@ func (rl *relay) writeEvents(b []byte) error {
 		}
 		if isUsageChunk(data[start:end]) {
 			out = append(out, data[last:start]...)
-			last = end
+			last, dropped = end, true
 		}
 		start = end
 	}
 	var err error
 	switch {
-	case out != nil:
+	case dropped:
 		out = append(out, data[last:start]...)
 		if len(out) > 0 {
 			err = rl.writeOut(out)
@@ -420,7 +436,11 @@ func (rl *relay) writeEvents(b []byte) error {
 func eventEnd(b []byte, from int) int {
 	for i := from; i < len(b); i++ {
 		if b[i] != '\n' && b[i] != '\r' {
-			continue
+			j := nextLineEnd(b[i:])
+			if j < 0 {
+				return -1
+			}
+			i += j
 		}
 		// a line ends at i; a blank line follows when the next line is empty
 		j := i + 1

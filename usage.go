@@ -57,11 +57,34 @@ func (u *usage) apply(f *usageFields) {
 }
 
 var (
-	usageObject  = []byte(`"usage":{`)
-	usageMeta    = []byte(`"usageMetadata":{`)
+	usageWord    = []byte("usage")
+	noChoices    = []byte(`"choices":[]`)
 	messageStart = []byte("message_start")
 	messageDelta = []byte("message_delta")
 )
+
+// hasUsageObject reports whether JSON text holds a usage object
+// (`"usage":{` or Gemini's `"usageMetadata":{`), not just `"usage":null`,
+// which every chunk carries once include_usage is on. It searches for the
+// word without its quote: bytes.Index keys on the first byte, and `"` is
+// the commonest byte in JSON.
+func hasUsageObject(b []byte) bool {
+	for {
+		i := bytes.Index(b, usageWord)
+		if i < 0 {
+			return false
+		}
+		rest := b[i+len(usageWord):]
+		rest = bytes.TrimPrefix(rest, []byte("Metadata"))
+		if len(rest) >= 3 && rest[0] == '"' && rest[1] == ':' {
+			v := bytes.TrimLeft(rest[2:], " \t\r\n")
+			if len(v) > 0 && v[0] == '{' {
+				return true
+			}
+		}
+		b = rest
+	}
+}
 
 // readEvent takes usage from one SSE event: OpenAI chunks (the final
 // `"choices":[]` chunk), Responses API `response.completed`, Anthropic
@@ -85,7 +108,7 @@ func (u *usage) readEvent(name, data []byte) {
 		if json.Unmarshal(data, &ev) == nil {
 			u.apply(&ev.Usage)
 		}
-	case bytes.Contains(data, usageObject) || bytes.Contains(data, usageMeta):
+	case hasUsageObject(data):
 		u.readJSON(data)
 	}
 }
@@ -131,7 +154,7 @@ func (u *usage) finish(complete bool) {
 // isUsageChunk reports whether an SSE event is the extra OpenAI usage
 // chunk (`"choices":[]` with a usage object) that include_usage adds.
 func isUsageChunk(ev []byte) bool {
-	return bytes.Contains(ev, []byte(`"choices":[]`)) && bytes.Contains(ev, usageObject)
+	return hasUsageObject(ev) && bytes.Contains(ev, noChoices)
 }
 
 // wantsUsageInjection reports whether a request is a streamed chat
