@@ -392,6 +392,18 @@ func (rl *relay) writeOut(b []byte) error {
 // include_usage added, and keeps an incomplete last event for the next
 // read. Called with mu held.
 func (rl *relay) writeEvents(b []byte) error {
+	if len(rl.pend) == 0 && rl.wroteBody && rl.lastByte == '\r' && b[0] == '\n' {
+		// The LF of a CRLF that the last read split: it ends what was
+		// already written, not the next event.
+		if err := rl.writeOut(b[:1]); err != nil || len(b) == 1 {
+			return err
+		}
+		b = b[1:]
+	}
+	if len(rl.pend) == 0 && rl.parser.AtBoundary() && !hasUsageObject(b) {
+		// The usual read: whole events, none of them the usage chunk.
+		return rl.writeOut(b)
+	}
 	data := b
 	if len(rl.pend) > 0 {
 		rl.pend = append(rl.pend, b...)

@@ -77,6 +77,7 @@ http://:$LLM {
 	bind 127.0.0.1
 	llm_stream http://127.0.0.1:$MOCK {
 		api_key sk-bench
+		allow_paths /paced/* /burst/* /slow/* /json/*
 	}
 }
 CF
