@@ -75,6 +75,11 @@ type relay struct {
 	jsonBuf    []byte    // a plain JSON answer, kept (bounded) to read its usage
 	firstToken time.Time // when the first data event reached the client
 	discarding bool      // draining: the client left, the answer is read but not written
+	// usage scanning, once per read: whether the read holds a usage
+	// object, and whether the next event to complete began in an earlier
+	// read (then it is scanned on its own)
+	readHasUsage bool
+	spanning     bool
 }
 
 // maxUsageBody bounds how much of a plain JSON answer is kept to read its
@@ -112,9 +117,12 @@ func (rl *relay) onEvent(ev sse.Event) {
 	if rl.firstToken.IsZero() && len(ev.Data) > 0 {
 		rl.firstToken = time.Now()
 	}
-	if rl.usage != nil {
+	// Only events that can hold usage are parsed: those in a read with a
+	// usage object, and the one that began in an earlier read.
+	if rl.usage != nil && (rl.readHasUsage || rl.spanning) {
 		rl.usage.readEvent(ev.Name, ev.Data)
 	}
+	rl.spanning = false
 }
 
 // arm starts the timer if something needs it. Called with mu held.
@@ -348,6 +356,10 @@ func (rl *relay) copyBody(body io.Reader, drain bool) outcome {
 func (rl *relay) write(b []byte) error {
 	switch rl.frame {
 	case frameSSE:
+		if rl.usage != nil {
+			rl.readHasUsage = hasUsageObject(b)
+			rl.spanning = !rl.parser.AtBoundary()
+		}
 		rl.parser.Feed(b)
 	case framePlain:
 		if rl.usage != nil && len(rl.jsonBuf)+len(b) <= maxUsageBody {
@@ -400,7 +412,7 @@ func (rl *relay) writeEvents(b []byte) error {
 		}
 		b = b[1:]
 	}
-	if len(rl.pend) == 0 && rl.parser.AtBoundary() && !hasUsageObject(b) {
+	if len(rl.pend) == 0 && rl.parser.AtBoundary() && !rl.readHasUsage {
 		// The usual read: whole events, none of them the usage chunk.
 		return rl.writeOut(b)
 	}
