@@ -53,15 +53,7 @@ func TestTokenLimitFromStreamedUsage(t *testing.T) {
 
 func TestRequestAndConcurrencyLimits(t *testing.T) {
 	release := make(chan struct{})
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "text/event-stream")
-		flushWrite(w, "data: {\"k\":0}\n\n")
-		if strings.Contains(r.URL.Path, "hold") {
-			<-release
-		}
-		flushWrite(w, "data: [DONE]\n\n")
-	}))
-	defer up.Close()
+	up := holdUpstream(t, release)
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		allow_paths /v1/*
 		client_key sk-one one
@@ -102,6 +94,21 @@ func TestRequestAndConcurrencyLimits(t *testing.T) {
 	if resp, got := do(t, "POST", c.base()+"/v1/chat/completions", chatBody, two); resp.StatusCode != 200 {
 		t.Fatalf("after the stream ended: %d %s", resp.StatusCode, got)
 	}
+}
+
+// holdUpstream sends one event, and on paths containing "hold" waits for
+// release before it ends the stream.
+func holdUpstream(t *testing.T, release <-chan struct{}) *httptest.Server {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		flushWrite(w, "data: {\"k\":0}\n\n")
+		if strings.Contains(r.URL.Path, "hold") {
+			<-release
+		}
+		flushWrite(w, "data: [DONE]\n\n")
+	}))
+	t.Cleanup(srv.Close)
+	return srv
 }
 
 // slowUsageUpstream streams 10 chunks 30 ms apart, then usage, and says
@@ -213,15 +220,7 @@ func TestLimitsSharedThroughRedis(t *testing.T) {
 	}
 	rds := redistest.Start(t)
 	release := make(chan struct{})
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "text/event-stream")
-		flushWrite(w, "data: {\"k\":0}\n\n")
-		if strings.Contains(r.URL.Path, "hold") {
-			<-release
-		}
-		flushWrite(w, "data: [DONE]\n\n")
-	}))
-	defer up.Close()
+	up := holdUpstream(t, release)
 	directives := `llm_stream ` + up.URL + ` {
 		allow_paths /v1/*
 		client_key sk-team-a a

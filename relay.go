@@ -1,7 +1,6 @@
 package llmstream
 
 import (
-	"bytes"
 	"compress/gzip"
 	"context"
 	"errors"
@@ -375,19 +374,6 @@ func (rl *relay) write(b []byte) error {
 	return rl.writeOut(b)
 }
 
-// nextLineEnd is the index of the first CR or LF in b, or -1.
-func nextLineEnd(b []byte) int {
-	n := bytes.IndexByte(b, '\n')
-	seg := b
-	if n >= 0 {
-		seg = b[:n]
-	}
-	if c := bytes.IndexByte(seg, '\r'); c >= 0 {
-		return c
-	}
-	return n
-}
-
 // writeOut writes to the client and flushes. Called with mu held, after
 // lastRead was set.
 func (rl *relay) writeOut(b []byte) error {
@@ -460,7 +446,7 @@ func (rl *relay) writeEvents(b []byte) error {
 func eventEnd(b []byte, from int) int {
 	for i := from; i < len(b); i++ {
 		if b[i] != '\n' && b[i] != '\r' {
-			j := nextLineEnd(b[i:])
+			j := sse.LineEnd(b[i:])
 			if j < 0 {
 				return -1
 			}

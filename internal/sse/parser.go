@@ -73,7 +73,7 @@ func (p *Parser) Feed(b []byte) {
 				continue
 			}
 		}
-		end := lineEnd(b)
+		end := LineEnd(b)
 		if end < 0 {
 			p.consume(b)
 			return
@@ -87,8 +87,8 @@ func (p *Parser) Feed(b []byte) {
 	}
 }
 
-// lineEnd returns the index of the first CR or LF in b, or -1.
-func lineEnd(b []byte) int {
+// LineEnd returns the index of the first CR or LF in b, or -1.
+func LineEnd(b []byte) int {
 	n := bytes.IndexByte(b, '\n')
 	seg := b
 	if n >= 0 {
