@@ -31,26 +31,22 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	// admit: who is calling, and may they reach this path?
 	identity := h.identify(r)
 	if h.authRequired() && identity == "" {
-		(&apiError{Status: http.StatusUnauthorized, Type: typeInvalidRequest, Code: "invalid_api_key",
-			Message: "a valid API key is required (Authorization: Bearer <key> or x-api-key)"}).write(w)
-		return nil
+		return h.reject(w, "", &apiError{Status: http.StatusUnauthorized, Type: typeInvalidRequest, Code: "invalid_api_key",
+			Message: "a valid API key is required (Authorization: Bearer <key> or x-api-key)"})
 	}
 	if !h.pathAllowed(r.URL.Path) {
-		(&apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "unknown_url",
-			Message: "unknown request URL: " + r.Method + " " + r.URL.Path}).write(w)
-		return nil
+		return h.reject(w, "", &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "unknown_url",
+			Message: "unknown request URL: " + r.Method + " " + r.URL.Path})
 	}
 
 	// inspect: the body, once
 	in, aerr := readRequest(r, h.MaxRequestBody)
 	if aerr != nil {
-		aerr.write(w)
-		return nil
+		return h.reject(w, "", aerr)
 	}
 	if !h.modelAllowed(in.model) {
-		(&apiError{Status: http.StatusForbidden, Type: typeInvalidRequest, Code: "model_not_allowed",
-			Message: "the model " + strconv.Quote(in.model) + " may not be used here"}).write(w)
-		return nil
+		return h.reject(w, in.model, &apiError{Status: http.StatusForbidden, Type: typeInvalidRequest, Code: "model_not_allowed",
+			Message: "the model " + strconv.Quote(in.model) + " may not be used here"})
 	}
 	if r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, "/models") && len(h.router.names) > 0 {
 		h.serveModels(w)
@@ -60,9 +56,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	// route
 	cands := h.router.candidates(in.model)
 	if len(cands) == 0 {
-		(&apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "model_not_found",
-			Message: "the model " + strconv.Quote(in.model) + " is not served here"}).write(w)
-		return nil
+		return h.reject(w, in.model, &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "model_not_found",
+			Message: "the model " + strconv.Quote(in.model) + " is not served here"})
 	}
 	hideUsage := wantsUsageInjection(r.URL.Path, in)
 	if hideUsage {
@@ -72,13 +67,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	}
 	ad, aerr := h.admit(r.Context(), identity, in.tokenEstimate())
 	if aerr != nil {
-		aerr.write(w)
-		return nil
+		return h.reject(w, in.model, aerr)
 	}
 	u := new(usage)
 	rl := newRelay(w, h, in.stream, nil)
-	rl.usage, rl.hideUsage = u, hideUsage
+	rl.usage, rl.hideUsage, rl.model = u, hideUsage, h.modelLabel(in.model)
 	defer rl.stop()
+	metrics.openStreams.Inc()
+	defer metrics.openStreams.Dec()
 
 	// attempt and relay
 	p := h.newPlan(cands, h.affinityValue(r.Header.Get, in.user))
@@ -95,10 +91,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 			break
 		}
 		h.record(at, &last, n)
-		if !h.retryable(&last, cands, at) {
+		if !h.retryable(&last, cands, at) || n == *h.Retries {
 			break
 		}
 		switchKey = last.status == http.StatusTooManyRequests || last.status == 401 || last.status == 403
+		metrics.retries.WithLabelValues(at.up.URL).Inc()
+		if !switchKey && len(cands) > 1 {
+			metrics.failovers.WithLabelValues(at.up.URL).Inc()
+		}
 	}
 	if !last.done {
 		h.finalFailure(w, r, rl, &last)
@@ -109,6 +109,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	u.finish(last.complete)
 	h.settle(ad, u)
 	h.recordUsage(r, identity, in, at, &last, u, rl, start)
+	return nil
+}
+
+// reject answers a request refused before any upstream was tried.
+func (h *Handler) reject(w http.ResponseWriter, model string, e *apiError) error {
+	e.write(w)
+	metrics.requests.WithLabelValues(h.modelLabel(model), "", strconv.Itoa(e.Status)).Inc()
 	return nil
 }
 
@@ -212,6 +219,7 @@ func (h *Handler) try(r *http.Request, in *inbound, rl *relay, at attempt) attem
 		return attemptResult{done: true, complete: true, code: resp.StatusCode}
 	case out.clientGone || r.Context().Err() != nil:
 		// The client left: the deferred cancel stops the upstream now.
+		metrics.disconnects.Inc()
 		if c := h.logger.Check(zap.DebugLevel, "client disconnected"); c != nil {
 			c.Write(fields()...)
 		}

@@ -197,3 +197,5 @@ func (c *instance) waitLog(want ...string) string {
 type syncWaitGroup = sync.WaitGroup
 
 func nopLogger() *zap.Logger { return zap.NewNop() }
+
+func sleepBriefly() { time.Sleep(10 * time.Millisecond) }

@@ -122,6 +122,7 @@ func (h *Handler) admit(ctx context.Context, identity string, reserve int64) (*a
 			Message: "the rate limiter is unavailable; try again later"}
 	}
 	if !d.Allowed {
+		metrics.limitRejects.WithLabelValues(d.Limit).Inc()
 		msg := fmt.Sprintf("%s limit reached for %s", d.Limit, identity)
 		if d.Limit == "tokens" && reserve > h.limits.Tokens {
 			msg = fmt.Sprintf("this request may need %d tokens, more than the limit of %d", reserve, h.limits.Tokens)

@@ -284,6 +284,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.router = newRouter(h.ups)
 	h.state = newMemoryState(h.UnhealthyAfter, time.Duration(h.UnhealthyCooldown))
 
+	if err := registerMetrics(ctx); err != nil {
+		return fmt.Errorf("registering metrics: %w", err)
+	}
 	h.inflight = new(sync.WaitGroup)
 	if err := h.provisionAccess(); err != nil {
 		return err

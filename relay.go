@@ -79,6 +79,9 @@ type relay struct {
 	// read (then it is scanned on its own)
 	readHasUsage bool
 	spanning     bool
+
+	model         string    // the model's metrics label
+	lastDataEvent time.Time // for the inter-token gap
 }
 
 // maxUsageBody bounds how much of a plain JSON answer is kept to read its
@@ -113,8 +116,14 @@ func newRelay(w http.ResponseWriter, h *Handler, expectSSE bool, cancel context.
 
 // onEvent observes each complete event: usage, and the first token.
 func (rl *relay) onEvent(ev sse.Event) {
-	if rl.firstToken.IsZero() && len(ev.Data) > 0 {
-		rl.firstToken = time.Now()
+	if len(ev.Data) > 0 {
+		now := time.Now()
+		if rl.firstToken.IsZero() {
+			rl.firstToken = now
+		} else {
+			metrics.interToken.WithLabelValues(rl.model).Observe(now.Sub(rl.lastDataEvent).Seconds())
+		}
+		rl.lastDataEvent = now
 	}
 	// Only events that can hold usage are parsed: those in a read with a
 	// usage object, and the one that began in an earlier read.
@@ -215,6 +224,7 @@ func (rl *relay) tick() {
 		}
 		rl.lastWrite = now
 		rl.heartbeats++
+		metrics.heartbeats.Inc()
 	}
 	if d := rl.nextTick(now); d > 0 {
 		rl.timer.Reset(d)

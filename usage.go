@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
@@ -244,6 +245,20 @@ func (h *Handler) recordUsage(r *http.Request, identity string, in *inbound, at 
 		repl.Set("llm.usage.total_tokens", u.total())
 		repl.Set("llm.usage.status", u.status)
 		repl.Set("llm.ttft_ms", ttft.Milliseconds())
+	}
+	model := h.modelLabel(in.model)
+	metrics.requests.WithLabelValues(model, upstream, strconv.Itoa(status)).Inc()
+	metrics.duration.WithLabelValues(model, upstream).Observe(duration.Seconds())
+	if ttft > 0 {
+		metrics.ttft.WithLabelValues(model, upstream).Observe(ttft.Seconds())
+	}
+	if u.status != usageAbsent {
+		idLabel := ""
+		if len(h.clientKeys) > 0 {
+			idLabel = identity // a configured key name, never a raw key
+		}
+		metrics.tokens.WithLabelValues(model, idLabel, "prompt", u.status).Add(float64(u.prompt))
+		metrics.tokens.WithLabelValues(model, idLabel, "completion", u.status).Add(float64(u.completion))
 	}
 	h.logger.Info("llm usage",
 		zap.String("identity", identity),
