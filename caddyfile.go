@@ -2,6 +2,7 @@ package llmstream
 
 import (
 	"encoding/json"
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/redact"
 	"strconv"
 	"time"
 
@@ -74,7 +75,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	seen := map[string]bool{}
 	for d.NextBlock(0) {
 		opt := d.Val()
-		if seen[opt] && opt != "header_up" && opt != "upstream" && opt != "client_key" && opt != "allow_models" && opt != "allow_paths" {
+		if seen[opt] && opt != "header_up" && opt != "upstream" && opt != "client_key" && opt != "allow_models" && opt != "allow_paths" && opt != "deny_words" {
 			return d.Errf("%s already specified", opt)
 		}
 		seen[opt] = true
@@ -153,6 +154,47 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				}
 			default:
 				return d.Errf("on_disconnect: '%s' is not cancel or drain", d.Val())
+			}
+		case "log_prompts":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			switch v := d.Val(); v {
+			case "off", "redacted", "full":
+				h.LogPrompts = v
+			default:
+				return d.Errf("log_prompts: '%s' is not off, redacted or full", v)
+			}
+		case "redact":
+			h.Redact = d.RemainingArgs()
+			if len(h.Redact) == 0 {
+				return d.ArgErr()
+			}
+			for _, k := range h.Redact {
+				if !redact.Valid(k) {
+					return d.Errf("redact: '%s' is not phone, id_card, email or api_key", k)
+				}
+			}
+		case "deny_words":
+			words := d.RemainingArgs()
+			if len(words) == 0 {
+				return d.ArgErr()
+			}
+			h.DenyWords = append(h.DenyWords, words...)
+		case "deny_words_file":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			h.DenyWordsFile = d.Val()
+		case "deny_words_scope":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			switch v := d.Val(); v {
+			case "request", "response", "both":
+				h.DenyWordsScope = v
+			default:
+				return d.Errf("deny_words_scope: '%s' is not request, response or both", v)
 			}
 		case "retries":
 			if !d.NextArg() {

@@ -48,6 +48,15 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		return h.reject(w, in.model, &apiError{Status: http.StatusForbidden, Type: typeInvalidRequest, Code: "model_not_allowed",
 			Message: "the model " + strconv.Quote(in.model) + " may not be used here"})
 	}
+	var prompt string
+	if in.isJSON && (h.denyRequest || h.LogPrompts != "off") {
+		prompt = requestText(in.body)
+	}
+	if h.denyRequest && h.deny.Contains(prompt) {
+		metrics.denyWordBlocks.WithLabelValues("request").Inc()
+		return h.reject(w, in.model, &apiError{Status: http.StatusForbidden, Type: typeInvalidRequest, Code: "content_filter",
+			Message: "the request contains words that are not allowed here"})
+	}
 	if r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, "/models") && len(h.router.names) > 0 {
 		h.serveModels(w)
 		return nil
@@ -72,6 +81,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	u := new(usage)
 	rl := newRelay(w, h, in.stream, nil)
 	rl.usage, rl.hideUsage, rl.model = u, hideUsage, h.modelLabel(in.model)
+	if h.denyResponse {
+		rl.deny = h.deny
+	}
+	if h.LogPrompts != "off" {
+		rl.answer = new(strings.Builder)
+	}
 	defer rl.stop()
 	metrics.openStreams.Inc()
 	defer metrics.openStreams.Dec()
@@ -109,6 +124,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	u.finish(last.complete)
 	h.settle(ad, u)
 	h.recordUsage(r, identity, in, at, &last, u, rl, start)
+	if rl.answer != nil {
+		answer := rl.answer.String()
+		if answer == "" && len(rl.jsonBuf) > 0 {
+			answer = answerText(rl.jsonBuf)
+		}
+		h.logPrompt(identity, in.model, prompt, answer)
+	}
 	return nil
 }
 
@@ -224,6 +246,15 @@ func (h *Handler) try(r *http.Request, in *inbound, rl *relay, at attempt) attem
 			c.Write(fields()...)
 		}
 		return attemptResult{done: true, code: 499}
+	}
+	if errors.Is(out.err, errDenied) {
+		// A forbidden word: what was held back is dropped, the stream
+		// ends with the filter's error, and the deferred cancel stops the
+		// upstream.
+		metrics.denyWordBlocks.WithLabelValues("response").Inc()
+		rl.fail(&apiError{Status: http.StatusForbidden, Type: typeInvalidRequest, Code: "content_filter",
+			Message: "the answer was stopped: it contained words that are not allowed here"})
+		return attemptResult{done: true, code: resp.StatusCode}
 	}
 	cause := context.Cause(ctx)
 	if cause == nil || errors.Is(cause, context.Canceled) {

@@ -5,6 +5,8 @@
 package llmstream
 
 import (
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/denyword"
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/redact"
 	"sync"
 
 	"crypto/sha256"
@@ -179,6 +181,32 @@ type Handler struct {
 	// The longest drain after the client left. Default: 30s.
 	DrainMax caddy.Duration `json:"drain_max,omitempty"`
 
+	// Whether request messages and the assembled answer are logged (one
+	// `llm prompt` line a request): `off` (the default), `redacted` (the
+	// Redact kinds are masked before anything is written) or `full`
+	// (verbatim: unsafe, personal data reaches the logs).
+	LogPrompts string `json:"log_prompts,omitempty"`
+
+	// What `log_prompts redacted` masks: `phone` (Chinese mobile numbers),
+	// `id_card` (Chinese resident ID numbers with a valid check digit),
+	// `email`, `api_key` (`sk-…`, `AIza…`, long bearer tokens). Default: all.
+	Redact []string `json:"redact,omitempty"`
+
+	// Forbidden words or phrases, matched case-insensitively with
+	// full-width and half-width forms alike.
+	DenyWords []string `json:"deny_words,omitempty"`
+
+	// A file of forbidden words, one word or phrase a line. Read when the
+	// config loads, so a reload picks up changes.
+	DenyWordsFile string `json:"deny_words_file,omitempty"`
+
+	// Where deny words apply: `request` (the default: 403 `content_filter`
+	// before any upstream is called), `response` (a streamed answer is held
+	// back by at most the longest word's length in characters, and one that
+	// produces a word ends with an in-band `content_filter` error event
+	// while the upstream is cancelled) or `both`.
+	DenyWordsScope string `json:"deny_words_scope,omitempty"`
+
 	ups     []*Upstream
 	router  *router
 	state   routeState
@@ -191,6 +219,11 @@ type Handler struct {
 	limits     store.Limits
 	store      store.Store
 	inflight   *sync.WaitGroup // requests that may still settle with the store
+
+	redactor     *redact.Redactor
+	deny         *denyword.Matcher
+	denyRequest  bool
+	denyResponse bool
 }
 
 // CaddyModule returns the Caddy module information.
@@ -286,6 +319,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 	if err := registerMetrics(ctx); err != nil {
 		return fmt.Errorf("registering metrics: %w", err)
+	}
+	if err := h.provisionContentRules(); err != nil {
+		return err
 	}
 	h.inflight = new(sync.WaitGroup)
 	if err := h.provisionAccess(); err != nil {

@@ -1,9 +1,13 @@
 package llmstream
 
 import (
+	"bytes"
+	"unicode/utf8"
+
 	"compress/gzip"
 	"context"
 	"errors"
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/denyword"
 	"io"
 	"net/http"
 	"strings"
@@ -82,7 +86,26 @@ type relay struct {
 
 	model         string    // the model's metrics label
 	lastDataEvent time.Time // for the inter-token gap
+
+	answer *strings.Builder // the assembled answer text, for log_prompts
+
+	// deny words in the response: events are held until enough text
+	// followed them that no word can still start in them
+	deny      *denyword.Matcher
+	denyState denyword.State
+	denyChars int // characters of answer text fed so far
+	held      []heldEvent
 }
+
+// heldEvent is an event held back for deny words, with the count of
+// answer characters fed when it ended.
+type heldEvent struct {
+	b   []byte
+	end int
+}
+
+// errDenied ends a relay whose answer produced a forbidden word.
+var errDenied = errors.New("the answer contains a forbidden word")
 
 // maxUsageBody bounds how much of a plain JSON answer is kept to read its
 // usage.
@@ -124,6 +147,9 @@ func (rl *relay) onEvent(ev sse.Event) {
 			metrics.interToken.WithLabelValues(rl.model).Observe(now.Sub(rl.lastDataEvent).Seconds())
 		}
 		rl.lastDataEvent = now
+	}
+	if rl.answer != nil && rl.answer.Len() < maxLoggedText {
+		rl.answer.WriteString(deltaText(ev.Data))
 	}
 	// Only events that can hold usage are parsed: those in a read with a
 	// usage object, and the one that began in an earlier read.
@@ -290,10 +316,16 @@ func (rl *relay) begin(resp *http.Response, streaming bool) {
 	} else {
 		hdr := rl.w.Header()
 		copyResponseHeaders(hdr, resp.Header)
-		if streaming || f != framePlain {
+		stream := streaming || f != framePlain
+		if stream {
 			writeStreamHeaders(hdr, resp.Header.Get("Content-Type"))
 		}
 		rl.w.WriteHeader(resp.StatusCode)
+		if stream {
+			// The client learns at once that its answer is coming, even
+			// while the first events are held back (deny words).
+			_ = rl.rc.Flush()
+		}
 		rl.committed = true
 	}
 	rl.frame = f
@@ -324,6 +356,10 @@ func (rl *relay) copyBody(body io.Reader, drain bool) outcome {
 			werr := rl.write(buf[:n])
 			rl.mu.Unlock()
 			out.bytes += int64(n)
+			if werr == errDenied {
+				out.err = errDenied
+				return out
+			}
 			if werr != nil {
 				if !drain {
 					out.clientGone = true
@@ -342,6 +378,9 @@ func (rl *relay) copyBody(body io.Reader, drain bool) outcome {
 		}
 		if rerr == io.EOF {
 			rl.mu.Lock()
+			if len(rl.held) > 0 && !rl.discarding {
+				rl.releaseHeld()
+			}
 			if len(rl.pend) > 0 && !rl.discarding {
 				rl.writeOut(rl.pend) // an unterminated last event
 				rl.pend = rl.pend[:0]
@@ -378,7 +417,7 @@ func (rl *relay) write(b []byte) error {
 	if rl.discarding {
 		return nil
 	}
-	if rl.hideUsage && rl.frame == frameSSE {
+	if (rl.hideUsage || rl.deny != nil) && rl.frame == frameSSE {
 		return rl.writeEvents(b)
 	}
 	return rl.writeOut(b)
@@ -408,7 +447,7 @@ func (rl *relay) writeEvents(b []byte) error {
 		}
 		b = b[1:]
 	}
-	if len(rl.pend) == 0 && rl.parser.AtBoundary() && !rl.readHasUsage {
+	if len(rl.pend) == 0 && rl.parser.AtBoundary() && !rl.readHasUsage && rl.deny == nil {
 		// The usual read: whole events, none of them the usage chunk.
 		return rl.writeOut(b)
 	}
@@ -425,9 +464,19 @@ func (rl *relay) writeEvents(b []byte) error {
 		if end < 0 {
 			break
 		}
-		if isUsageChunk(data[start:end]) {
+		switch ev := data[start:end]; {
+		case rl.hideUsage && isUsageChunk(ev):
 			out = append(out, data[last:start]...)
 			last, dropped = end, true
+		case rl.deny != nil:
+			// Every event goes through the hold-back queue.
+			out = append(out, data[last:start]...)
+			last, dropped = end, true
+			var blocked bool
+			if out, blocked = rl.hold(ev, out); blocked {
+				rl.pend = rl.pend[:0]
+				return errDenied
+			}
 		}
 		start = end
 	}
@@ -449,6 +498,63 @@ func (rl *relay) writeEvents(b []byte) error {
 	}
 	rl.pend = append(rl.pend[:0], rest...)
 	return err
+}
+
+// hold queues an event for the deny-word check and appends to out the held
+// events that no forbidden word can reach any more. It reports a match.
+func (rl *relay) hold(ev, out []byte) ([]byte, bool) {
+	text := deltaText(eventData(ev))
+	if text != "" {
+		if rl.deny.Feed(&rl.denyState, text) {
+			rl.held = rl.held[:0]
+			return out, true
+		}
+		rl.denyChars += utf8.RuneCountInString(text)
+	}
+	rl.held = append(rl.held, heldEvent{b: append([]byte(nil), ev...), end: rl.denyChars})
+	done := bytes.Contains(ev, []byte("data: [DONE]"))
+	keep := rl.deny.MaxLen() - 1
+	n := 0
+	for ; n < len(rl.held); n++ {
+		if !done && rl.denyChars-rl.held[n].end < keep {
+			break
+		}
+		out = append(out, rl.held[n].b...)
+	}
+	rl.held = append(rl.held[:0], rl.held[n:]...)
+	return out, false
+}
+
+// releaseHeld writes what is still held at the end of the answer (the
+// matcher has seen all of it). Called with mu held.
+func (rl *relay) releaseHeld() {
+	for _, e := range rl.held {
+		_ = rl.writeOut(e.b)
+	}
+	rl.held = rl.held[:0]
+}
+
+// eventData joins the data lines of a raw event.
+func eventData(ev []byte) []byte {
+	var data []byte
+	for len(ev) > 0 {
+		end := sse.LineEnd(ev)
+		line := ev
+		if end >= 0 {
+			line = ev[:end]
+		}
+		if v, ok := bytes.CutPrefix(line, []byte("data:")); ok {
+			if data != nil {
+				data = append(data, '\n')
+			}
+			data = append(data, bytes.TrimPrefix(v, []byte(" "))...)
+		}
+		if end < 0 {
+			break
+		}
+		ev = ev[end+1:]
+	}
+	return data
 }
 
 // eventEnd returns the index after the blank line that ends the event

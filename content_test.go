@@ -1,0 +1,170 @@
+package llmstream
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestPromptLogsAreRedacted(t *testing.T) {
+	// The answer streams a phone number and an e-mail split across chunks.
+	up := splitUpstream(t, "text/event-stream", []string{
+		`data: {"choices":[{"delta":{"content":"请联系 1391"}}]}` + "\n\n",
+		`data: {"choices":[{"delta":{"content":"2345678 或 bob@exa"}}]}` + "\n\n",
+		`data: {"choices":[{"delta":{"content":"mple.com。"}}]}` + "\n\n",
+		"data: [DONE]\n\n",
+	})
+	raw := []string{"13812345678", "11010519491231002X", "alice@example.org", "sk-proj-0123456789abcdefXYZ", "13912345678", "bob@example.com"}
+	prompt := fmt.Sprintf(`{"model":"m","stream":true,"messages":[{"role":"system","content":"key %s"},{"role":"user","content":[{"type":"text","text":"我是 %s，身份证 %s，邮箱 %s"}]}]}`, raw[3], raw[0], raw[1], raw[2])
+	for _, mode := range []string{"redacted", "full", "off"} {
+		t.Run(mode, func(t *testing.T) {
+			c := startCaddy(t, `llm_stream `+up.URL+` {
+		log_prompts `+mode+`
+	}`)
+			do(t, "POST", c.base()+"/v1/chat/completions", prompt, nil)
+			logs := c.waitLog(`"msg":"llm usage"`)
+			switch mode {
+			case "redacted":
+				logs = c.waitLog(`"msg":"llm prompt"`, "[PHONE]", "[ID_CARD]", "[EMAIL]", "[API_KEY]")
+				for _, r := range raw {
+					if strings.Contains(logs, r) {
+						t.Errorf("raw %q in the log file", r)
+					}
+				}
+				if !strings.Contains(logs, `请联系 [PHONE] 或 [EMAIL]。`) {
+					t.Errorf("assembled answer not logged masked:\n%s", logs)
+				}
+			case "full":
+				logs = c.waitLog(`"msg":"llm prompt"`, raw[0], "请联系 13912345678 或 bob@example.com。")
+			case "off":
+				if strings.Contains(logs, `"msg":"llm prompt"`) || strings.Contains(logs, raw[0]) {
+					t.Error("log_prompts off logged a prompt")
+				}
+			}
+		})
+	}
+}
+
+func TestDenyWordsInRequests(t *testing.T) {
+	up := newRecordingUpstream(t)
+	dir := t.TempDir()
+	file := filepath.Join(dir, "words")
+	os.WriteFile(file, []byte("# list\nforbidden phrase\n违禁词\n"), 0o600)
+	c := startCaddy(t, `llm_stream `+up.URL+` {
+		deny_words Secret
+		deny_words_file `+file+`
+	}`)
+	for _, text := range []string{"tell me the SECRET", "a ｆｏｒｂｉｄｄｅｎ　ｐｈｒａｓｅ here", "这是违禁词"} {
+		resp, body := do(t, "POST", c.base()+"/v1/chat/completions", `{"model":"m","messages":[{"role":"user","content":"`+text+`"}]}`, nil)
+		if resp.StatusCode != 403 || !strings.Contains(body, `"code":"content_filter"`) {
+			t.Errorf("%q: got %d %s", text, resp.StatusCode, body)
+		}
+	}
+	if up.calls.Load() != 0 {
+		t.Fatalf("the upstream was called %d times for refused requests", up.calls.Load())
+	}
+	if resp, _ := do(t, "POST", c.base()+"/v1/chat/completions", `{"model":"m","messages":[{"role":"user","content":"harmless"}]}`, nil); resp.StatusCode != 200 {
+		t.Fatalf("harmless request: %d", resp.StatusCode)
+	}
+	// the words file is read again on reload
+	os.WriteFile(file, []byte("harmless\n"), 0o600)
+	c.load(`llm_stream ` + up.URL + ` {
+		deny_words_file ` + file + `
+	}`)
+	if resp, _ := do(t, "POST", c.base()+"/v1/chat/completions", `{"model":"m","messages":[{"role":"user","content":"harmless"}]}`, nil); resp.StatusCode != 403 {
+		t.Fatalf("after reload: %d, want 403", resp.StatusCode)
+	}
+}
+
+func TestDenyWordsInStreamedAnswers(t *testing.T) {
+	cancelled := make(chan struct{}, 1)
+	ack := make(chan struct{})
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		ev := func(s string) string { return `data: {"choices":[{"delta":{"content":"` + s + `"}}]}` + "\n\n" }
+		switch r.URL.Path {
+		case "/v1/split/chat/completions":
+			flushWrite(w, ev("一段很长的无害开头文字"))
+			flushWrite(w, ev("然后违禁"))
+			time.Sleep(20 * time.Millisecond)
+			flushWrite(w, ev("词出现了"))
+			select {
+			case <-r.Context().Done():
+				cancelled <- struct{}{}
+			case <-time.After(2 * time.Second):
+			}
+		case "/v1/clean/chat/completions":
+			for _, s := range []string{"你好", "，世界", "！这段话没有问题。", "结束"} {
+				flushWrite(w, ev(s))
+			}
+			flushWrite(w, "data: [DONE]\n\n")
+		case "/v1/held/chat/completions":
+			flushWrite(w, ev("ab"))
+			<-ack // the client must not have "ab" yet: "违禁词" is 3 long
+			flushWrite(w, ev("cd"))
+			flushWrite(w, "data: [DONE]\n\n")
+		}
+	}))
+	defer up.Close()
+	c := startCaddy(t, `llm_stream `+up.URL+` {
+		allow_paths /v1/*
+		deny_words 违禁词
+		deny_words_scope both
+	}`)
+	t.Run("split across chunks", func(t *testing.T) {
+		_, body := do(t, "POST", c.base()+"/v1/split/chat/completions", streamBody, nil)
+		if strings.Contains(body, "违") || strings.Contains(body, "然后") {
+			t.Fatalf("part of the word, or the event holding it, reached the client: %q", body)
+		}
+		if !strings.HasPrefix(body, `data: {"choices":[{"delta":{"content":"一段很长的无害开头文字"}}]}`) ||
+			!strings.HasSuffix(body, `"code":"content_filter"}}`+"\n\n") {
+			t.Fatalf("got %q, want the first event then the content_filter error event", body)
+		}
+		select {
+		case <-cancelled:
+		case <-time.After(2 * time.Second):
+			t.Fatal("the upstream was not cancelled")
+		}
+	})
+	t.Run("clean answer is byte-exact", func(t *testing.T) {
+		_, body := do(t, "POST", c.base()+"/v1/clean/chat/completions", streamBody, nil)
+		want := ""
+		for _, s := range []string{"你好", "，世界", "！这段话没有问题。", "结束"} {
+			want += `data: {"choices":[{"delta":{"content":"` + s + `"}}]}` + "\n\n"
+		}
+		if body != want+"data: [DONE]\n\n" {
+			t.Fatalf("got %q", body)
+		}
+	})
+	t.Run("held back by at most the word's length", func(t *testing.T) {
+		resp := postStream(t, c.base()+"/v1/held/chat/completions", nil)
+		defer resp.Body.Close()
+		got := make(chan string, 1)
+		go func() {
+			line, _ := bufio.NewReader(resp.Body).ReadString('\n')
+			got <- line
+		}()
+		select {
+		case line := <-got:
+			t.Fatalf("an event reached the client before 2 more characters followed it: %q", line)
+		case <-time.After(100 * time.Millisecond):
+		}
+		close(ack)
+		select {
+		case line := <-got:
+			if !strings.Contains(line, `"ab"`) {
+				t.Fatalf("got %q", line)
+			}
+		case <-time.After(2 * time.Second):
+			t.Fatal("the held event was not released")
+		}
+		io.Copy(io.Discard, resp.Body)
+	})
+}

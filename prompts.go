@@ -1,0 +1,221 @@
+package llmstream
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"strings"
+	"unicode/utf8"
+
+	"go.uber.org/zap"
+
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/denyword"
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/redact"
+)
+
+// provisionContentRules sets up prompt logging and deny words.
+func (h *Handler) provisionContentRules() error {
+	switch h.LogPrompts {
+	case "", "off":
+		h.LogPrompts = "off"
+	case "redacted", "full":
+	default:
+		return fmt.Errorf("log_prompts: %q is not off, redacted or full", h.LogPrompts)
+	}
+	var kinds []redact.Kind
+	for _, k := range h.Redact {
+		if !redact.Valid(k) {
+			return fmt.Errorf("redact: %q is not phone, id_card, email or api_key", k)
+		}
+		kinds = append(kinds, redact.Kind(k))
+	}
+	h.redactor = redact.New(kinds...)
+	if h.LogPrompts == "full" {
+		h.logger.Warn("log_prompts full writes prompts and answers verbatim: personal data reaches the logs")
+	}
+
+	words := append([]string(nil), h.DenyWords...)
+	if h.DenyWordsFile != "" {
+		b, err := os.ReadFile(h.DenyWordsFile)
+		if err != nil {
+			return fmt.Errorf("deny_words_file: %w", err)
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if line = strings.TrimSpace(line); line != "" && !strings.HasPrefix(line, "#") {
+				words = append(words, line)
+			}
+		}
+	}
+	h.deny = denyword.New(words)
+	switch h.DenyWordsScope {
+	case "", "request":
+		h.DenyWordsScope = "request"
+		h.denyRequest = true
+	case "response":
+		h.denyResponse = true
+	case "both":
+		h.denyRequest, h.denyResponse = true, true
+	default:
+		return fmt.Errorf("deny_words_scope: %q is not request, response or both", h.DenyWordsScope)
+	}
+	if h.deny == nil {
+		h.denyRequest, h.denyResponse = false, false
+	}
+	return nil
+}
+
+// maxLoggedText caps each text in the prompt log line.
+const maxLoggedText = 64 << 10
+
+// requestText is the text a request sends to the model: the string
+// contents of messages, system, prompt and input (also inside content
+// parts), one piece a line. Tool definitions and other members are left out.
+func requestText(body []byte) string {
+	var top map[string]json.RawMessage
+	if json.Unmarshal(body, &top) != nil {
+		return ""
+	}
+	var sb strings.Builder
+	for _, k := range []string{"system", "messages", "prompt", "input", "contents"} {
+		if raw, ok := top[k]; ok {
+			var v any
+			if json.Unmarshal(raw, &v) == nil {
+				collectText(&sb, v, k)
+			}
+		}
+	}
+	return sb.String()
+}
+
+// collectText walks a decoded JSON value and writes the strings that are
+// message text: strings directly under the top member, and the values of
+// "content", "text" and "parts" members below it.
+func collectText(sb *strings.Builder, v any, key string) {
+	switch t := v.(type) {
+	case string:
+		switch key {
+		case "system", "prompt", "input", "content", "text":
+			if sb.Len() > 0 {
+				sb.WriteByte('\n')
+			}
+			sb.WriteString(t)
+		}
+	case []any:
+		for _, e := range t {
+			collectText(sb, e, key)
+		}
+	case map[string]any:
+		for _, k := range []string{"content", "text", "parts"} {
+			if e, ok := t[k]; ok {
+				collectText(sb, e, k)
+			}
+		}
+	}
+}
+
+// deltaText is the answer text in one streamed event: OpenAI chat
+// (`choices[].delta.content`) and completions (`choices[].text`),
+// Anthropic `content_block_delta` (`delta.text`) and Responses API
+// `response.output_text.delta` (`delta` as a string).
+func deltaText(data []byte) string {
+	if len(data) == 0 || data[0] != '{' {
+		return ""
+	}
+	var v struct {
+		Choices []struct {
+			Delta struct {
+				Content string `json:"content"`
+			} `json:"delta"`
+			Text string `json:"text"`
+		} `json:"choices"`
+		Delta json.RawMessage `json:"delta"`
+	}
+	if json.Unmarshal(data, &v) != nil {
+		return ""
+	}
+	if len(v.Choices) > 0 {
+		return v.Choices[0].Delta.Content + v.Choices[0].Text
+	}
+	if len(v.Delta) > 0 {
+		var s string
+		if v.Delta[0] == '"' && json.Unmarshal(v.Delta, &s) == nil {
+			return s
+		}
+		var d struct {
+			Text string `json:"text"`
+		}
+		if json.Unmarshal(v.Delta, &d) == nil {
+			return d.Text
+		}
+	}
+	return ""
+}
+
+// answerText is the text of a whole JSON answer: `choices[].message.
+// content`, `choices[].text`, Anthropic `content[].text`, Responses API
+// `output[].content[].text`.
+func answerText(body []byte) string {
+	var v struct {
+		Choices []struct {
+			Message struct {
+				Content string `json:"content"`
+			} `json:"message"`
+			Text string `json:"text"`
+		} `json:"choices"`
+		Content []struct {
+			Text string `json:"text"`
+		} `json:"content"`
+		Output []struct {
+			Content []struct {
+				Text string `json:"text"`
+			} `json:"content"`
+		} `json:"output"`
+	}
+	if json.Unmarshal(body, &v) != nil {
+		return ""
+	}
+	var sb strings.Builder
+	for _, c := range v.Choices {
+		sb.WriteString(c.Message.Content + c.Text)
+	}
+	for _, c := range v.Content {
+		sb.WriteString(c.Text)
+	}
+	for _, o := range v.Output {
+		for _, c := range o.Content {
+			sb.WriteString(c.Text)
+		}
+	}
+	return sb.String()
+}
+
+// capText shortens s to at most max bytes on a rune boundary.
+func capText(s string) string {
+	if len(s) <= maxLoggedText {
+		return s
+	}
+	cut := maxLoggedText
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + "…"
+}
+
+// logPrompt writes the `llm prompt` line: the request's text and the
+// assembled answer, masked before zap sees them when log_prompts is
+// redacted.
+func (h *Handler) logPrompt(identity, model, prompt, answer string) {
+	if h.LogPrompts != "redacted" && h.LogPrompts != "full" {
+		return
+	}
+	prompt, answer = capText(prompt), capText(answer)
+	if h.LogPrompts == "redacted" {
+		prompt, answer = h.redactor.String(prompt), h.redactor.String(answer)
+	}
+	h.logger.Info("llm prompt",
+		zap.String("identity", identity),
+		zap.String("model", model),
+		zap.String("prompt", prompt),
+		zap.String("answer", answer),
+	)
+}
