@@ -2,6 +2,7 @@ package llmstream
 
 import (
 	"bytes"
+	"github.com/prometheus/client_golang/prometheus"
 	"unicode/utf8"
 
 	"compress/gzip"
@@ -84,8 +85,9 @@ type relay struct {
 	readHasUsage bool
 	spanning     bool
 
-	model         string    // the model's metrics label
-	lastDataEvent time.Time // for the inter-token gap
+	model         string              // the model's metrics label
+	interToken    prometheus.Observer // inter-token histogram for model, looked up once
+	lastDataEvent time.Time           // for the inter-token gap
 
 	answer *strings.Builder // the assembled answer text, for log_prompts
 
@@ -140,11 +142,14 @@ func newRelay(w http.ResponseWriter, h *Handler, expectSSE bool, cancel context.
 // onEvent observes each complete event: usage, and the first token.
 func (rl *relay) onEvent(ev sse.Event) {
 	if len(ev.Data) > 0 {
-		now := time.Now()
+		now := rl.lastRead // the read this event completed in; no second clock read
 		if rl.firstToken.IsZero() {
 			rl.firstToken = now
 		} else {
-			metrics.interToken.WithLabelValues(rl.model).Observe(now.Sub(rl.lastDataEvent).Seconds())
+			if rl.interToken == nil {
+				rl.interToken = metrics.interToken.WithLabelValues(rl.model)
+			}
+			rl.interToken.Observe(now.Sub(rl.lastDataEvent).Seconds())
 		}
 		rl.lastDataEvent = now
 	}

@@ -1,6 +1,9 @@
 package llmstream
 
 import (
+	"fmt"
+
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/denyword"
 	"io"
 	"net/http"
 	"testing"
@@ -36,18 +39,22 @@ var benchChunk = []byte(`data: {"id":"chatcmpl-1","object":"chat.completion.chun
 // include_usage chunk from clients that did not ask for it.
 func BenchmarkRelay(b *testing.B) {
 	const chunks = 1000
-	for _, hide := range []bool{false, true} {
-		name := "pass-through"
-		if hide {
-			name = "hide-usage"
-		}
-		b.Run(name, func(b *testing.B) {
+	var words []string
+	for i := 0; i < 1000; i++ {
+		words = append(words, fmt.Sprintf("禁词%d号", i), fmt.Sprintf("banned phrase %d", i))
+	}
+	deny := denyword.New(words[:1000])
+	for _, mode := range []string{"pass-through", "hide-usage", "deny-1000-words"} {
+		b.Run(mode, func(b *testing.B) {
 			h := &Handler{Heartbeat: -1, IdleTimeout: 0}
 			b.ReportAllocs()
 			b.SetBytes(int64(len(benchChunk) * chunks))
 			for b.Loop() {
 				rl := newRelay(&discardWriter{hdr: http.Header{}}, h, true, func(error) {})
-				rl.usage, rl.hideUsage = new(usage), hide
+				rl.usage, rl.hideUsage = new(usage), mode == "hide-usage"
+				if mode == "deny-1000-words" {
+					rl.deny = deny
+				}
 				rl.frame = frameSSE
 				rl.reading = true
 				out := rl.copyBody(&chunkReader{chunk: benchChunk, n: chunks}, false)
