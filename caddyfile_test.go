@@ -108,6 +108,14 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 					h.Store.Redis == "127.0.0.1:6379" && h.Store.DB == 2 && h.Store.Password == "{env.REDIS_PASSWORD}" &&
 					h.Store.Prefix == "llm:" && h.Store.FailOpen && h.OnDisconnect == "drain" && time.Duration(h.DrainMax) == 20*time.Second
 			}},
+		{name: "content rules", input: "llm_stream http://a {\n log_prompts redacted\n redact phone email\n deny_words foo bar\n deny_words 违禁词\n deny_words_file /etc/words\n deny_words_scope both\n}",
+			want: func(h *Handler) bool {
+				return h.LogPrompts == "redacted" && len(h.Redact) == 2 && len(h.DenyWords) == 3 &&
+					h.DenyWordsFile == "/etc/words" && h.DenyWordsScope == "both"
+			}},
+		{name: "bad log_prompts", input: "llm_stream http://a {\n log_prompts some\n}", wantErr: "log_prompts: 'some'", line: 2},
+		{name: "bad redact kind", input: "llm_stream http://a {\n redact passport\n}", wantErr: "redact: 'passport'", line: 2},
+		{name: "bad deny scope", input: "llm_stream http://a {\n deny_words x\n deny_words_scope all\n}", wantErr: "deny_words_scope: 'all'", line: 3},
 		{name: "identity", input: "llm_stream http://a {\n identity {http.auth.user.id}\n}",
 			want: func(h *Handler) bool { return h.Identity == "{http.auth.user.id}" }},
 		{name: "bad client key digest", input: "llm_stream http://a {\n client_key sha256:abc\n}", wantErr: "client_key: sha256: wants 64 hex digits", line: 2},

@@ -121,6 +121,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 
 	// finish
 	rl.stop()
+	metrics.interToken.merge(rl.model, &rl.gaps)
 	u.finish(last.complete)
 	h.settle(ad, u)
 	h.recordUsage(r, identity, in, at, &last, u, rl, start)

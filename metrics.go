@@ -3,6 +3,7 @@ package llmstream
 import (
 	"errors"
 	"path"
+	"sync"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/prometheus/client_golang/prometheus"
@@ -15,7 +16,7 @@ var metrics = struct {
 	requests       *prometheus.CounterVec
 	ttft           *prometheus.HistogramVec
 	duration       *prometheus.HistogramVec
-	interToken     *prometheus.HistogramVec
+	interToken     *gapHistogram
 	tokens         *prometheus.CounterVec
 	openStreams    prometheus.Gauge
 	disconnects    prometheus.Counter
@@ -41,7 +42,10 @@ func initMetrics() {
 	metrics.requests = prometheus.NewCounterVec(prometheus.CounterOpts(opts("requests_total", "Requests by model, upstream and the status the client got.")), []string{"model", "upstream", "status"})
 	metrics.ttft = prometheus.NewHistogramVec(hist("time_to_first_token_seconds", "Time from the request to the first data event relayed.", latency), []string{"model", "upstream"})
 	metrics.duration = prometheus.NewHistogramVec(hist("request_duration_seconds", "Time from the request to the end of the answer.", latency), []string{"model", "upstream"})
-	metrics.interToken = prometheus.NewHistogramVec(hist("inter_token_seconds", "Gaps between data events of a streamed answer.", []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}), []string{"model"})
+	metrics.interToken = &gapHistogram{
+		desc:    prometheus.NewDesc(prometheus.BuildFQName(metricsNS, metricsSub, "inter_token_seconds"), "Gaps between data events of a streamed answer.", []string{"model"}, nil),
+		byModel: map[string]*gapCounts{},
+	}
 	metrics.tokens = prometheus.NewCounterVec(prometheus.CounterOpts(opts("tokens_total", "Tokens by model, identity, kind (prompt or completion) and usage status.")), []string{"model", "identity", "kind", "usage_status"})
 	metrics.openStreams = prometheus.NewGauge(prometheus.GaugeOpts(opts("open_streams", "Answers being relayed now.")))
 	metrics.disconnects = prometheus.NewCounter(prometheus.CounterOpts(opts("client_disconnects_total", "Clients that left before the answer ended.")))
@@ -105,4 +109,71 @@ func upstreamLabel(at attempt) string {
 		return ""
 	}
 	return at.up.URL
+}
+
+// gapBuckets are the upper bounds of the inter-token histogram.
+var gapBuckets = [...]float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}
+
+// gapCounts is a histogram kept by one stream without atomics (a shared
+// prometheus histogram costs contended atomic adds on every event) and
+// merged into gapHistogram once, when the stream ends.
+type gapCounts struct {
+	counts [len(gapBuckets)]uint64 // per bucket, not cumulative
+	count  uint64
+	sum    float64
+}
+
+func (c *gapCounts) observe(v float64) {
+	for i, le := range gapBuckets {
+		if v <= le {
+			c.counts[i]++
+			break
+		}
+	}
+	c.count++
+	c.sum += v
+}
+
+// gapHistogram is the inter-token histogram, a collector that reports the
+// merged per-stream counts as a constant histogram on each scrape.
+type gapHistogram struct {
+	desc    *prometheus.Desc
+	mu      sync.Mutex
+	byModel map[string]*gapCounts
+}
+
+func (g *gapHistogram) merge(model string, c *gapCounts) {
+	if c.count == 0 {
+		return
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	t := g.byModel[model]
+	if t == nil {
+		t = new(gapCounts)
+		g.byModel[model] = t
+	}
+	for i := range c.counts {
+		t.counts[i] += c.counts[i]
+	}
+	t.count += c.count
+	t.sum += c.sum
+}
+
+// Describe implements prometheus.Collector.
+func (g *gapHistogram) Describe(ch chan<- *prometheus.Desc) { ch <- g.desc }
+
+// Collect implements prometheus.Collector.
+func (g *gapHistogram) Collect(ch chan<- prometheus.Metric) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for model, c := range g.byModel {
+		buckets := make(map[float64]uint64, len(gapBuckets))
+		var cum uint64
+		for i, le := range gapBuckets {
+			cum += c.counts[i]
+			buckets[le] = cum
+		}
+		ch <- prometheus.MustNewConstHistogram(g.desc, c.count, c.sum, buckets, model)
+	}
 }

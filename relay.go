@@ -2,7 +2,6 @@ package llmstream
 
 import (
 	"bytes"
-	"github.com/prometheus/client_golang/prometheus"
 	"unicode/utf8"
 
 	"compress/gzip"
@@ -85,9 +84,9 @@ type relay struct {
 	readHasUsage bool
 	spanning     bool
 
-	model         string              // the model's metrics label
-	interToken    prometheus.Observer // inter-token histogram for model, looked up once
-	lastDataEvent time.Time           // for the inter-token gap
+	model         string    // the model's metrics label
+	gaps          gapCounts // inter-token gaps, merged into the metric at the end
+	lastDataEvent time.Time // for the inter-token gap
 
 	answer *strings.Builder // the assembled answer text, for log_prompts
 
@@ -146,10 +145,7 @@ func (rl *relay) onEvent(ev sse.Event) {
 		if rl.firstToken.IsZero() {
 			rl.firstToken = now
 		} else {
-			if rl.interToken == nil {
-				rl.interToken = metrics.interToken.WithLabelValues(rl.model)
-			}
-			rl.interToken.Observe(now.Sub(rl.lastDataEvent).Seconds())
+			rl.gaps.observe(now.Sub(rl.lastDataEvent).Seconds())
 		}
 		rl.lastDataEvent = now
 	}
