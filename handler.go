@@ -79,7 +79,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		return h.reject(w, in.model, aerr)
 	}
 	u := new(usage)
-	rl := newRelay(w, h, in.stream, nil)
+	rl := newRelay(w, h, in.stream)
 	rl.usage, rl.hideUsage, rl.model = u, hideUsage, h.modelLabel(in.model)
 	if h.denyResponse {
 		rl.deny = h.deny

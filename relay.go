@@ -43,6 +43,8 @@ const (
 	frameNDJSON                // application/x-ndjson: final {"error":…} line
 )
 
+var errClientGone = errors.New("client disconnected")
+
 // relay copies one upstream answer to the client. It owns every write to the
 // client once created: the relay loop and the heartbeat timer take mu for
 // each write. One time.AfterFunc timer per stream serves both the heartbeat
@@ -68,9 +70,6 @@ type relay struct {
 	lastByte     byte
 	parser       sse.Parser
 	timer        *time.Timer
-
-	heartbeats int
-	start      time.Time
 
 	usage      *usage    // filled from the answer, when set
 	hideUsage  bool      // drop the include_usage chunk the client did not ask for
@@ -112,7 +111,7 @@ var errDenied = errors.New("the answer contains a forbidden word")
 // usage.
 const maxUsageBody = 4 << 20
 
-func newRelay(w http.ResponseWriter, h *Handler, expectSSE bool, cancel context.CancelCauseFunc) *relay {
+func newRelay(w http.ResponseWriter, h *Handler, expectSSE bool) *relay {
 	now := time.Now()
 	rl := &relay{
 		w:                 w,
@@ -120,10 +119,8 @@ func newRelay(w http.ResponseWriter, h *Handler, expectSSE bool, cancel context.
 		heartbeat:         time.Duration(h.Heartbeat),
 		idle:              time.Duration(h.IdleTimeout),
 		firstTokenTimeout: time.Duration(h.FirstTokenTimeout),
-		cancel:            cancel,
 		lastRead:          now,
 		lastWrite:         now,
-		start:             now,
 	}
 	rl.parser.OnEvent = rl.onEvent
 	if expectSSE {
@@ -250,7 +247,6 @@ func (rl *relay) tick() {
 			_ = rl.rc.Flush()
 		}
 		rl.lastWrite = now
-		rl.heartbeats++
 		metrics.heartbeats.Inc()
 	}
 	if d := rl.nextTick(now); d > 0 {

@@ -50,7 +50,7 @@ func BenchmarkRelay(b *testing.B) {
 			b.ReportAllocs()
 			b.SetBytes(int64(len(benchChunk) * chunks))
 			for b.Loop() {
-				rl := newRelay(&discardWriter{hdr: http.Header{}}, h, true, func(error) {})
+				rl := newRelay(&discardWriter{hdr: http.Header{}}, h, true)
 				rl.usage, rl.hideUsage = new(usage), mode == "hide-usage"
 				if mode == "deny-1000-words" {
 					rl.deny = deny
@@ -87,7 +87,7 @@ func TestHideUsageAcrossReadSplits(t *testing.T) {
 	h := &Handler{Heartbeat: -1}
 	for cut := 1; cut < len(stream); cut++ {
 		w := &recordWriter{discardWriter: discardWriter{hdr: http.Header{}}}
-		rl := newRelay(w, h, true, func(error) {})
+		rl := newRelay(w, h, true)
 		u := new(usage)
 		rl.usage, rl.hideUsage, rl.frame, rl.reading = u, true, frameSSE, true
 		rl.copyBody(&splitReader{parts: []string{stream[:cut], stream[cut:]}}, false)

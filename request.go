@@ -3,7 +3,6 @@ package llmstream
 import (
 	"bytes"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"mime"
@@ -217,5 +216,3 @@ func looksJSON(contentType string, body []byte) bool {
 	}
 	return false
 }
-
-var errClientGone = errors.New("client disconnected")
