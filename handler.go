@@ -85,7 +85,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		rl.deny = h.deny
 	}
 	if h.LogPrompts != "off" {
-		rl.answer = new(strings.Builder)
+		rl.keepAnswer()
 	}
 	defer rl.stop()
 	metrics.openStreams.Inc()

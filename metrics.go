@@ -134,6 +134,14 @@ func (c *gapCounts) observe(v float64) {
 	c.sum += v
 }
 
+// observeZeros counts n gaps of 0 s (events that arrived together).
+func (c *gapCounts) observeZeros(n int) {
+	if n > 0 {
+		c.counts[0] += uint64(n)
+		c.count += uint64(n)
+	}
+}
+
 // gapHistogram is the inter-token histogram, a collector that reports the
 // merged per-stream counts as a constant histogram on each scrape.
 type gapHistogram struct {

@@ -73,15 +73,20 @@ type relay struct {
 
 	usage      *usage    // filled from the answer, when set
 	hideUsage  bool      // drop the include_usage chunk the client did not ask for
-	pend       []byte    // with hideUsage: the start of an event not complete yet
 	jsonBuf    []byte    // a plain JSON answer, kept (bounded) to read its usage
 	firstToken time.Time // when the first data event reached the client
 	discarding bool      // draining: the client left, the answer is read but not written
-	// usage scanning, once per read: whether the read holds a usage
-	// object, and whether the next event to complete began in an earlier
-	// read (then it is scanned on its own)
-	readHasUsage bool
-	spanning     bool
+
+	// event-aware relaying (writeEvents): the start of the event still
+	// open at the end of the last read — not written yet when events are
+	// filtered, a copy kept for reading usage otherwise — and whether its
+	// beginning had to be given up (longer than sse.MaxEventData)
+	pend    []byte
+	pendCut bool
+	pendCR  bool // pend ends with a CR whose LF may come next: scanEvents
+	// the writes of one read, flushed once
+	emitted bool
+	werr    error
 
 	model         string    // the model's metrics label
 	gaps          gapCounts // inter-token gaps, merged into the metric at the end
@@ -122,7 +127,6 @@ func newRelay(w http.ResponseWriter, h *Handler, expectSSE bool) *relay {
 		lastRead:          now,
 		lastWrite:         now,
 	}
-	rl.parser.OnEvent = rl.onEvent
 	if expectSSE {
 		// A request with "stream": true expects an event stream; heartbeats
 		// may start before the upstream's headers arrive (reasoning models
@@ -135,26 +139,29 @@ func newRelay(w http.ResponseWriter, h *Handler, expectSSE bool) *relay {
 	return rl
 }
 
-// onEvent observes each complete event: usage, and the first token.
-func (rl *relay) onEvent(ev sse.Event) {
-	if len(ev.Data) > 0 {
-		now := rl.lastRead // the read this event completed in; no second clock read
-		if rl.firstToken.IsZero() {
-			rl.firstToken = now
-		} else {
-			rl.gaps.observe(now.Sub(rl.lastDataEvent).Seconds())
+// keepAnswer makes the relay assemble the answer text (for log_prompts).
+// Only then does the parser assemble each event's data.
+func (rl *relay) keepAnswer() {
+	rl.answer = new(strings.Builder)
+	rl.parser.OnEvent = func(ev sse.Event) {
+		if rl.answer.Len() < maxLoggedText {
+			rl.answer.WriteString(deltaText(ev.Data))
 		}
-		rl.lastDataEvent = now
 	}
-	if rl.answer != nil && rl.answer.Len() < maxLoggedText {
-		rl.answer.WriteString(deltaText(ev.Data))
+}
+
+// sawTokens notes the n data events the current read completed: the first
+// token's time, and the inter-token gaps (events that arrive in one read
+// are 0 s apart).
+func (rl *relay) sawTokens(n int) {
+	now := rl.lastRead // no second clock read
+	if rl.firstToken.IsZero() {
+		rl.firstToken = now
+	} else {
+		rl.gaps.observe(now.Sub(rl.lastDataEvent).Seconds())
 	}
-	// Only events that can hold usage are parsed: those in a read with a
-	// usage object, and the one that began in an earlier read.
-	if rl.usage != nil && (rl.readHasUsage || rl.spanning) {
-		rl.usage.readEvent(ev.Name, ev.Data)
-	}
-	rl.spanning = false
+	rl.gaps.observeZeros(n - 1)
+	rl.lastDataEvent = now
 }
 
 // arm starts the timer if something needs it. Called with mu held.
@@ -378,8 +385,13 @@ func (rl *relay) copyBody(body io.Reader, drain bool) outcome {
 			if len(rl.held) > 0 && !rl.discarding {
 				rl.releaseHeld()
 			}
-			if len(rl.pend) > 0 && !rl.discarding {
-				rl.writeOut(rl.pend) // an unterminated last event
+			if len(rl.pend) > 0 && rl.filtering() && !rl.discarding {
+				if rl.pendCR {
+					_ = rl.passEvent(rl.pend, true) // complete but for an LF that never came
+				} else {
+					rl.emit(rl.pend) // an unterminated last event
+				}
+				_ = rl.flushOut()
 				rl.pend = rl.pend[:0]
 			}
 			if rl.usage != nil && len(rl.jsonBuf) > 0 {
@@ -401,11 +413,14 @@ func (rl *relay) copyBody(body io.Reader, drain bool) outcome {
 func (rl *relay) write(b []byte) error {
 	switch rl.frame {
 	case frameSSE:
-		if rl.usage != nil {
-			rl.readHasUsage = hasUsageObject(b)
-			rl.spanning = !rl.parser.AtBoundary()
-		}
+		events := rl.parser.DataEvents()
 		rl.parser.Feed(b)
+		if n := rl.parser.DataEvents() - events; n > 0 {
+			rl.sawTokens(n)
+		}
+		if rl.usage != nil || rl.filtering() {
+			return rl.writeEvents(b)
+		}
 	case framePlain:
 		if rl.usage != nil && len(rl.jsonBuf)+len(b) <= maxUsageBody {
 			rl.jsonBuf = append(rl.jsonBuf, b...)
@@ -414,97 +429,189 @@ func (rl *relay) write(b []byte) error {
 	if rl.discarding {
 		return nil
 	}
-	if (rl.hideUsage || rl.deny != nil) && rl.frame == frameSSE {
-		return rl.writeEvents(b)
-	}
 	return rl.writeOut(b)
 }
+
+// filtering reports whether events are written only once complete: the
+// include_usage chunk is dropped, or events are held for deny words.
+func (rl *relay) filtering() bool { return rl.hideUsage || rl.deny != nil }
 
 // writeOut writes to the client and flushes. Called with mu held, after
 // lastRead was set.
 func (rl *relay) writeOut(b []byte) error {
-	rl.lastWrite = rl.lastRead
-	rl.lastByte = b[len(b)-1]
-	rl.wroteBody = true
-	if _, err := rl.w.Write(b); err != nil {
-		return err
-	}
-	return rl.rc.Flush()
+	rl.emit(b)
+	return rl.flushOut()
 }
 
-// writeEvents writes the complete events in pend+b except the usage chunk
-// include_usage added, and keeps an incomplete last event for the next
-// read. Called with mu held.
+// emit writes b to the client, unless an earlier write of this read failed
+// or the client left. flushOut ends the read's writes. Called with mu held.
+func (rl *relay) emit(b []byte) {
+	if len(b) == 0 || rl.werr != nil || rl.discarding {
+		return
+	}
+	rl.lastByte = b[len(b)-1]
+	rl.wroteBody = true
+	rl.emitted = true
+	_, rl.werr = rl.w.Write(b)
+}
+
+func (rl *relay) flushOut() error {
+	err := rl.werr
+	if rl.emitted && err == nil {
+		rl.lastWrite = rl.lastRead
+		err = rl.rc.Flush()
+	}
+	rl.emitted, rl.werr = false, nil
+	return err
+}
+
+// writeEvents relays a read of an event stream event by event where that
+// matters, after the parser was fed it: usage is read from the events that
+// hold it, and with filtering the include_usage chunk is dropped and events
+// are held for deny words. The parser tells where events ended, so a read
+// with no usage in it and no filtering costs no event scanning: one
+// complete-or-not split. Called with mu held.
 func (rl *relay) writeEvents(b []byte) error {
-	if len(rl.pend) == 0 && rl.wroteBody && rl.lastByte == '\r' && b[0] == '\n' {
+	filter := rl.filtering()
+	first, last := rl.parser.Ends()
+	if filter && len(rl.pend) == 0 && rl.wroteBody && rl.lastByte == '\r' && b[0] == '\n' {
 		// The LF of a CRLF that the last read split: it ends what was
 		// already written, not the next event.
-		if err := rl.writeOut(b[:1]); err != nil || len(b) == 1 {
-			return err
-		}
+		rl.emit(b[:1])
 		b = b[1:]
+		first, last = first-1, last-1 // the parser reports no end at 0 here
 	}
-	if len(rl.pend) == 0 && rl.parser.AtBoundary() && !rl.readHasUsage && rl.deny == nil {
-		// The usual read: whole events, none of them the usage chunk.
-		return rl.writeOut(b)
+	if !filter {
+		rl.emit(b)
 	}
+	if rl.pendCR || (len(b) > 0 && b[len(b)-1] == '\r') {
+		return rl.scanEvents(b, filter)
+	}
+	if rl.parser.AtBoundary() {
+		// Everything is complete, comments after the last event included.
+		if first < 0 {
+			first = len(b)
+		}
+		last = len(b)
+	}
+	if first < 0 { // no event ended in this read
+		rl.keepOpen(b, filter)
+		return rl.flushOut()
+	}
+	ev := b[:first]
+	if len(rl.pend) > 0 {
+		rl.pend = append(rl.pend, ev...)
+		ev = rl.pend
+	}
+	var err error
+	if rl.pendCut {
+		if filter {
+			rl.emit(ev) // its beginning went out unfiltered
+		}
+	} else {
+		err = rl.passEvent(ev, filter)
+	}
+	mid := b[first:last]
+	switch {
+	case err != nil:
+	case rl.deny != nil || mayHoldUsage(mid):
+		for start := 0; start < len(mid) && err == nil; {
+			end := eventEnd(mid, start)
+			if end < 0 {
+				end = len(mid)
+			}
+			err = rl.passEvent(mid[start:end], filter)
+			start = end
+		}
+	case filter:
+		rl.emit(mid)
+	}
+	rl.pend, rl.pendCut = append(rl.pend[:0], b[last:]...), false
+	return rl.endEvents(err)
+}
+
+// scanEvents is writeEvents for the reads whose ends the parser cannot
+// place for us: one that ends in a CR (the LF that may follow belongs to
+// the event before it) and the one after it. It splits pend+b into events
+// itself. Called with mu held.
+func (rl *relay) scanEvents(b []byte, filter bool) error {
 	data := b
 	if len(rl.pend) > 0 {
 		rl.pend = append(rl.pend, b...)
 		data = rl.pend
 	}
-	var out []byte // built only when something is dropped
-	dropped := false
-	start, last := 0, 0
-	for {
+	start := 0
+	var err error
+	for err == nil {
 		end := eventEnd(data, start)
 		if end < 0 {
 			break
 		}
-		switch ev := data[start:end]; {
-		case rl.hideUsage && isUsageChunk(ev):
-			out = append(out, data[last:start]...)
-			last, dropped = end, true
-		case rl.deny != nil:
-			// Every event goes through the hold-back queue.
-			out = append(out, data[last:start]...)
-			last, dropped = end, true
-			var blocked bool
-			if out, blocked = rl.hold(ev, out); blocked {
-				rl.pend = rl.pend[:0]
-				return errDenied
-			}
-		}
+		err = rl.passEvent(data[start:end], filter)
 		start = end
 	}
-	var err error
-	switch {
-	case dropped:
-		out = append(out, data[last:start]...)
-		if len(out) > 0 {
-			err = rl.writeOut(out)
-		}
-	case start > 0:
-		err = rl.writeOut(data[:start])
+	rl.pend, rl.pendCut = append(rl.pend[:0], data[start:]...), false
+	rl.pendCR = len(rl.pend) > 0 && rl.parser.AtBoundary()
+	if err == nil && len(rl.pend) > sse.MaxEventData {
+		rl.keepOpen(nil, filter)
 	}
-	rest := data[start:]
-	if len(rest) > sse.MaxEventData {
-		// Not an event we would drop: pass it on as it is.
-		err = rl.writeOut(rest)
-		rest = nil
-	}
-	rl.pend = append(rl.pend[:0], rest...)
-	return err
+	return rl.endEvents(err)
 }
 
-// hold queues an event for the deny-word check and appends to out the held
-// events that no forbidden word can reach any more. It reports a match.
-func (rl *relay) hold(ev, out []byte) ([]byte, bool) {
-	text := deltaText(eventData(ev))
+// endEvents flushes what a read wrote; an error (a deny-word match) drops
+// what was kept of the stream.
+func (rl *relay) endEvents(err error) error {
+	if err != nil {
+		rl.pend, rl.pendCR = rl.pend[:0], false
+		_ = rl.flushOut()
+		return err
+	}
+	return rl.flushOut()
+}
+
+// keepOpen keeps the bytes of an event that has not ended yet. Called with
+// mu held.
+func (rl *relay) keepOpen(b []byte, filter bool) {
+	rl.pend = append(rl.pend, b...)
+	if len(rl.pend) > sse.MaxEventData {
+		if filter {
+			rl.emit(rl.pend) // not an event we would drop: pass it on
+		}
+		rl.pend, rl.pendCut = rl.pend[:0], true
+	}
+}
+
+// passEvent reads usage from one complete event and, with filtering,
+// writes, drops or holds it. Called with mu held.
+func (rl *relay) passEvent(ev []byte, filter bool) error {
+	hint := mayHoldUsage(ev)
+	if hint && rl.usage != nil {
+		name, data := eventFields(ev)
+		rl.usage.readEvent(name, data)
+	}
+	switch {
+	case !filter || rl.discarding:
+	case hint && rl.hideUsage && isUsageChunk(ev):
+		// dropped: the client did not ask for it
+	case rl.deny != nil:
+		if rl.hold(ev) {
+			return errDenied
+		}
+	default:
+		rl.emit(ev)
+	}
+	return nil
+}
+
+// hold queues an event for the deny-word check and writes the held events
+// that no forbidden word can reach any more. It reports a match.
+func (rl *relay) hold(ev []byte) bool {
+	_, data := eventFields(ev)
+	text := deltaText(data)
 	if text != "" {
 		if rl.deny.Feed(&rl.denyState, text) {
 			rl.held = rl.held[:0]
-			return out, true
+			return true
 		}
 		rl.denyChars += utf8.RuneCountInString(text)
 	}
@@ -516,24 +623,24 @@ func (rl *relay) hold(ev, out []byte) ([]byte, bool) {
 		if !done && rl.denyChars-rl.held[n].end < keep {
 			break
 		}
-		out = append(out, rl.held[n].b...)
+		rl.emit(rl.held[n].b)
 	}
 	rl.held = append(rl.held[:0], rl.held[n:]...)
-	return out, false
+	return false
 }
 
 // releaseHeld writes what is still held at the end of the answer (the
 // matcher has seen all of it). Called with mu held.
 func (rl *relay) releaseHeld() {
 	for _, e := range rl.held {
-		_ = rl.writeOut(e.b)
+		rl.emit(e.b)
 	}
+	_ = rl.flushOut()
 	rl.held = rl.held[:0]
 }
 
-// eventData joins the data lines of a raw event.
-func eventData(ev []byte) []byte {
-	var data []byte
+// eventFields returns the name and the joined data lines of a raw event.
+func eventFields(ev []byte) (name, data []byte) {
 	for len(ev) > 0 {
 		end := sse.LineEnd(ev)
 		line := ev
@@ -545,13 +652,15 @@ func eventData(ev []byte) []byte {
 				data = append(data, '\n')
 			}
 			data = append(data, bytes.TrimPrefix(v, []byte(" "))...)
+		} else if v, ok := bytes.CutPrefix(line, []byte("event:")); ok {
+			name = bytes.TrimPrefix(v, []byte(" "))
 		}
 		if end < 0 {
 			break
 		}
 		ev = ev[end+1:]
 	}
-	return data
+	return name, data
 }
 
 // eventEnd returns the index after the blank line that ends the event

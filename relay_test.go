@@ -5,7 +5,9 @@ import (
 
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/denyword"
 	"io"
+	"math/rand/v2"
 	"net/http"
+	"strings"
 	"testing"
 )
 
@@ -31,12 +33,25 @@ func (c *chunkReader) Read(p []byte) (int, error) {
 	return copy(p, c.chunk), nil
 }
 
-var benchChunk = []byte(`data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,"model":"gpt-4o","system_fingerprint":"fp","choices":[{"index":0,"delta":{"content":" token"},"logprobs":null,"finish_reason":null}]}` + "\n\n")
+var benchChunk = []byte(`data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,"model":"gpt-4o","system_fingerprint":"fp","choices":[{"index":0,"delta":{"content":" token"},"logprobs":null,"finish_reason":null}],"usage":null}` + "\n\n")
+
+// benchStream is a whole 1,000-chunk answer as include_usage makes it: every
+// chunk carries "usage":null, then the usage chunk and [DONE].
+var benchStream = func() []byte {
+	var s []byte
+	for range 1000 {
+		s = append(s, benchChunk...)
+	}
+	s = append(s, `data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,"model":"gpt-4o","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":1000,"total_tokens":1009}}`+"\n\n"...)
+	return append(s, "data: [DONE]\n\n"...)
+}()
 
 // BenchmarkRelay measures the relay loop per chunk: write, flush, SSE
 // parser with usage reading and the heartbeat/idle bookkeeping, for
 // 1,000-chunk streams; "hide-usage" adds the event filter that keeps the
-// include_usage chunk from clients that did not ask for it.
+// include_usage chunk from clients that did not ask for it. "paced" reads
+// one chunk at a time (a model streaming at its own pace); "burst" reads
+// 4 KiB at a time, cutting events anywhere (a backlog after a stall).
 func BenchmarkRelay(b *testing.B) {
 	const chunks = 1000
 	var words []string
@@ -44,28 +59,49 @@ func BenchmarkRelay(b *testing.B) {
 		words = append(words, fmt.Sprintf("禁词%d号", i), fmt.Sprintf("banned phrase %d", i))
 	}
 	deny := denyword.New(words[:1000])
-	for _, mode := range []string{"pass-through", "hide-usage", "deny-1000-words"} {
-		b.Run(mode, func(b *testing.B) {
-			h := &Handler{Heartbeat: -1, IdleTimeout: 0}
-			b.ReportAllocs()
-			b.SetBytes(int64(len(benchChunk) * chunks))
-			for b.Loop() {
-				rl := newRelay(&discardWriter{hdr: http.Header{}}, h, true)
-				rl.usage, rl.hideUsage = new(usage), mode == "hide-usage"
-				if mode == "deny-1000-words" {
-					rl.deny = deny
+	for _, reads := range []string{"paced", "burst"} {
+		for _, mode := range []string{"pass-through", "hide-usage", "deny-1000-words"} {
+			b.Run(reads+"/"+mode, func(b *testing.B) {
+				h := &Handler{Heartbeat: -1, IdleTimeout: 0}
+				b.ReportAllocs()
+				b.SetBytes(int64(len(benchChunk) * chunks))
+				for b.Loop() {
+					rl := newRelay(&discardWriter{hdr: http.Header{}}, h, true)
+					rl.usage, rl.hideUsage = new(usage), mode == "hide-usage"
+					if mode == "deny-1000-words" {
+						rl.deny = deny
+					}
+					rl.frame = frameSSE
+					rl.reading = true
+					var body io.Reader = &chunkReader{chunk: benchChunk, n: chunks}
+					if reads == "burst" {
+						body = &pieceReader{b: benchStream, n: 4096}
+					}
+					out := rl.copyBody(body, false)
+					rl.stop()
+					if out.err != nil {
+						b.Fatal(out.err)
+					}
 				}
-				rl.frame = frameSSE
-				rl.reading = true
-				out := rl.copyBody(&chunkReader{chunk: benchChunk, n: chunks}, false)
-				rl.stop()
-				if out.err != nil {
-					b.Fatal(out.err)
-				}
-			}
-			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*chunks), "ns/chunk")
-		})
+				b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*chunks), "ns/chunk")
+			})
+		}
 	}
+}
+
+// pieceReader returns b in reads of at most n bytes.
+type pieceReader struct {
+	b []byte
+	n int
+}
+
+func (r *pieceReader) Read(p []byte) (int, error) {
+	if len(r.b) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p[:min(len(p), r.n)], r.b)
+	r.b = r.b[n:]
+	return n, nil
 }
 
 // recordWriter keeps what the relay wrote.
@@ -114,4 +150,66 @@ func (s *splitReader) Read(p []byte) (int, error) {
 		s.parts = s.parts[1:]
 	}
 	return n, nil
+}
+
+// TestEventsAcrossRandomReads relays random event streams (LF, CRLF and CR
+// line endings, comments, named events) cut into random reads, with usage
+// reading alone, with the include_usage chunk hidden, and with deny words
+// that never match, and checks the bytes the client gets and the usage read.
+func TestEventsAcrossRandomReads(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	words := denyword.New([]string{"never said"})
+	for iter := range 3000 {
+		eol := []string{"\n", "\r\n", "\r"}[iter%3]
+		var stream, hidden strings.Builder
+		add := func(ev string, keep bool) {
+			ev = strings.ReplaceAll(ev, "\n", eol)
+			stream.WriteString(ev)
+			if keep {
+				hidden.WriteString(ev)
+			}
+		}
+		for i := range rng.IntN(8) {
+			switch rng.IntN(4) {
+			case 0:
+				add(": keep-alive\n\n", true)
+			case 1:
+				add("event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":3}}}\n\n", true)
+			default:
+				add(fmt.Sprintf("data: {\"choices\":[{\"delta\":{\"content\":\"tok%d ü€\"}}],\"usage\":null}\n\n", i), true)
+			}
+		}
+		add("data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,\"total_tokens\":7}}\n\n", false)
+		add("data: [DONE]\n\n", true)
+		in := stream.String()
+		var parts []string
+		for rest := in; len(rest) > 0; {
+			n := min(len(rest), 1+rng.IntN(120))
+			parts, rest = append(parts, rest[:n]), rest[n:]
+		}
+		for _, mode := range []string{"usage", "hide", "deny"} {
+			w := &recordWriter{discardWriter: discardWriter{hdr: http.Header{}}}
+			rl := newRelay(w, &Handler{Heartbeat: -1}, true)
+			u := new(usage)
+			rl.usage, rl.frame, rl.reading = u, frameSSE, true
+			want := in
+			switch mode {
+			case "hide":
+				rl.hideUsage, want = true, hidden.String()
+			case "deny":
+				rl.deny = words
+			}
+			out := rl.copyBody(&splitReader{parts: append([]string(nil), parts...)}, false)
+			rl.stop()
+			if out.err != nil {
+				t.Fatalf("%s, reads %q: %v", mode, parts, out.err)
+			}
+			if string(w.got) != want {
+				t.Fatalf("%s, reads %q:\ngot  %q\nwant %q", mode, parts, w.got, want)
+			}
+			if u.total() != 7 {
+				t.Fatalf("%s, reads %q: usage %+v", mode, parts, u)
+			}
+		}
+	}
 }

@@ -64,6 +64,22 @@ var (
 	messageDelta = []byte("message_delta")
 )
 
+// mayHoldUsage is the cheap test run on every read of an event stream: it
+// reports whether b may hold a usage object, by the token counts every
+// usage object has (`_tokens"` in OpenAI, Anthropic and Responses usage,
+// `TokenCount"` in Gemini's usageMetadata). Only what passes is parsed.
+// These patterns start with bytes that are rare in JSON chunks, so the
+// search runs at memory speed; `"usage":null`, which every chunk carries
+// once include_usage is on, does not stop it.
+func mayHoldUsage(b []byte) bool {
+	return bytes.Contains(b, tokensKey) || bytes.Contains(b, tokenCountKey)
+}
+
+var (
+	tokensKey     = []byte(`_tokens"`)
+	tokenCountKey = []byte(`TokenCount"`)
+)
+
 // hasUsageObject reports whether JSON text holds a usage object
 // (`"usage":{` or Gemini's `"usageMetadata":{`), not just `"usage":null`,
 // which every chunk carries once include_usage is on. It searches for the
@@ -155,7 +171,7 @@ func (u *usage) finish(complete bool) {
 // isUsageChunk reports whether an SSE event is the extra OpenAI usage
 // chunk (`"choices":[]` with a usage object) that include_usage adds.
 func isUsageChunk(ev []byte) bool {
-	return hasUsageObject(ev) && bytes.Contains(ev, noChoices)
+	return mayHoldUsage(ev) && hasUsageObject(ev) && bytes.Contains(ev, noChoices)
 }
 
 // wantsUsageInjection reports whether a request is a streamed chat

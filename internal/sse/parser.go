@@ -42,6 +42,9 @@ type Parser struct {
 	sawField   bool
 	dataEvents int
 
+	// where events ended in the slice given to the last Feed
+	pos, first, last int
+
 	// assembled only when OnEvent is set
 	evName    []byte
 	evData    []byte
@@ -63,12 +66,27 @@ func (p *Parser) SawField() bool { return p.sawField }
 // DataEvents is the number of dispatched events that carried data.
 func (p *Parser) DataEvents() int { return p.dataEvents }
 
+// Ends reports where blank lines ended in the bytes given to the last Feed,
+// the points at which that slice can be split into whole events (each with
+// the comments before it): the offsets just after the first and the last
+// blank line (after the LF of a CRLF when the same slice holds it), or
+// -1, -1 when it has none.
+func (p *Parser) Ends() (first, last int) { return p.first, p.last }
+
 // Feed observes the next bytes of the stream.
 func (p *Parser) Feed(b []byte) {
+	p.first, p.last = -1, -1
+	n := len(b)
 	for len(b) > 0 {
 		if p.pendingCR {
 			p.pendingCR = false
 			if b[0] == '\n' {
+				if p.last == n-len(b) {
+					p.last++ // the LF belongs to the blank line's CR
+					if p.first == p.last-1 {
+						p.first = p.last
+					}
+				}
 				b = b[1:]
 				continue
 			}
@@ -78,6 +96,7 @@ func (p *Parser) Feed(b []byte) {
 			p.consume(b)
 			return
 		}
+		p.pos = n - len(b) + end + 1
 		p.consume(b[:end])
 		p.endLine()
 		if b[end] == '\r' {
@@ -178,6 +197,10 @@ func (p *Parser) appendData(b []byte) {
 // endLine handles a line terminator.
 func (p *Parser) endLine() {
 	if !p.inLine { // blank line: dispatch
+		if p.first < 0 {
+			p.first = p.pos
+		}
+		p.last = p.pos
 		p.dispatch()
 		return
 	}

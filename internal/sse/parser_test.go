@@ -175,15 +175,47 @@ func FuzzParser(f *testing.F) {
 		if p.AtBoundary() != boundary {
 			t.Fatalf("AtBoundary got %v, want %v", p.AtBoundary(), boundary)
 		}
+		checkEnds(t, in, append(cuts, len(in)))
 	})
 }
 
-func BenchmarkParser(b *testing.B) {
-	chunk := []byte(`data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,"model":"gpt-4o","choices":[{"index":0,"delta":{"content":" token"},"finish_reason":null}]}` + "\n\n")
-	var p Parser
-	b.SetBytes(int64(len(chunk)))
-	b.ReportAllocs()
-	for b.Loop() {
-		p.Feed(chunk)
+// checkEnds feeds s in pieces and checks Ends after each piece against the
+// reference parser: both ends fall between events, the prefix up to the
+// last end holds all events dispatched so far, no blank line comes before
+// the first end, and a CRLF is never split by an end.
+func checkEnds(t *testing.T, s string, cuts []int) {
+	n := 0
+	p := &Parser{OnEvent: func(Event) { n++ }}
+	prev := 0
+	for _, c := range cuts {
+		if c <= prev || c > len(s) {
+			continue
+		}
+		before := n
+		piece := s[prev:c]
+		p.Feed([]byte(piece))
+		first, last := p.Ends()
+		if last < 0 {
+			if n != before || first >= 0 {
+				t.Fatalf("piece %q: no end reported, but %d events ended", piece, n-before)
+			}
+			prev = c
+			continue
+		}
+		for _, end := range []int{first, last} {
+			if _, boundary := reference(s[:prev+end]); !boundary {
+				t.Fatalf("piece %q: end %d is inside an event", piece, end)
+			}
+			if end < len(piece) && piece[end] == '\n' && piece[end-1] == '\r' {
+				t.Fatalf("piece %q: end %d splits a CRLF", piece, end)
+			}
+		}
+		if evs, _ := reference(s[:prev+last]); len(evs) != n {
+			t.Fatalf("piece %q: last end %d holds %d events, want %d", piece, last, len(evs), n)
+		}
+		if evs, _ := reference(s[:prev+first]); len(evs) > before+1 {
+			t.Fatalf("piece %q: first end %d comes after %d events", piece, first, len(evs)-before)
+		}
+		prev = c
 	}
 }
