@@ -3,6 +3,7 @@
 # Caddy reverse_proxy, through nginx (proxy_buffering off; when installed)
 # and through llm_stream, and prints the results side by side.
 # Usage: bench/run.sh [open-streams]   (default 2000)
+# LOAD_ARGS="-only burst" bench/run.sh runs one scenario (see bench/load -h).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=bench/out
@@ -134,4 +135,4 @@ else
 fi
 targets+=("llm_stream=http://127.0.0.1:$LLM=$llm_pid")
 
-"$out/load" -open "$open" "${targets[@]}" | tee "$out/results.md"
+"$out/load" -open "$open" ${LOAD_ARGS:-} "${targets[@]}" | tee "$out/results.md"
