@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/redact"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -58,6 +59,13 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    unhealthy_after     <n> <cooldown>
 //	    first_token_timeout <duration>
 //	    key_affinity        header <name>|user|off
+//	    cache <ttl> {
+//	        max_size           <size>
+//	        store              memory|redis
+//	        only_deterministic on|off
+//	        scope              global|identity
+//	        replay             instant|paced
+//	    }
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // directive name
@@ -134,6 +142,12 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			h.Store = sc
+		case "cache":
+			cc, err := parseCache(d)
+			if err != nil {
+				return err
+			}
+			h.Cache = cc
 		case "on_disconnect":
 			if !d.NextArg() {
 				return d.ArgErr()
@@ -377,6 +391,68 @@ func parseLimit(d *caddyfile.Dispenser) (*Limits, error) {
 
 // parseStore reads `store redis <address> [<db>] { password <pw>; prefix
 // <prefix>; fail open|closed }` (or `store memory`).
+// parseCache reads `cache <ttl> { … }`.
+func parseCache(d *caddyfile.Dispenser) (*CacheConfig, error) {
+	cc := new(CacheConfig)
+	if err := parseDuration(d, &cc.TTL); err != nil {
+		return nil, err
+	}
+	if cc.TTL <= 0 {
+		return nil, d.Errf("cache: the ttl must be positive")
+	}
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		opt := d.Val()
+		if seen[opt] {
+			return nil, d.Errf("cache: %s already specified", opt)
+		}
+		seen[opt] = true
+		if !d.NextArg() {
+			return nil, d.ArgErr()
+		}
+		v := d.Val()
+		if d.NextArg() {
+			return nil, d.ArgErr()
+		}
+		oneOf := func(field *string, allowed ...string) error {
+			for _, a := range allowed {
+				if v == a {
+					*field = v
+					return nil
+				}
+			}
+			return d.Errf("cache: %s '%s' is not %s", opt, v, strings.Join(allowed, " or "))
+		}
+		var err error
+		switch opt {
+		case "max_size":
+			size, perr := humanize.ParseBytes(v)
+			if perr != nil || size == 0 {
+				return nil, d.Errf("cache: bad size value '%s'", v)
+			}
+			cc.MaxSize = int64(size)
+		case "store":
+			err = oneOf(&cc.Store, "memory", "redis")
+		case "only_deterministic":
+			var on string
+			if err = oneOf(&on, "on", "off"); err == nil {
+				b := on == "on"
+				cc.OnlyDeterministic = &b
+			}
+		case "scope":
+			err = oneOf(&cc.Scope, "global", "identity")
+		case "replay":
+			err = oneOf(&cc.Replay, "instant", "paced")
+		default:
+			return nil, d.Errf("cache: unknown option '%s'", opt)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	return cc, nil
+}
+
 func parseStore(d *caddyfile.Dispenser) (*StoreConfig, error) {
 	if !d.NextArg() {
 		return nil, d.ArgErr()

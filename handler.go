@@ -68,14 +68,25 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		return h.reject(w, in.model, &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "model_not_found",
 			Message: "the model " + strconv.Quote(in.model) + " is not served here"})
 	}
+	// cache: a stored answer, a live one to share, or a miss to store
+	cs := h.cacheLookup(r, identity, in, cands)
+	if cs != nil {
+		w.Header().Set("X-Cache", cacheHeader(cs.result))
+	}
+
 	hideUsage := wantsUsageInjection(r.URL.Path, in)
 	if hideUsage {
 		// Ask for the usage chunk so usage is exact, and keep it from a
 		// client that did not ask for it.
 		in.body = withIncludeUsage(in.body)
 	}
-	ad, aerr := h.admit(r.Context(), identity, in.tokenEstimate())
+	reserve := in.tokenEstimate()
+	if cs.serving() {
+		reserve = 0 // a cached answer costs no tokens
+	}
+	ad, aerr := h.admit(r.Context(), identity, reserve)
 	if aerr != nil {
+		h.cacheAbandon(cs)
 		return h.reject(w, in.model, aerr)
 	}
 	u := new(usage)
@@ -87,6 +98,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	if h.LogPrompts != "off" {
 		rl.keepAnswer()
 	}
+	if cs != nil && cs.lead != nil {
+		rl.tee, rl.teeStart = cs.lead, time.Now()
+	}
 	defer rl.stop()
 	metrics.openStreams.Inc()
 	defer metrics.openStreams.Dec()
@@ -96,7 +110,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	var last attemptResult
 	var at attempt
 	switchKey := false
-	for n := 0; n <= *h.Retries; n++ {
+	if cs.serving() {
+		last = h.replay(r, in, rl, cs)
+	}
+	for n := 0; n <= *h.Retries && !last.done; n++ {
 		at = p.next(switchKey)
 		if n > 0 && at.reused && !h.backoff(r.Context(), n, last.retryAfter) {
 			break // the client left while we waited
@@ -121,10 +138,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 
 	// finish
 	rl.stop()
+	h.cacheFinish(cs, &last)
 	metrics.interToken.merge(rl.model, &rl.gaps)
 	u.finish(last.complete)
+	if last.cached && u.status != usageAbsent {
+		u.status = usageCached
+	}
 	h.settle(ad, u)
-	h.recordUsage(r, identity, in, at, &last, u, rl, start)
+	h.recordUsage(r, identity, in, at, &last, u, rl, start, cs)
 	if rl.answer != nil {
 		answer := rl.answer.String()
 		if answer == "" && len(rl.jsonBuf) > 0 {
@@ -153,29 +174,42 @@ type attemptResult struct {
 	header     http.Header
 	body       []byte // scrubbed error body
 	retryAfter time.Duration
+	cached     bool // answered from the response cache
 }
 
 // try runs one attempt: the upstream request and, when it answers, the
 // relay of the answer.
 func (h *Handler) try(r *http.Request, in *inbound, rl *relay, at attempt) attemptResult {
 	parent := r.Context()
-	if h.OnDisconnect == "drain" {
-		// Keep reading after the client left, for at most drain_max, only
-		// to capture usage.
+	drain, shared := h.OnDisconnect == "drain", rl.tee != nil
+	if drain || shared {
+		// Keep reading after the client left: for at most drain_max, only
+		// to capture usage; and for as long as other requests share this
+		// answer (a cache flight).
 		parent = context.WithoutCancel(parent)
 	}
 	ctx, cancel := context.WithCancelCause(parent)
 	defer cancel(nil)
-	if h.OnDisconnect == "drain" {
-		// When the client leaves, the attempt has drain_max left.
+	if drain || shared {
 		var mu sync.Mutex
 		var drainTimer *time.Timer
 		finished := false
-		stop := context.AfterFunc(r.Context(), func() {
+		leave := func() {
 			mu.Lock()
 			defer mu.Unlock()
-			if !finished {
+			switch {
+			case finished:
+			case drain:
 				drainTimer = time.AfterFunc(time.Duration(h.DrainMax), func() { cancel(errDrainTimeout) })
+			default:
+				cancel(errClientGone)
+			}
+		}
+		stop := context.AfterFunc(r.Context(), func() {
+			if shared {
+				rl.tee.LeaderLeft(leave) // once no follower needs the answer
+			} else {
+				leave()
 			}
 		})
 		defer func() {
@@ -223,7 +257,7 @@ func (h *Handler) try(r *http.Request, in *inbound, rl *relay, at attempt) attem
 	}
 	rl.begin(resp, in.stream)
 	start := rl.attemptStart
-	out := rl.copyBody(body, h.OnDisconnect == "drain")
+	out := rl.copyBody(body, drain || shared)
 	fields := func() []zap.Field {
 		return []zap.Field{
 			zap.String("upstream", at.up.URL),

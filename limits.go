@@ -65,6 +65,13 @@ func (h *Handler) provisionLimits() error {
 	if h.DrainMax == 0 {
 		h.DrainMax = caddy.Duration(30 * time.Second)
 	}
+	if h.Store != nil && h.Store.Redis != "" && (h.Limit != nil || (h.Cache != nil && h.Cache.Store == "redis")) {
+		pw, err := resolveSecret(h.Store.Password)
+		if err != nil {
+			return fmt.Errorf("store: password: %w", err)
+		}
+		h.redis = store.NewRedis(h.Store.Redis, h.Store.DB, pw, h.redisPrefix())
+	}
 	if h.Limit == nil {
 		return nil
 	}
@@ -77,20 +84,20 @@ func (h *Handler) provisionLimits() error {
 		Tokens: l.Tokens, TokenWindow: time.Duration(l.TokenWindow),
 		Concurrent: l.Concurrent, SlotTTL: slotTTL,
 	}
-	if h.Store != nil && h.Store.Redis != "" {
-		pw, err := resolveSecret(h.Store.Password)
-		if err != nil {
-			return fmt.Errorf("store: password: %w", err)
-		}
-		prefix := h.Store.Prefix
-		if prefix == "" {
-			prefix = "llm_stream:"
-		}
-		h.store = store.NewRedis(h.Store.Redis, h.Store.DB, pw, prefix)
+	if h.redis != nil {
+		h.store = h.redis
 	} else {
 		h.store = store.NewMemory()
 	}
 	return nil
+}
+
+// redisPrefix is the prefix of every Redis key this module writes.
+func (h *Handler) redisPrefix() string {
+	if h.Store != nil && h.Store.Prefix != "" {
+		return h.Store.Prefix
+	}
+	return "llm_stream:"
 }
 
 // admission is an admitted request's claim on the limits, settled at the
@@ -144,7 +151,7 @@ func (h *Handler) settle(ad *admission, u *usage) {
 	}
 	defer h.inflight.Done()
 	var delta int64
-	if u.status != usageAbsent {
+	if u.status != usageAbsent && u.status != usageCached {
 		delta = u.total() - ad.a.Reserve
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)

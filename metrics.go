@@ -25,6 +25,7 @@ var metrics = struct {
 	failovers      *prometheus.CounterVec
 	limitRejects   *prometheus.CounterVec
 	denyWordBlocks *prometheus.CounterVec
+	cache          *prometheus.CounterVec
 }{}
 
 const metricsNS, metricsSub = "caddy", "llm_stream"
@@ -53,6 +54,7 @@ func initMetrics() {
 	metrics.retries = prometheus.NewCounterVec(prometheus.CounterOpts(opts("retries_total", "Failed attempts that were retried, by the upstream that failed.")), []string{"upstream"})
 	metrics.failovers = prometheus.NewCounterVec(prometheus.CounterOpts(opts("failovers_total", "Retries that moved to another upstream, by the upstream left.")), []string{"upstream"})
 	metrics.limitRejects = prometheus.NewCounterVec(prometheus.CounterOpts(opts("limit_rejections_total", "Requests refused by a limit.")), []string{"limit"})
+	metrics.cache = prometheus.NewCounterVec(prometheus.CounterOpts(opts("cache_requests_total", "Requests by response cache result: hit (answered from the cache or a shared answer), miss (answered by the upstream and stored) or bypass (not cacheable, or Cache-Control: no-store).")), []string{"model", "result"})
 	metrics.denyWordBlocks = prometheus.NewCounterVec(prometheus.CounterOpts(opts("deny_word_blocks_total", "Requests or answers stopped by deny_words.")), []string{"scope"})
 }
 
@@ -65,7 +67,7 @@ func registerMetrics(ctx caddy.Context) error {
 	for _, c := range []prometheus.Collector{
 		metrics.requests, metrics.ttft, metrics.duration, metrics.interToken, metrics.tokens,
 		metrics.openStreams, metrics.disconnects, metrics.heartbeats, metrics.retries,
-		metrics.failovers, metrics.limitRejects, metrics.denyWordBlocks,
+		metrics.failovers, metrics.limitRejects, metrics.denyWordBlocks, metrics.cache,
 	} {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError

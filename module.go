@@ -14,6 +14,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/cache"
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/store"
 	"net/url"
 	"strconv"
@@ -170,8 +171,13 @@ type Handler struct {
 	// /v1/responses /v1/messages.
 	AllowPaths []string `json:"allow_paths,omitempty"`
 
-	// Where limit state lives. Default: in this process's memory.
+	// Where limit state (and, with `cache { store redis }`, cached
+	// answers) lives. Default: in this process's memory.
 	Store *StoreConfig `json:"store,omitempty"`
+
+	// Keep complete answers and replay them to identical requests. Default:
+	// off.
+	Cache *CacheConfig `json:"cache,omitempty"`
 
 	// What happens upstream when the client leaves mid-answer: `cancel`
 	// (stop at once, the default) or `drain` (keep reading, without
@@ -218,7 +224,11 @@ type Handler struct {
 	allowPaths []string
 	limits     store.Limits
 	store      store.Store
+	redis      *store.Redis    // the `store redis` server, when limits or the cache use it
 	inflight   *sync.WaitGroup // requests that may still settle with the store
+
+	cacheStore cache.Store
+	flights    *cache.Group
 
 	redactor     *redact.Redactor
 	deny         *denyword.Matcher
@@ -327,16 +337,24 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.provisionAccess(); err != nil {
 		return err
 	}
-	return h.provisionLimits()
+	if err := h.provisionLimits(); err != nil {
+		return err
+	}
+	return h.provisionCache()
 }
 
 // Cleanup closes the limit store once the requests this configuration
 // admitted have settled: after a reload, old streams still relay.
 func (h *Handler) Cleanup() error {
-	if h.store == nil {
+	var s interface{ Close() error }
+	switch {
+	case h.redis != nil:
+		s = h.redis // the limit store, or the cache's client
+	case h.store != nil:
+		s = h.store
+	default:
 		return nil
 	}
-	s := h.store
 	go func() {
 		h.inflight.Wait()
 		_ = s.Close()

@@ -14,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/cache"
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/sse"
 )
 
@@ -94,6 +95,12 @@ type relay struct {
 
 	answer *strings.Builder // the assembled answer text, for log_prompts
 
+	// the response cache's flight this answer is shared through and
+	// stored from: it sees every upstream read
+	tee      *cache.Flight
+	teeStart time.Time
+	streamed bool // the client asked for a stream
+
 	// deny words in the response: events are held until enough text
 	// followed them that no word can still start in them
 	deny      *denyword.Matcher
@@ -124,6 +131,7 @@ func newRelay(w http.ResponseWriter, h *Handler, expectSSE bool) *relay {
 		heartbeat:         time.Duration(h.Heartbeat),
 		idle:              time.Duration(h.IdleTimeout),
 		firstTokenTimeout: time.Duration(h.FirstTokenTimeout),
+		streamed:          expectSSE,
 		lastRead:          now,
 		lastWrite:         now,
 	}
@@ -334,6 +342,9 @@ func (rl *relay) begin(resp *http.Response, streaming bool) {
 	}
 	rl.frame = f
 	rl.reading = true
+	if rl.tee != nil {
+		rl.tee.Start(rl.streamed, resp.Header.Get("Content-Type"))
+	}
 	rl.attemptStart = time.Now()
 	rl.lastRead = rl.attemptStart
 	rl.lastWrite = rl.lastRead
@@ -355,6 +366,9 @@ func (rl *relay) copyBody(body io.Reader, drain bool) outcome {
 		buf := *bp
 		n, rerr := body.Read(buf)
 		if n > 0 {
+			if rl.tee != nil {
+				rl.tee.Append(buf[:n], time.Since(rl.teeStart))
+			}
 			rl.mu.Lock()
 			rl.lastRead = time.Now()
 			werr := rl.write(buf[:n])

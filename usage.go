@@ -17,6 +17,7 @@ const (
 	usageExact   = "exact"   // the upstream reported it and the answer completed
 	usagePartial = "partial" // some was reported, but the answer did not complete
 	usageAbsent  = "absent"  // nothing was reported (never guessed as zero)
+	usageCached  = "cached"  // an answer replayed from the cache: no upstream call was paid
 )
 
 // usage is what the upstream reported about tokens.
@@ -229,11 +230,19 @@ func splice(b []byte, from, to int, s string) []byte {
 
 // recordUsage writes the usage record of a request: one `llm usage` log
 // line and the {llm.*} placeholders for access logs and headers.
-func (h *Handler) recordUsage(r *http.Request, identity string, in *inbound, at attempt, res *attemptResult, u *usage, rl *relay, start time.Time) {
+func (h *Handler) recordUsage(r *http.Request, identity string, in *inbound, at attempt, res *attemptResult, u *usage, rl *relay, start time.Time, cs *cacheState) {
 	duration := time.Since(start)
 	upstream := ""
-	if at.up != nil {
+	switch {
+	case res.cached:
+		upstream = "cache"
+	case at.up != nil:
 		upstream = at.up.URL
+	}
+	cacheResult := ""
+	if cs != nil {
+		cacheResult = cs.result
+		metrics.cache.WithLabelValues(h.modelLabel(in.model), cacheResult).Inc()
 	}
 	status := res.code
 	if !res.done {
@@ -261,6 +270,7 @@ func (h *Handler) recordUsage(r *http.Request, identity string, in *inbound, at 
 		repl.Set("llm.usage.total_tokens", u.total())
 		repl.Set("llm.usage.status", u.status)
 		repl.Set("llm.ttft_ms", ttft.Milliseconds())
+		repl.Set("llm.cache", cacheResult)
 	}
 	model := h.modelLabel(in.model)
 	metrics.requests.WithLabelValues(model, upstream, strconv.Itoa(status)).Inc()
@@ -288,5 +298,6 @@ func (h *Handler) recordUsage(r *http.Request, identity string, in *inbound, at 
 		zap.Duration("ttft", ttft),
 		zap.Duration("duration", duration),
 		zap.Float64("tokens_per_second", tps),
+		zap.String("cache", cacheResult),
 	)
 }

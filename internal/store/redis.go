@@ -126,3 +126,6 @@ func (r *Redis) Settle(ctx context.Context, l Limits, a Admission, delta int64) 
 
 // Close implements Store.
 func (r *Redis) Close() error { return r.client.Close() }
+
+// Client is the Redis client, for other state kept on the same server.
+func (r *Redis) Client() *redis.Client { return r.client }
