@@ -115,6 +115,7 @@ type cacheState struct {
 	contentType string
 	src         io.Reader
 	entry       *cache.Entry // a stored answer (nil while following a flight)
+	direct      bool         // entry is served as stored, at once
 	follow      *cache.Flight
 
 	lead *cache.Flight // this request's upstream answer is shared
@@ -221,6 +222,8 @@ func (cs *cacheState) serveEntry(ctx context.Context, e *cache.Entry, stream, pa
 			cs.src = &pacedReader{e: e, ctx: ctx}
 		} else {
 			cs.src = bytes.NewReader(e.Body)
+			f := framingOf(e.ContentType)
+			cs.direct = f == framePlain || (f == frameSSE && e.UsageTo > e.UsageFrom)
 		}
 	case framingOf(e.ContentType) == frameSSE:
 		b, ok := cache.StreamToJSON(e.Body)
@@ -249,6 +252,11 @@ func (h *Handler) replay(r *http.Request, in *inbound, rl *relay, cs *cacheState
 	resp := &http.Response{StatusCode: http.StatusOK, Header: http.Header{"Content-Type": {cs.contentType}}}
 	rl.setAttempt(func(error) {})
 	rl.begin(resp, in.stream)
+	if cs.direct && rl.deny == nil && rl.answer == nil {
+		// A stored answer in the form asked for, with nothing to watch in
+		// it: written at once, without parsing it again.
+		return rl.writeStored(cs.entry)
+	}
 	out := rl.copyBody(cs.src, false)
 	switch {
 	case out.err == nil:
@@ -279,11 +287,66 @@ func (h *Handler) cacheFinish(cs *cacheState, last *attemptResult) {
 	if e == nil {
 		return
 	}
+	if framingOf(e.ContentType) == frameSSE {
+		e.UsageFrom, e.UsageTo = usageChunkRange(e.Body)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), cacheOpTimeout)
 	defer cancel()
 	if err := h.cacheStore.Set(ctx, cs.key, e, time.Duration(h.Cache.TTL)); err != nil {
 		h.cacheUnavailable(err)
 	}
+}
+
+// writeStored writes a stored answer in one go: a plain JSON body, or an
+// event stream whose include_usage chunk was located when it was stored
+// (dropped here unless the client asked for it; usage is read from it).
+// Called after begin, instead of copyBody.
+func (rl *relay) writeStored(e *cache.Entry) attemptResult {
+	rl.mu.Lock()
+	defer rl.mu.Unlock()
+	rl.lastRead = time.Now()
+	rl.firstToken = rl.lastRead
+	body := e.Body
+	switch {
+	case rl.frame == frameSSE:
+		ev := body[e.UsageFrom:e.UsageTo]
+		if rl.usage != nil {
+			name, data := eventFields(ev)
+			rl.usage.readEvent(name, data)
+		}
+		if rl.hideUsage {
+			rl.emit(body[:e.UsageFrom])
+			rl.emit(body[e.UsageTo:])
+		} else {
+			rl.emit(body)
+		}
+	default:
+		if rl.usage != nil {
+			rl.usage.readJSON(body)
+		}
+		rl.emit(body)
+	}
+	if err := rl.flushOut(); err != nil {
+		metrics.disconnects.Inc()
+		return attemptResult{done: true, code: 499, cached: true}
+	}
+	return attemptResult{done: true, complete: true, code: http.StatusOK, cached: true}
+}
+
+// usageChunkRange finds the event holding the include_usage chunk in a
+// stored event stream; 0, 0 when there is none.
+func usageChunkRange(body []byte) (int, int) {
+	for start := 0; start < len(body); {
+		end := eventEnd(body, start)
+		if end < 0 {
+			break
+		}
+		if isUsageChunk(body[start:end]) {
+			return start, end
+		}
+		start = end
+	}
+	return 0, 0
 }
 
 var lastCacheWarning atomic.Int64

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"regexp"
+	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -89,7 +90,9 @@ var idAndCreated = regexp.MustCompile(`"id":"[^"]*","object":"([a-z.]*)","create
 
 // sameAnswer hides what differs between two calls of the same model: the
 // answer's id and creation time.
-func sameAnswer(s string) string { return idAndCreated.ReplaceAllString(s, `"id":"X","object":"$1","created":0`) }
+func sameAnswer(s string) string {
+	return idAndCreated.ReplaceAllString(s, `"id":"X","object":"$1","created":0`)
+}
 
 func TestCacheHitMissConversionAndScope(t *testing.T) {
 	up := newMockUpstream(t, 12, 0)
@@ -419,4 +422,84 @@ func TestNormalizedBody(t *testing.T) {
 	if bytes.Equal(a, c) {
 		t.Fatal("2.50 and 2.5 are different request texts, kept apart")
 	}
+}
+
+// BenchmarkCacheHit measures a hit for a 2,000-token streamed answer with
+// replay instant, through a real Caddy server on loopback: from sending the
+// request to the last byte read. It reports p50 and p99.
+func BenchmarkCacheHit(b *testing.B) {
+	up := newMockUpstream(b, 2000, 0)
+	c := startCaddy(b, `llm_stream `+up.URL+` {
+		allow_paths /v1/*
+		cache 1h
+	}`)
+	q := `{"model":"m","temperature":0,"stream":true,"messages":[{"role":"user","content":"a long answer"}]}`
+	_, first := ask(b, c.base(), q)
+	client := &http.Client{Transport: &http.Transport{DisableCompression: true}}
+	var lat []time.Duration
+	buf := make([]byte, 64<<10)
+	for b.Loop() {
+		t0 := time.Now()
+		req, _ := http.NewRequest(http.MethodPost, c.base()+"/v1/chat/completions", strings.NewReader(q))
+		resp, err := client.Do(req)
+		if err != nil {
+			b.Fatal(err)
+		}
+		n := 0
+		for {
+			m, err := resp.Body.Read(buf)
+			n += m
+			if err != nil {
+				break
+			}
+		}
+		resp.Body.Close()
+		lat = append(lat, time.Since(t0))
+		if resp.Header.Get("X-Cache") != "HIT" || n != len(first) {
+			b.Fatalf("X-Cache %q, %d bytes, want %d", resp.Header.Get("X-Cache"), n, len(first))
+		}
+	}
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "p50-µs")
+	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-µs")
+	b.ReportMetric(float64(len(first)), "answer-B")
+}
+
+// TestCachePacedReplay: replay paced keeps the upstream's rhythm (each
+// pause capped at 1 s); instant sends it at once.
+func TestCachePacedReplay(t *testing.T) {
+	up := newMockUpstream(t, 6, 40*time.Millisecond)
+	c := startCaddy(t, `llm_stream `+up.URL+` {
+		allow_paths /v1/*
+		cache 1m {
+			replay paced
+		}
+	}`)
+	q := `{"model":"m","temperature":0,"stream":true,"messages":[{"role":"user","content":"pace"}]}`
+	_, first := ask(t, c.base(), q)
+	resp := postStreamBody(t, c.base()+"/v1/chat/completions", q)
+	defer resp.Body.Close()
+	var arrivals []time.Duration
+	var got strings.Builder
+	t0 := time.Now()
+	for ev := range readEvents(bufio.NewReader(resp.Body)) {
+		arrivals = append(arrivals, time.Since(t0))
+		got.WriteString(ev)
+	}
+	if resp.Header.Get("X-Cache") != "HIT" || got.String() != first {
+		t.Fatalf("X-Cache %q, got %q, want %q", resp.Header.Get("X-Cache"), got.String(), first)
+	}
+	// 6 tokens 40 ms apart: the last one comes about 200 ms after the first.
+	if spread := arrivals[len(arrivals)-1] - arrivals[0]; spread < 150*time.Millisecond || spread > time.Second {
+		t.Fatalf("paced replay spread its events over %v, want about 200ms", spread)
+	}
+}
+
+func postStreamBody(t testing.TB, url, body string) *http.Response {
+	t.Helper()
+	resp, err := noCompressClient.Post(url, "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp
 }

@@ -19,6 +19,11 @@ type Entry struct {
 	ContentType string
 	Body        []byte
 	Reads       []Read
+	// Body[UsageFrom:UsageTo] is the event with the usage chunk that
+	// include_usage adds, found when the entry is stored, so that a hit
+	// can drop it (or read usage from it) without parsing the stream.
+	// Equal when there is none.
+	UsageFrom, UsageTo int
 }
 
 // Read marks that Body[:End] had arrived At after the request was sent.
@@ -56,6 +61,8 @@ func encode(e *Entry) []byte {
 	}
 	b = binary.AppendUvarint(b, uint64(len(e.ContentType)))
 	b = append(b, e.ContentType...)
+	b = binary.AppendUvarint(b, uint64(e.UsageFrom))
+	b = binary.AppendUvarint(b, uint64(e.UsageTo))
 	b = binary.AppendUvarint(b, uint64(len(e.Reads)))
 	prevEnd, prevUs := 0, int64(0)
 	for _, r := range e.Reads {
@@ -90,6 +97,12 @@ func decode(b []byte) (*Entry, error) {
 	}
 	e := &Entry{Streamed: streamed, ContentType: string(b[:n])}
 	b = b[n:]
+	from, ok1 := next()
+	to, ok2 := next()
+	if !ok1 || !ok2 || from > to {
+		return nil, errCorrupt
+	}
+	e.UsageFrom, e.UsageTo = int(from), int(to)
 	count, ok := next()
 	if !ok || count > uint64(len(b)) {
 		return nil, errCorrupt
@@ -107,7 +120,7 @@ func decode(b []byte) (*Entry, error) {
 		e.Reads = append(e.Reads, Read{End: end, At: at})
 	}
 	e.Body = b
-	if end > len(e.Body) {
+	if end > len(e.Body) || e.UsageTo > len(e.Body) {
 		return nil, errCorrupt
 	}
 	return e, nil

@@ -37,8 +37,8 @@ type chunkChoice struct {
 type message struct {
 	Role      string     `json:"role,omitempty"`
 	Content   *string    `json:"content"`
-	Refusal   *string    `json:"refusal"`
 	ToolCalls []toolCall `json:"tool_calls,omitempty"`
+	Refusal   *string    `json:"refusal"`
 }
 
 type toolCall struct {
