@@ -195,6 +195,9 @@ func TestJSONConfigValidation(t *testing.T) {
 		{"negative timeout", `{"upstream":"http://x","idle_timeout":-1}`, "idle_timeout: must not be negative"},
 		{"unknown placeholder", `{"upstream":"http://x","api_key":"{nope.x}"}`, "unresolvable placeholder"},
 		{"unknown transport", `{"upstream":"http://x","transport":{"protocol":"carrier_pigeon"}}`, "loading transport"},
+		{"cache without ttl", `{"upstream":"http://x","cache":{}}`, "cache: a positive ttl is required"},
+		{"cache in redis without a server", `{"upstream":"http://x","cache":{"ttl":60000000000,"store":"redis"}}`, "needs the `store redis <address>` setting"},
+		{"cache scope", `{"upstream":"http://x","cache":{"ttl":60000000000,"scope":"all"}}`, "scope must be identity or global"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
