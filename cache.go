@@ -155,7 +155,8 @@ func (h *Handler) cacheLookup(r *http.Request, identity string, in *inbound, can
 	cs.key = hex.EncodeToString(sum.Sum(nil))
 	cs.write, cs.result = true, "miss"
 	if strings.Contains(cc, "no-cache") {
-		return cs // answered by the upstream, stored again
+		cs.lead = h.flights.Alone(cs.key) // answered by the upstream, stored again
+		return cs
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), cacheOpTimeout)
 	e, err := h.cacheStore.Get(ctx, cs.key)

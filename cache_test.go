@@ -175,6 +175,11 @@ func TestCacheHitMissConversionAndScope(t *testing.T) {
 	if x, _ := ask(t, c.base(), fresh, keyA, tokA); x != "MISS" || up.calls.Load() != 9 {
 		t.Fatalf("after no-store: X-Cache %q, %d calls", x, up.calls.Load())
 	}
+	renewed := strings.Replace(q, "Caddy?", "HTTP/3?", 1)
+	ask(t, c.base(), renewed, keyA, tokA, "Cache-Control", "no-cache")
+	if x, _ := ask(t, c.base(), renewed, keyA, tokA); x != "HIT" || up.calls.Load() != 10 {
+		t.Fatalf("a no-cache answer was not stored: X-Cache %q, %d calls", x, up.calls.Load())
+	}
 
 	// A plain answer serves a streaming request as chunks that assemble
 	// back to the same object.

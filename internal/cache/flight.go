@@ -35,6 +35,13 @@ func (g *Group) Join(key string) (*Flight, bool) {
 	return f, true
 }
 
+// Alone returns a flight for key that no other request joins: a request
+// that must not be answered from the cache (Cache-Control: no-cache) still
+// has its answer stored through it.
+func (g *Group) Alone(key string) *Flight {
+	return &Flight{g: g, key: key, wake: make(chan struct{})}
+}
+
 // Flight is one upstream answer being shared.
 type Flight struct {
 	g   *Group
