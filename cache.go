@@ -266,9 +266,7 @@ func (h *Handler) replay(r *http.Request, in *inbound, rl *relay, cs *cacheState
 		metrics.disconnects.Inc()
 		return attemptResult{done: true, code: 499, cached: true}
 	case errors.Is(out.err, errDenied):
-		metrics.denyWordBlocks.WithLabelValues("response").Inc()
-		rl.fail(&apiError{Status: http.StatusForbidden, Type: typeInvalidRequest, Code: "content_filter",
-			Message: "the answer was stopped: it contained words that are not allowed here"})
+		rl.failDenied()
 		return attemptResult{done: true, code: http.StatusOK, cached: true}
 	}
 	if !rl.fail(brokenStreamError(out.err)) {

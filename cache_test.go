@@ -482,7 +482,7 @@ func TestCachePacedReplay(t *testing.T) {
 	}`)
 	q := `{"model":"m","temperature":0,"stream":true,"messages":[{"role":"user","content":"pace"}]}`
 	_, first := ask(t, c.base(), q)
-	resp := postStreamBody(t, c.base()+"/v1/chat/completions", q)
+	resp := postBody(t, c.base()+"/v1/chat/completions", q, nil)
 	defer resp.Body.Close()
 	var arrivals []time.Duration
 	var got strings.Builder
@@ -498,13 +498,4 @@ func TestCachePacedReplay(t *testing.T) {
 	if spread := arrivals[len(arrivals)-1] - arrivals[0]; spread < 150*time.Millisecond || spread > time.Second {
 		t.Fatalf("paced replay spread its events over %v, want about 200ms", spread)
 	}
-}
-
-func postStreamBody(t testing.TB, url, body string) *http.Response {
-	t.Helper()
-	resp, err := noCompressClient.Post(url, "application/json", strings.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return resp
 }

@@ -286,9 +286,7 @@ func (h *Handler) try(r *http.Request, in *inbound, rl *relay, at attempt) attem
 		// A forbidden word: what was held back is dropped, the stream
 		// ends with the filter's error, and the deferred cancel stops the
 		// upstream.
-		metrics.denyWordBlocks.WithLabelValues("response").Inc()
-		rl.fail(&apiError{Status: http.StatusForbidden, Type: typeInvalidRequest, Code: "content_filter",
-			Message: "the answer was stopped: it contained words that are not allowed here"})
+		rl.failDenied()
 		return attemptResult{done: true, code: resp.StatusCode}
 	}
 	cause := context.Cause(ctx)

@@ -153,7 +153,13 @@ const streamBody = `{"model":"gpt-4o","stream":true,"messages":[{"role":"user","
 
 func postStream(t testing.TB, url string, hdr map[string]string) *http.Response {
 	t.Helper()
-	req, _ := http.NewRequest(http.MethodPost, url, strings.NewReader(streamBody))
+	return postBody(t, url, streamBody, hdr)
+}
+
+// postBody posts a JSON body with the given headers, without compression.
+func postBody(t testing.TB, url, body string, hdr map[string]string) *http.Response {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodPost, url, strings.NewReader(body))
 	req.Header.Set("Content-Type", "application/json")
 	for k, v := range hdr {
 		req.Header.Set(k, v)

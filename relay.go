@@ -765,6 +765,14 @@ func decodedBody(resp *http.Response) (io.Reader, error) {
 	return zr, nil
 }
 
+// failDenied ends an answer that produced a forbidden word: what was held
+// back is dropped and the stream ends with the filter's error.
+func (rl *relay) failDenied() {
+	metrics.denyWordBlocks.WithLabelValues("response").Inc()
+	rl.fail(&apiError{Status: http.StatusForbidden, Type: typeInvalidRequest, Code: "content_filter",
+		Message: "the answer was stopped: it contained words that are not allowed here"})
+}
+
 // brokenStreamError describes why a started answer ended early.
 func brokenStreamError(err error) *apiError {
 	if errors.Is(err, errFirstTokenTimeout) {
