@@ -30,6 +30,8 @@ type mockUpstream struct {
 	calls     atomic.Int64
 	finished  atomic.Int64
 	cancelled atomic.Int64
+	// when each cancelled call noticed that its request was cancelled
+	cancelledAt chan time.Time
 }
 
 func newMockUpstream(t testing.TB, tokens int, interval time.Duration) *mockUpstream {
@@ -40,7 +42,7 @@ func newMockUpstream(t testing.TB, tokens int, interval time.Duration) *mockUpst
 	if err := m.Provision(caddy.Context{}); err != nil {
 		t.Fatal(err)
 	}
-	u := &mockUpstream{}
+	u := &mockUpstream{cancelledAt: make(chan time.Time, 256)}
 	u.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method == http.MethodPost {
 			u.calls.Add(1)
@@ -50,6 +52,10 @@ func newMockUpstream(t testing.TB, tokens int, interval time.Duration) *mockUpst
 			u.finished.Add(1)
 		} else {
 			u.cancelled.Add(1)
+			select {
+			case u.cancelledAt <- time.Now():
+			default:
+			}
 		}
 	}))
 	t.Cleanup(u.Close)

@@ -66,6 +66,14 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	        scope              global|identity
 //	        replay             instant|paced
 //	    }
+//	    stop_endpoint <path>
+//	    smooth        <max_chars> <interval>
+//	    websocket [<path>] {
+//	        api_path      <path>
+//	        default_model <model>
+//	        ping_interval <duration>|off
+//	        origins       <host_pattern>...
+//	    }
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // directive name
@@ -148,6 +156,29 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			h.Cache = cc
+		case "stop_endpoint":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			h.StopEndpoint = d.Val()
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			if !strings.HasPrefix(h.StopEndpoint, "/") || strings.HasSuffix(h.StopEndpoint, "/") {
+				return d.Errf("stop_endpoint: '%s' must be a path such as /v1/stop, without a trailing slash", h.StopEndpoint)
+			}
+		case "smooth":
+			sc, err := parseSmooth(d)
+			if err != nil {
+				return err
+			}
+			h.Smooth = sc
+		case "websocket":
+			wc, err := parseWebSocket(d)
+			if err != nil {
+				return err
+			}
+			h.WebSocket = wc
 		case "on_disconnect":
 			if !d.NextArg() {
 				return d.ArgErr()
@@ -604,6 +635,77 @@ func parseDuration(d *caddyfile.Dispenser, into *caddy.Duration) error {
 		return d.ArgErr()
 	}
 	return nil
+}
+
+// parseSmooth reads `smooth <max_chars> <interval>`.
+func parseSmooth(d *caddyfile.Dispenser) (*SmoothConfig, error) {
+	sc := new(SmoothConfig)
+	if !d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	n, err := strconv.Atoi(d.Val())
+	if err != nil || n <= 0 {
+		return nil, d.Errf("smooth: max_chars '%s' is not a positive number", d.Val())
+	}
+	sc.MaxChars = n
+	if err := parseDuration(d, &sc.Interval); err != nil {
+		return nil, err
+	}
+	if sc.Interval <= 0 {
+		return nil, d.Errf("smooth: the interval must be positive")
+	}
+	return sc, nil
+}
+
+// parseWebSocket reads `websocket [<path>] { ... }`.
+func parseWebSocket(d *caddyfile.Dispenser) (*WebSocketConfig, error) {
+	wc := new(WebSocketConfig)
+	if d.NextArg() {
+		wc.Path = d.Val()
+		if !strings.HasPrefix(wc.Path, "/") {
+			return nil, d.Errf("websocket: the path '%s' must start with /", wc.Path)
+		}
+	}
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		opt := d.Val()
+		switch opt {
+		case "api_path", "default_model":
+			if !d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			if opt == "api_path" {
+				wc.APIPath = d.Val()
+			} else {
+				wc.DefaultModel = d.Val()
+			}
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+		case "ping_interval":
+			if d.NextArg() && d.Val() == "off" {
+				wc.PingInterval = -1
+				if d.NextArg() {
+					return nil, d.ArgErr()
+				}
+				continue
+			}
+			d.Prev()
+			if err := parseDuration(d, &wc.PingInterval); err != nil {
+				return nil, err
+			}
+		case "origins":
+			wc.OriginPatterns = append(wc.OriginPatterns, d.RemainingArgs()...)
+			if len(wc.OriginPatterns) == 0 {
+				return nil, d.ArgErr()
+			}
+		default:
+			return nil, d.Errf("websocket: unknown option '%s'", opt)
+		}
+	}
+	return wc, nil
 }
 
 // parseDurationArg reads the next argument as a positive (or zero)

@@ -28,11 +28,23 @@ const authRest = 10 * time.Minute
 // nothing of an answer) and relay the answer as it arrives.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	start := time.Now()
+	id := requestID(r)
+	w.Header().Set("X-Request-Id", id)
 	// admit: who is calling, and may they reach this path?
 	identity := h.identify(r)
 	if h.authRequired() && identity == "" {
 		return h.reject(w, "", &apiError{Status: http.StatusUnauthorized, Type: typeInvalidRequest, Code: "invalid_api_key",
 			Message: "a valid API key is required (Authorization: Bearer <key> or x-api-key)"})
+	}
+	owner := "" // who may stop this request's generation
+	if h.authRequired() {
+		owner = identity
+	}
+	if h.isStopPath(r.URL.Path) {
+		return h.serveStop(w, r, owner)
+	}
+	if h.WebSocket != nil && h.isWebSocketPath(r.URL.Path, r) {
+		return h.serveWebSocket(w, r)
 	}
 	if !h.pathAllowed(r.URL.Path) {
 		return h.reject(w, "", &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "unknown_url",
@@ -44,6 +56,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	if aerr != nil {
 		return h.reject(w, "", aerr)
 	}
+	in.id = id
 	if !h.modelAllowed(in.model) {
 		return h.reject(w, in.model, &apiError{Status: http.StatusForbidden, Type: typeInvalidRequest, Code: "model_not_allowed",
 			Message: "the model " + strconv.Quote(in.model) + " may not be used here"})
@@ -89,8 +102,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		h.cacheAbandon(cs)
 		return h.reject(w, in.model, aerr)
 	}
+	r, gen, release := h.stoppable(r, id, owner)
+	defer release()
+	w = h.smoothing(w, r.Context())
 	u := new(usage)
 	rl := newRelay(w, h, in.stream)
+	rl.paced = h.Smooth != nil
 	rl.usage, rl.hideUsage, rl.model = u, hideUsage, h.modelLabel(in.model)
 	if h.denyResponse {
 		rl.deny = h.deny
@@ -102,6 +119,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		rl.tee, rl.teeStart = cs.lead, time.Now()
 	}
 	defer rl.stop()
+	if gen != nil {
+		gen.watch(rl)
+	}
 	metrics.openStreams.Inc()
 	defer metrics.openStreams.Dec()
 
@@ -113,7 +133,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	if cs.serving() {
 		last = h.replay(r, in, rl, cs)
 	}
-	for n := 0; n <= *h.Retries && !last.done; n++ {
+	for n := 0; n <= *h.Retries && !last.done && !gen.isStopped(); n++ {
 		at = p.next(switchKey)
 		if n > 0 && at.reused && !h.backoff(r.Context(), n, last.retryAfter) {
 			break // the client left while we waited
@@ -132,7 +152,20 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 			metrics.failovers.WithLabelValues(at.up.URL).Inc()
 		}
 	}
-	if !last.done {
+	stopped := gen.isStopped() && !last.complete
+	switch {
+	case stopped:
+		rl.stop()
+		rl.endStopped(r.URL.Path, in.stream)
+		metrics.stops.Inc()
+		last.done, last.stopped = true, true
+		if last.code == 0 {
+			last.code = 499
+			if in.stream {
+				last.code = http.StatusOK
+			}
+		}
+	case !last.done:
 		h.finalFailure(w, r, rl, &last)
 	}
 
@@ -141,6 +174,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	h.cacheFinish(cs, &last)
 	metrics.interToken.merge(rl.model, &rl.gaps)
 	u.finish(last.complete)
+	if stopped {
+		u.estimate(in, rl)
+	}
 	if last.cached && u.status != usageAbsent {
 		u.status = usageCached
 	}
@@ -175,6 +211,7 @@ type attemptResult struct {
 	body       []byte // scrubbed error body
 	retryAfter time.Duration
 	cached     bool // answered from the response cache
+	stopped    bool // stopped by stop_endpoint or a WebSocket stop message
 }
 
 // try runs one attempt: the upstream request and, when it answers, the
@@ -230,6 +267,9 @@ func (h *Handler) try(r *http.Request, in *inbound, rl *relay, at attempt) attem
 	}
 	resp, err := h.roundTrip(at.up, req, cancel)
 	if err != nil {
+		if errors.Is(context.Cause(ctx), errStopped) {
+			return attemptResult{done: true, stopped: true}
+		}
 		if r.Context().Err() != nil {
 			return attemptResult{done: true, code: 499}
 		}
@@ -274,6 +314,13 @@ func (h *Handler) try(r *http.Request, in *inbound, rl *relay, at attempt) attem
 			c.Write(fields()...)
 		}
 		return attemptResult{done: true, complete: true, code: resp.StatusCode}
+	case errors.Is(context.Cause(ctx), errStopped):
+		// Stopped: the deferred cancel has stopped the upstream; the
+		// caller ends the answer cleanly.
+		if c := h.logger.Check(zap.DebugLevel, "generation stopped"); c != nil {
+			c.Write(fields()...)
+		}
+		return attemptResult{done: true, stopped: true, code: resp.StatusCode}
 	case out.clientGone || r.Context().Err() != nil:
 		// The client left: the deferred cancel stops the upstream now.
 		metrics.disconnects.Inc()

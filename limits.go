@@ -65,7 +65,7 @@ func (h *Handler) provisionLimits() error {
 	if h.DrainMax == 0 {
 		h.DrainMax = caddy.Duration(30 * time.Second)
 	}
-	if h.Store != nil && h.Store.Redis != "" && (h.Limit != nil || (h.Cache != nil && h.Cache.Store == "redis")) {
+	if h.Store != nil && h.Store.Redis != "" && (h.Limit != nil || h.StopEndpoint != "" || (h.Cache != nil && h.Cache.Store == "redis")) {
 		pw, err := resolveSecret(h.Store.Password)
 		if err != nil {
 			return fmt.Errorf("store: password: %w", err)

@@ -20,6 +20,8 @@ var metrics = struct {
 	tokens         *prometheus.CounterVec
 	openStreams    prometheus.Gauge
 	disconnects    prometheus.Counter
+	stops          prometheus.Counter
+	openSockets    prometheus.Gauge
 	heartbeats     prometheus.Counter
 	retries        *prometheus.CounterVec
 	failovers      *prometheus.CounterVec
@@ -50,6 +52,8 @@ func initMetrics() {
 	metrics.tokens = prometheus.NewCounterVec(prometheus.CounterOpts(opts("tokens_total", "Tokens by model, identity, kind (prompt or completion) and usage status.")), []string{"model", "identity", "kind", "usage_status"})
 	metrics.openStreams = prometheus.NewGauge(prometheus.GaugeOpts(opts("open_streams", "Answers being relayed now.")))
 	metrics.disconnects = prometheus.NewCounter(prometheus.CounterOpts(opts("client_disconnects_total", "Clients that left before the answer ended.")))
+	metrics.openSockets = prometheus.NewGauge(prometheus.GaugeOpts(opts("websockets_open", "WebSocket connections open.")))
+	metrics.stops = prometheus.NewCounter(prometheus.CounterOpts(opts("generations_stopped_total", "Generations stopped by stop_endpoint or a WebSocket stop message.")))
 	metrics.heartbeats = prometheus.NewCounter(prometheus.CounterOpts(opts("heartbeats_total", "Heartbeat comments sent to clients.")))
 	metrics.retries = prometheus.NewCounterVec(prometheus.CounterOpts(opts("retries_total", "Failed attempts that were retried, by the upstream that failed.")), []string{"upstream"})
 	metrics.failovers = prometheus.NewCounterVec(prometheus.CounterOpts(opts("failovers_total", "Retries that moved to another upstream, by the upstream left.")), []string{"upstream"})
@@ -66,7 +70,7 @@ func registerMetrics(ctx caddy.Context) error {
 	}
 	for _, c := range []prometheus.Collector{
 		metrics.requests, metrics.ttft, metrics.duration, metrics.interToken, metrics.tokens,
-		metrics.openStreams, metrics.disconnects, metrics.heartbeats, metrics.retries,
+		metrics.openStreams, metrics.disconnects, metrics.stops, metrics.openSockets, metrics.heartbeats, metrics.retries,
 		metrics.failovers, metrics.limitRejects, metrics.denyWordBlocks, metrics.cache,
 	} {
 		if err := reg.Register(c); err != nil {

@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/cache"
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/stop"
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/store"
 	"net/url"
 	"strconv"
@@ -213,6 +214,24 @@ type Handler struct {
 	// while the upstream is cancelled) or `both`.
 	DenyWordsScope string `json:"deny_words_scope,omitempty"`
 
+	// Stops in-flight generations: `POST <stop_endpoint>/<request_id>`, with
+	// the X-Request-Id every response carries, cancels that generation's
+	// upstream request at once; its stream ends with a clean final event
+	// (`data: [DONE]`, or Anthropic's `message_stop`) and its usage is still
+	// recorded (estimated when the upstream never reported it). With
+	// `store redis`, a stop reaches the instance running the generation
+	// through Redis pub/sub. Where client keys or identity are configured,
+	// only the caller that started a generation may stop it. Default: off.
+	StopEndpoint string `json:"stop_endpoint,omitempty"`
+
+	// Accept WebSocket upgrades and answer each message sent on the socket
+	// like a request. Default: off.
+	WebSocket *WebSocketConfig `json:"websocket,omitempty"`
+
+	// Split bursts of streamed text into small pieces written at a steady
+	// pace. Default: off.
+	Smooth *SmoothConfig `json:"smooth,omitempty"`
+
 	ups     []*Upstream
 	router  *router
 	state   routeState
@@ -229,6 +248,8 @@ type Handler struct {
 
 	cacheStore cache.Store
 	flights    *cache.Group
+
+	stops stop.Broadcaster // reaches the other instances, with store redis
 
 	redactor     *redact.Redactor
 	deny         *denyword.Matcher
@@ -340,12 +361,24 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.provisionLimits(); err != nil {
 		return err
 	}
-	return h.provisionCache()
+	if err := h.provisionCache(); err != nil {
+		return err
+	}
+	if err := h.provisionWebSocket(); err != nil {
+		return err
+	}
+	if err := h.provisionSmooth(); err != nil {
+		return err
+	}
+	return h.provisionStop()
 }
 
 // Cleanup closes the limit store once the requests this configuration
 // admitted have settled: after a reload, old streams still relay.
 func (h *Handler) Cleanup() error {
+	if h.stops != nil {
+		_ = h.stops.Close()
+	}
 	var s interface{ Close() error }
 	switch {
 	case h.redis != nil:

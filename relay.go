@@ -60,6 +60,7 @@ type relay struct {
 
 	mu           sync.Mutex
 	cancel       context.CancelCauseFunc // the current attempt's
+	aborted      error                   // why every attempt is cancelled (a stop)
 	attemptStart time.Time
 	wroteBody    bool // some upstream body bytes reached the client
 	done         bool
@@ -77,6 +78,7 @@ type relay struct {
 	jsonBuf    []byte    // a plain JSON answer, kept (bounded) to read its usage
 	firstToken time.Time // when the first data event reached the client
 	discarding bool      // draining: the client left, the answer is read but not written
+	paced      bool      // writes may wait (smooth): the idle timeout counts from their end
 
 	// event-aware relaying (writeEvents): the start of the event still
 	// open at the end of the last read — not written yet when events are
@@ -232,6 +234,19 @@ func (rl *relay) setAttempt(cancel context.CancelCauseFunc) {
 	rl.cancel = cancel
 	rl.attemptStart = time.Now()
 	rl.reading = false
+	if rl.aborted != nil {
+		cancel(rl.aborted)
+	}
+	rl.mu.Unlock()
+}
+
+// abort cancels the current attempt and every later one with cause.
+func (rl *relay) abort(cause error) {
+	rl.mu.Lock()
+	rl.aborted = cause
+	if rl.cancel != nil {
+		rl.cancel(cause)
+	}
 	rl.mu.Unlock()
 }
 
@@ -372,6 +387,9 @@ func (rl *relay) copyBody(body io.Reader, drain bool) outcome {
 			rl.mu.Lock()
 			rl.lastRead = time.Now()
 			werr := rl.write(buf[:n])
+			if rl.paced {
+				rl.lastRead = time.Now()
+			}
 			rl.mu.Unlock()
 			out.bytes += int64(n)
 			if werr == errDenied {

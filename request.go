@@ -11,6 +11,7 @@ import (
 
 // inbound is what the handler learns from the client's request, read once.
 type inbound struct {
+	id     string // the request id (X-Request-Id)
 	body   []byte // nil when the request has none
 	isJSON bool
 	model  string

@@ -18,6 +18,9 @@ const (
 	usagePartial = "partial" // some was reported, but the answer did not complete
 	usageAbsent  = "absent"  // nothing was reported (never guessed as zero)
 	usageCached  = "cached"  // an answer replayed from the cache: no upstream call was paid
+	// a stopped generation whose upstream reported nothing: completion
+	// tokens are the data events relayed, prompt tokens the body's size / 4
+	usageEstimated = "estimated"
 )
 
 // usage is what the upstream reported about tokens.
@@ -169,6 +172,23 @@ func (u *usage) finish(complete bool) {
 	}
 }
 
+// estimate fills in the usage of a stopped generation that the upstream
+// never reported (it reports usage at the end, and the end never came), so
+// that what was paid for still counts against the caller's token limits:
+// streams send about one token per data event, and prompts run about four
+// bytes per token.
+func (u *usage) estimate(in *inbound, rl *relay) {
+	if u.seen {
+		return
+	}
+	rl.mu.Lock()
+	events := int64(rl.parser.DataEvents())
+	rl.mu.Unlock()
+	u.prompt = int64(len(in.body)) / 4
+	u.completion = events
+	u.status = usageEstimated
+}
+
 // isUsageChunk reports whether an SSE event is the extra OpenAI usage
 // chunk (`"choices":[]` with a usage object) that include_usage adds.
 func isUsageChunk(ev []byte) bool {
@@ -271,6 +291,7 @@ func (h *Handler) recordUsage(r *http.Request, identity string, in *inbound, at 
 		repl.Set("llm.usage.status", u.status)
 		repl.Set("llm.ttft_ms", ttft.Milliseconds())
 		repl.Set("llm.cache", cacheResult)
+		repl.Set("llm.request_id", in.id)
 	}
 	model := h.modelLabel(in.model)
 	metrics.requests.WithLabelValues(model, upstream, strconv.Itoa(status)).Inc()
@@ -299,5 +320,7 @@ func (h *Handler) recordUsage(r *http.Request, identity string, in *inbound, at 
 		zap.Duration("duration", duration),
 		zap.Float64("tokens_per_second", tps),
 		zap.String("cache", cacheResult),
+		zap.String("request_id", in.id),
+		zap.Bool("stopped", res.stopped),
 	)
 }

@@ -1,0 +1,244 @@
+package llmstream
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/stop"
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+)
+
+// errStopped is the cause of a generation stopped through stop_endpoint or
+// a WebSocket stop message.
+var errStopped = errors.New("the generation was stopped")
+
+// stopWait is how long a stop request waits for another instance to
+// acknowledge that it stopped the generation.
+const stopWait = time.Second
+
+// requestID is the request's id, sent to the client as X-Request-Id and
+// used by stop_endpoint: Caddy's {http.request.uuid}, so access logs that
+// carry the uuid match it.
+func requestID(r *http.Request) string {
+	if id, ok := r.Context().Value(requestIDKey{}).(string); ok {
+		return id // a WebSocket message's
+	}
+	if _, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields); ok {
+		if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
+			if id, ok := repl.GetString("http.request.uuid"); ok && id != "" {
+				return id
+			}
+		}
+	}
+	return newID()
+}
+
+// newID returns a random request id.
+func newID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// generation is a request that may be stopped before its answer ends. A
+// stop cancels the request's context (for the waits before an attempt) and
+// the current attempt (which outlives the request context while draining or
+// sharing its answer with a cache flight); no further attempt starts.
+type generation struct {
+	cancel context.CancelCauseFunc
+
+	mu      sync.Mutex
+	rl      *relay
+	stopped bool
+}
+
+func (g *generation) stop() {
+	g.mu.Lock()
+	g.stopped = true
+	rl := g.rl
+	g.mu.Unlock()
+	g.cancel(errStopped)
+	if rl != nil {
+		rl.abort(errStopped)
+	}
+}
+
+func (g *generation) isStopped() bool {
+	if g == nil {
+		return false
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.stopped
+}
+
+// watch makes a stop reach rl's attempts.
+func (g *generation) watch(rl *relay) {
+	g.mu.Lock()
+	g.rl = rl
+	stopped := g.stopped
+	g.mu.Unlock()
+	if stopped {
+		rl.abort(errStopped)
+	}
+}
+
+// stopHook lets the WebSocket bridge stop the generation of the request it
+// hands to ServeHTTP.
+type stopHook struct {
+	mu  sync.Mutex
+	gen *generation
+	set bool // stop was asked before the generation started
+}
+
+type stopHookKey struct{}
+
+func (s *stopHook) attach(g *generation) {
+	s.mu.Lock()
+	s.gen = g
+	early := s.set
+	s.mu.Unlock()
+	if early {
+		g.stop()
+	}
+}
+
+func (s *stopHook) stop() {
+	s.mu.Lock()
+	g := s.gen
+	s.set = true
+	s.mu.Unlock()
+	if g != nil {
+		g.stop()
+	}
+}
+
+// stoppable makes r's generation stoppable when stop_endpoint is set or the
+// WebSocket bridge asks for it, returning the request to use from now on.
+// The caller must call the returned release when the request ends.
+func (h *Handler) stoppable(r *http.Request, id, owner string) (*http.Request, *generation, func()) {
+	hook, _ := r.Context().Value(stopHookKey{}).(*stopHook)
+	if h.StopEndpoint == "" && hook == nil {
+		return r, nil, func() {}
+	}
+	ctx, cancel := context.WithCancelCause(r.Context())
+	g := &generation{cancel: cancel}
+	remove := func() {}
+	if h.StopEndpoint != "" {
+		remove = stop.Add(id, owner, g.stop)
+	}
+	if hook != nil {
+		hook.attach(g)
+	}
+	return r.WithContext(ctx), g, func() {
+		remove()
+		cancel(nil)
+	}
+}
+
+// provisionStop checks stop_endpoint and, with store redis, subscribes to
+// the stops of other instances.
+func (h *Handler) provisionStop() error {
+	p := h.StopEndpoint
+	if p == "" {
+		return nil
+	}
+	if !strings.HasPrefix(p, "/") || strings.HasSuffix(p, "/") || strings.ContainsAny(p, "*?{}") {
+		return errors.New("stop_endpoint: must be a path such as /v1/stop (no trailing slash, no wildcards)")
+	}
+	if h.redis != nil {
+		h.stops = stop.NewRedis(h.redis.Client(), h.redisPrefix(), 250*time.Millisecond)
+	}
+	return nil
+}
+
+// isStopPath reports whether a request is for stop_endpoint.
+func (h *Handler) isStopPath(path string) bool {
+	return h.StopEndpoint != "" && strings.HasPrefix(path, h.StopEndpoint+"/")
+}
+
+// serveStop answers POST <stop_endpoint>/<request_id>: the generation is
+// stopped here or, with a shared store, on the instance running it.
+func (h *Handler) serveStop(w http.ResponseWriter, r *http.Request, owner string) error {
+	id := strings.TrimPrefix(r.URL.Path, h.StopEndpoint+"/")
+	if r.Method != http.MethodPost {
+		w.Header().Set("Allow", http.MethodPost)
+		return h.reject(w, "", &apiError{Status: http.StatusMethodNotAllowed, Type: typeInvalidRequest, Code: "method_not_allowed",
+			Message: "stop a generation with POST " + h.StopEndpoint + "/<request_id>"})
+	}
+	if id == "" || strings.Contains(id, "/") || len(id) > 128 {
+		return h.reject(w, "", &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: "invalid_request_id",
+			Message: "the path must be " + h.StopEndpoint + "/<request_id>, with the X-Request-Id of the generation"})
+	}
+	found := stop.Local(id, owner)
+	if !found && h.stops != nil {
+		ctx, cancel := context.WithTimeout(r.Context(), stopWait)
+		var err error
+		found, err = h.stops.Stop(ctx, id, owner)
+		cancel()
+		if err != nil && !found {
+			h.logger.Warn("stop could not reach the other instances", zap.String("request_id", id), zap.Error(err))
+			return h.reject(w, "", &apiError{Status: http.StatusServiceUnavailable, Type: typeUpstream, Code: "store_unavailable",
+				Message: "the stop could not be passed to the other instances"})
+		}
+	}
+	if !found {
+		return h.reject(w, "", &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "generation_not_found",
+			Message: "no generation with id " + id + " is in progress"})
+	}
+	writeJSON(w, struct {
+		ID      string `json:"id"`
+		Object  string `json:"object"`
+		Stopped bool   `json:"stopped"`
+	}{id, "generation.stop", true})
+	return nil
+}
+
+// endStopped ends the answer of a stopped generation: an event stream gets
+// the clean end its format has (`data: [DONE]`, or Anthropic's
+// message_stop), so clients finish as after a complete answer. A request
+// stopped before its answer started gets that end alone when it asked for
+// a stream, and a 499 error otherwise.
+func (rl *relay) endStopped(path string, stream bool) {
+	rl.mu.Lock()
+	defer rl.mu.Unlock()
+	if !rl.committed {
+		if !stream {
+			(&apiError{Status: 499, Type: typeInvalidRequest, Code: "generation_stopped",
+				Message: "the generation was stopped before its answer"}).write(rl.w)
+			return
+		}
+		writeStreamHeaders(rl.w.Header(), "text/event-stream")
+		rl.w.WriteHeader(http.StatusOK)
+		rl.committed, rl.frame = true, frameSSE
+	}
+	if rl.frame != frameSSE {
+		return // NDJSON and plain bodies simply end
+	}
+	var msg []byte
+	if rl.parser.InLine() {
+		msg = append(msg, '\n')
+	}
+	if rl.parser.InLine() || !rl.parser.AtBoundary() {
+		msg = append(msg, '\n') // close the cut event
+	}
+	switch {
+	case strings.HasSuffix(path, "/messages"):
+		msg = append(msg, "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"...)
+	case strings.HasSuffix(path, "/completions"):
+		msg = append(msg, "data: [DONE]\n\n"...)
+	}
+	if len(msg) > 0 {
+		if _, err := rl.w.Write(msg); err == nil {
+			_ = rl.rc.Flush()
+		}
+	}
+}
