@@ -27,13 +27,14 @@ func charLen(lit []byte) int {
 	if lit[1] != 'u' || len(lit) < 6 {
 		return 2
 	}
-	if isSurrogate(lit[2:6], 'd', 'b') && len(lit) >= 12 && lit[6] == '\\' && lit[7] == 'u' && isSurrogate(lit[8:12], 'c', 'f') {
+	if isSurrogate(lit[2:6], '8', 'b') && len(lit) >= 12 && lit[6] == '\\' && lit[7] == 'u' && isSurrogate(lit[8:12], 'c', 'f') {
 		return 12
 	}
 	return 6
 }
 
-// isSurrogate reports whether the 4 hex digits are in D<lo>00–D<hi>FF.
+// isSurrogate reports whether the 4 hex digits are in D<lo>00–D<hi>FF
+// (high surrogates: D800–DBFF, low: DC00–DFFF).
 func isSurrogate(hex []byte, lo, hi byte) bool {
 	if hex[0] != 'd' && hex[0] != 'D' {
 		return false
