@@ -137,6 +137,21 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		{name: "repeated option", input: "llm_stream http://x {\n api_key a\n api_key b\n}", wantErr: "api_key already specified", line: 3},
 		{name: "heartbeat zero", input: "llm_stream http://x {\n heartbeat 0s\n}", wantErr: "use 'off'"},
 		{name: "extra argument", input: "llm_stream http://x http://y", wantErr: "wrong argument count"},
+		{name: "clients", input: "llm_stream http://x {\n stop_endpoint /v1/stop\n smooth 4 30ms\n websocket /v1/ws {\n  api_path /v1/messages\n  default_model mock-1\n  ping_interval off\n  origins chat.example.com *.example.org\n }\n}",
+			want: func(h *Handler) bool {
+				w := h.WebSocket
+				return h.StopEndpoint == "/v1/stop" && h.Smooth.MaxChars == 4 && time.Duration(h.Smooth.Interval) == 30*time.Millisecond &&
+					w.Path == "/v1/ws" && w.APIPath == "/v1/messages" && w.DefaultModel == "mock-1" && w.PingInterval < 0 &&
+					len(w.OriginPatterns) == 2
+			}},
+		{name: "websocket on any path", input: "llm_stream http://x {\n websocket\n}",
+			want: func(h *Handler) bool { return h.WebSocket != nil && h.WebSocket.Path == "" }},
+		{name: "bad smooth chars", input: "llm_stream http://x {\n smooth many 30ms\n}", wantErr: "smooth: max_chars 'many'", line: 2},
+		{name: "smooth without interval", input: "llm_stream http://x {\n smooth 4\n}", wantErr: "wrong argument count", line: 2},
+		{name: "zero smooth interval", input: "llm_stream http://x {\n smooth 4 0s\n}", wantErr: "smooth: the interval must be positive", line: 2},
+		{name: "stop_endpoint not a path", input: "llm_stream http://x {\n stop_endpoint stop/\n}", wantErr: "stop_endpoint: 'stop/' must be a path", line: 2},
+		{name: "websocket path", input: "llm_stream http://x {\n websocket ws\n}", wantErr: "websocket: the path 'ws' must start with /", line: 2},
+		{name: "websocket option", input: "llm_stream http://x {\n websocket {\n  compress on\n }\n}", wantErr: "websocket: unknown option 'compress'", line: 3},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -198,6 +213,10 @@ func TestJSONConfigValidation(t *testing.T) {
 		{"cache without ttl", `{"upstream":"http://x","cache":{}}`, "cache: a positive ttl is required"},
 		{"cache in redis without a server", `{"upstream":"http://x","cache":{"ttl":60000000000,"store":"redis"}}`, "needs the `store redis <address>` setting"},
 		{"cache scope", `{"upstream":"http://x","cache":{"ttl":60000000000,"scope":"all"}}`, "scope must be identity or global"},
+		{"smooth without interval", `{"upstream":"http://x","smooth":{"max_chars":4}}`, "smooth: interval must be positive"},
+		{"smooth without size", `{"upstream":"http://x","smooth":{"interval":1000000}}`, "smooth: max_chars must be positive"},
+		{"stop_endpoint wildcard", `{"upstream":"http://x","stop_endpoint":"/v1/stop/*"}`, "stop_endpoint: must be a path"},
+		{"websocket on its api path", `{"upstream":"http://x","websocket":{"path":"/v1/chat/completions"}}`, "must differ from api_path"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
