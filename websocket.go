@@ -96,6 +96,7 @@ func isUpgrade(r *http.Request) bool {
 type wsMessage struct {
 	body []byte    // a request body, or
 	err  *apiError // why the message cannot be answered
+	hook *stopHook // stops its answer
 }
 
 // serveWebSocket accepts the upgrade and answers the socket's messages
@@ -104,6 +105,10 @@ func (h *Handler) serveWebSocket(w http.ResponseWriter, r *http.Request) error {
 	if !isUpgrade(r) {
 		return h.reject(w, "", &apiError{Status: http.StatusUpgradeRequired, Type: typeInvalidRequest, Code: "websocket_required",
 			Message: "this path accepts WebSocket connections only"})
+	}
+	if h.WebSocket.Path == "" && !h.pathAllowed(r.URL.Path) {
+		return h.reject(w, "", &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "unknown_url",
+			Message: "unknown request URL: " + r.Method + " " + r.URL.Path})
 	}
 	c, err := websocket.Accept(w, r, &websocket.AcceptOptions{OriginPatterns: h.WebSocket.OriginPatterns})
 	if err != nil {
@@ -116,8 +121,10 @@ func (h *Handler) serveWebSocket(w http.ResponseWriter, r *http.Request) error {
 	metrics.openSockets.Inc()
 	defer metrics.openSockets.Dec()
 
+	// A stop message stops every request received before it: the one
+	// being answered and those still queued (they end with [DONE] alone).
 	var mu sync.Mutex
-	var current *stopHook // the answer in progress
+	unanswered := map[*stopHook]bool{}
 	queue := make(chan wsMessage, wsQueue)
 	go func() {
 		defer close(queue)
@@ -130,11 +137,17 @@ func (h *Handler) serveWebSocket(w http.ResponseWriter, r *http.Request) error {
 			msg := h.wsParse(typ, data)
 			if msg.body == nil && msg.err == nil { // {"type":"stop"}
 				mu.Lock()
-				if current != nil {
-					current.stop()
+				for hook := range unanswered {
+					hook.stop()
 				}
 				mu.Unlock()
 				continue
+			}
+			if msg.body != nil {
+				msg.hook = new(stopHook)
+				mu.Lock()
+				unanswered[msg.hook] = true
+				mu.Unlock()
 			}
 			select {
 			case queue <- msg:
@@ -156,13 +169,9 @@ func (h *Handler) serveWebSocket(w http.ResponseWriter, r *http.Request) error {
 		if msg.err != nil {
 			ww.send(msg.err.body())
 		} else {
-			hook := new(stopHook)
+			_ = h.ServeHTTP(ww, wsRequest(ctx, r, path, msg.body, msg.hook), nil)
 			mu.Lock()
-			current = hook
-			mu.Unlock()
-			_ = h.ServeHTTP(ww, wsRequest(ctx, r, path, msg.body, hook), nil)
-			mu.Lock()
-			current = nil
+			delete(unanswered, msg.hook)
 			mu.Unlock()
 		}
 		if err := ww.finish(); err != nil {

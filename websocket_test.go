@@ -229,6 +229,10 @@ func TestWebSocketAuthAndLimits(t *testing.T) {
 	if _, resp, err := websocket.Dial(ctx, wsURL(c, "/v1/chat/completions"), nil); err == nil || resp == nil || resp.StatusCode != http.StatusUnauthorized {
 		t.Fatalf("upgrade without a key: %v %v", resp, err)
 	}
+	key := http.Header{"Authorization": {"Bearer sk-client-1"}}
+	if _, resp, err := websocket.Dial(ctx, wsURL(c, "/v1/files"), &websocket.DialOptions{HTTPHeader: key}); err == nil || resp == nil || resp.StatusCode != http.StatusNotFound {
+		t.Fatalf("upgrade on a path outside allow_paths: %v %v", resp, err)
+	}
 	conn := dialWS(t, wsURL(c, "/v1/chat/completions"), http.Header{"Authorization": {"Bearer sk-client-1"}})
 	for i := 0; i < 2; i++ {
 		msgs := wsAsk(t, conn, `{"model":"mock-1","messages":[{"role":"user","content":"x"}]}`)
@@ -282,6 +286,23 @@ func TestWebSocketStop(t *testing.T) {
 	up2 := wsAsk(t, conn, `{"model":"mock-1","max_tokens":3,"messages":[{"role":"user","content":"short"}]}`)
 	if len(up2) != 6 {
 		t.Errorf("after the stop: %q", up2)
+	}
+
+	// A stop stops every request sent before it, also one still queued:
+	// the queued one gets [DONE] alone and never reaches the upstream.
+	calls := up.calls.Load()
+	for _, m := range []string{`{"model":"mock-1","messages":[{"role":"user","content":"one"}]}`,
+		`{"model":"mock-1","messages":[{"role":"user","content":"two"}]}`, `{"type":"stop"}`} {
+		if err := conn.Write(ctx, websocket.MessageText, []byte(m)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	first, second := wsReadAnswer(t, ctx, conn), wsReadAnswer(t, ctx, conn)
+	if len(first) > 20 || len(second) != 1 {
+		t.Errorf("after a stop sent behind two requests: %d and %d messages", len(first), len(second))
+	}
+	if n := up.calls.Load() - calls; n > 1 {
+		t.Errorf("%d upstream calls for the stopped requests, want at most 1", n)
 	}
 }
 
