@@ -397,11 +397,11 @@ func normalizedBody(body []byte) ([]byte, bool) {
 // pacedReader replays a stored answer read by read, pausing as the
 // upstream did (each pause capped).
 type pacedReader struct {
-	e     *cache.Entry
-	ctx   context.Context
-	i     int // next read
-	pos   int
-	timer *time.Timer
+	e   *cache.Entry
+	ctx context.Context
+	i   int // next read
+	pos int
+	sleeper
 }
 
 func (p *pacedReader) Read(b []byte) (int, error) {
@@ -414,17 +414,8 @@ func (p *pacedReader) Read(b []byte) (int, error) {
 	}
 	if p.pos == startOf(p.e, p.i) && p.i > 0 && p.i < len(p.e.Reads) {
 		pause := min(p.e.Reads[p.i].At-p.e.Reads[p.i-1].At, maxPacedPause)
-		if pause > 0 {
-			if p.timer == nil {
-				p.timer = time.NewTimer(pause)
-			} else {
-				p.timer.Reset(pause)
-			}
-			select {
-			case <-p.timer.C:
-			case <-p.ctx.Done():
-				return 0, p.ctx.Err()
-			}
+		if !p.sleep(p.ctx, pause) {
+			return 0, p.ctx.Err()
 		}
 	}
 	n := copy(b, p.e.Body[p.pos:end])

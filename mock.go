@@ -197,10 +197,10 @@ func (m *Mock) serveChatJSON(w http.ResponseWriter, req mockRequest, id string, 
 // pacer writes events at the configured pace and stops when the client
 // leaves.
 type pacer struct {
-	w     http.ResponseWriter
-	rc    *http.ResponseController
-	r     *http.Request
-	timer *time.Timer
+	w  http.ResponseWriter
+	rc *http.ResponseController
+	r  *http.Request
+	sleeper
 }
 
 func (m *Mock) startStream(w http.ResponseWriter, r *http.Request) *pacer {
@@ -216,22 +216,7 @@ func (m *Mock) startStream(w http.ResponseWriter, r *http.Request) *pacer {
 }
 
 // wait sleeps for d; false when the client left meanwhile.
-func (p *pacer) wait(d time.Duration) bool {
-	if d <= 0 {
-		return p.r.Context().Err() == nil
-	}
-	if p.timer == nil {
-		p.timer = time.NewTimer(d)
-	} else {
-		p.timer.Reset(d)
-	}
-	select {
-	case <-p.timer.C:
-		return true
-	case <-p.r.Context().Done():
-		return false
-	}
-}
+func (p *pacer) wait(d time.Duration) bool { return p.sleep(p.r.Context(), d) }
 
 func (p *pacer) send(s string) bool {
 	if _, err := p.w.Write([]byte(s)); err != nil {

@@ -75,7 +75,7 @@ type smoothWriter struct {
 	next   time.Time // the earliest time for the next piece of text
 	buf    []byte    // the start of an event not complete yet
 	piece  []byte
-	timer  *time.Timer
+	sleeper
 }
 
 func (s *smoothWriter) WriteHeader(code int) {
@@ -155,17 +155,8 @@ func (s *smoothWriter) event(ev []byte) error {
 // paced writes b and flushes it once the interval since the last piece of
 // text has passed.
 func (s *smoothWriter) paced(b []byte) error {
-	if d := time.Until(s.next); d > 0 {
-		if s.timer == nil {
-			s.timer = time.NewTimer(d)
-		} else {
-			s.timer.Reset(d)
-		}
-		select {
-		case <-s.timer.C:
-		case <-s.ctx.Done():
-			return context.Cause(s.ctx)
-		}
+	if !s.sleep(s.ctx, time.Until(s.next)) {
+		return context.Cause(s.ctx)
 	}
 	if _, err := s.ResponseWriter.Write(b); err != nil {
 		return err
