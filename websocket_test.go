@@ -508,3 +508,27 @@ func TestWebSocketSlowReaderMemory(t *testing.T) {
 		t.Errorf("heap grew %d MB while clients read slowly", growth>>20)
 	}
 }
+
+// smooth applies to WebSocket clients: each message carries a piece.
+func TestWebSocketSmoothed(t *testing.T) {
+	up := newMockUpstream(t, 8, time.Millisecond)
+	c := startCaddy(t, `llm_stream `+up.URL+` {
+		websocket
+		smooth 2 1ms
+	}`)
+	want := assembleSSE(t, postBody(t, c.base()+"/v1/chat/completions",
+		`{"model":"mock-1","stream":true,"messages":[{"role":"user","content":"hi"}]}`, nil))
+	conn := dialWS(t, wsURL(c, "/v1/chat/completions"), nil)
+	msgs := wsAsk(t, conn, `{"model":"mock-1","messages":[{"role":"user","content":"hi"}]}`)
+	var got strings.Builder
+	for _, m := range msgs[:len(msgs)-1] {
+		piece := chunkContent(t, m)
+		if len([]rune(piece)) > 2 {
+			t.Errorf("message with %q: more than 2 characters", piece)
+		}
+		got.WriteString(piece)
+	}
+	if got.String() != want || len(msgs) < len(want)/2 {
+		t.Fatalf("smoothed over WebSocket: %q in %d messages, want %q", got.String(), len(msgs), want)
+	}
+}
