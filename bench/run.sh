@@ -49,6 +49,13 @@ http://:$MOCK {
 			stamp
 		}
 	}
+	handle_path /steady/* {
+		llm_mock {
+			tokens 500
+			interval 2ms
+			stamp
+		}
+	}
 	handle_path /slow/* {
 		llm_mock {
 			tokens 10
@@ -78,7 +85,7 @@ http://:$LLM {
 	bind 127.0.0.1
 	llm_stream http://127.0.0.1:$MOCK {
 		api_key sk-bench
-		allow_paths /paced/* /burst/* /slow/* /json/*
+		allow_paths /paced/* /burst/* /steady/* /slow/* /json/*
 	}
 }
 CF

@@ -34,6 +34,7 @@ func main() {
 	var (
 		paced  = flag.String("paced", "/paced/v1/chat/completions", "path of the 100 chunks @20ms stream")
 		burst  = flag.String("burst", "/burst/v1/chat/completions", "path of the 500 chunks, no delay stream")
+		steady = flag.String("steady", "/steady/v1/chat/completions", "path of the 500 chunks @2ms stream (a chunk a read)")
 		slow   = flag.String("slow", "/slow/v1/chat/completions", "path of the slow stream")
 		open   = flag.Int("open", 2000, "concurrent slow streams")
 		rpsDur = flag.Duration("rps-time", 4*time.Second, "duration of the requests/s scenario")
@@ -86,6 +87,13 @@ func main() {
 			rows["cpu"][i] = fmt.Sprintf("%.2f", v)
 			rows["_cpu"][i] = fmt.Sprint(v)
 		}
+		// The same count of chunks, paced so that every proxy reads one
+		// chunk at a time: without a delay, how many chunks a read holds
+		// depends on how fast each proxy happens to read.
+		for _, v := range cpuRounds(targets, *steady, 5) {
+			rows["cpusteady"] = append(rows["cpusteady"], fmt.Sprintf("%.2f", v))
+			rows["_cpusteady"] = append(rows["_cpusteady"], fmt.Sprint(v))
+		}
 	}
 	head := "| scenario (medians; proxies: added = minus direct) |"
 	sep := "|---|"
@@ -99,6 +107,7 @@ func main() {
 		{"ttft", "50 streams × 100 chunks @20 ms: TTFT p50 / p99 (ms)"},
 		{"chunk", "same: per-chunk delay p50 / p99 (ms)"},
 		{"cpu", "100 streams × 500 chunks, no delay: proxy CPU per chunk (µs, median of 9 interleaved rounds)"},
+		{"cpusteady", "100 streams × 500 chunks @2 ms (a chunk a read): proxy CPU per chunk (µs, median of 5 interleaved rounds)"},
 		{"mem", fmt.Sprintf("%d open slow streams: proxy memory per stream (KB)", *open)},
 		{"openttft", fmt.Sprintf("%d open slow streams (opened 1 per ms): TTFT p50 / p99 (ms)", *open)},
 		{"errors", "errors (all scenarios)"},
@@ -113,8 +122,8 @@ func main() {
 	}
 	if rp, ls := idx("reverse_proxy"), idx("llm_stream"); rp >= 0 && ls >= 0 {
 		f := func(k string, i int) float64 { v, _ := strconv.ParseFloat(rows[k][i], 64); return v }
-		fmt.Printf("\nllm_stream / reverse_proxy: CPU per chunk %.2f×, memory per open stream %.2f×\n",
-			f("_cpu", ls)/f("_cpu", rp), f("_mem", ls)/f("_mem", rp))
+		fmt.Printf("\nllm_stream / reverse_proxy: CPU per chunk %.2f× (no delay), %.2f× (@2 ms), memory per open stream %.2f×\n",
+			f("_cpu", ls)/f("_cpu", rp), f("_cpusteady", ls)/f("_cpusteady", rp), f("_mem", ls)/f("_mem", rp))
 	}
 }
 
