@@ -97,13 +97,7 @@ func TestWebSocketAnswersAsDeltas(t *testing.T) {
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		websocket
 	}`)
-	// The reference: the same question over HTTP.
-	want := assembleSSE(t, postBody(t, c.base()+"/v1/chat/completions",
-		`{"model":"mock-1","stream":true,"messages":[{"role":"user","content":"hi"}]}`, nil))
-
-	conn := dialWS(t, wsURL(c, "/v1/chat/completions"), nil)
-	// A body without "stream" is streamed all the same.
-	msgs := wsAsk(t, conn, `{"model":"mock-1","messages":[{"role":"user","content":"hi"}]}`)
+	want, conn, msgs := askBothWays(t, c)
 	var got strings.Builder
 	for _, m := range msgs[:len(msgs)-1] {
 		got.WriteString(chunkContent(t, m))
@@ -125,6 +119,18 @@ func TestWebSocketAnswersAsDeltas(t *testing.T) {
 		t.Errorf("upstream calls %d, want 5", n)
 	}
 	c.waitLog(`"usage_status":"exact"`)
+}
+
+// askBothWays asks the same question over HTTP (the reference answer) and
+// over a WebSocket, with a body that does not say "stream" (streamed all
+// the same), and returns the HTTP answer's text, the socket and its
+// messages.
+func askBothWays(t testing.TB, c *instance) (string, *websocket.Conn, []string) {
+	t.Helper()
+	want := assembleSSE(t, postBody(t, c.base()+"/v1/chat/completions",
+		`{"model":"mock-1","stream":true,"messages":[{"role":"user","content":"hi"}]}`, nil))
+	conn := dialWS(t, wsURL(c, "/v1/chat/completions"), nil)
+	return want, conn, wsAsk(t, conn, `{"model":"mock-1","messages":[{"role":"user","content":"hi"}]}`)
 }
 
 // assembleSSE reads an OpenAI event stream and returns its content.
@@ -516,10 +522,7 @@ func TestWebSocketSmoothed(t *testing.T) {
 		websocket
 		smooth 2 1ms
 	}`)
-	want := assembleSSE(t, postBody(t, c.base()+"/v1/chat/completions",
-		`{"model":"mock-1","stream":true,"messages":[{"role":"user","content":"hi"}]}`, nil))
-	conn := dialWS(t, wsURL(c, "/v1/chat/completions"), nil)
-	msgs := wsAsk(t, conn, `{"model":"mock-1","messages":[{"role":"user","content":"hi"}]}`)
+	want, _, msgs := askBothWays(t, c)
 	var got strings.Builder
 	for _, m := range msgs[:len(msgs)-1] {
 		piece := chunkContent(t, m)
