@@ -43,7 +43,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	if h.isStopPath(r.URL.Path) {
 		return h.serveStop(w, r, owner)
 	}
-	if h.WebSocket != nil && h.isWebSocketPath(r.URL.Path, r) {
+	if h.WebSocket != nil && h.forWebSocket(r) {
 		return h.serveWebSocket(w, r)
 	}
 	if !h.pathAllowed(r.URL.Path) {
@@ -102,7 +102,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		h.cacheAbandon(cs)
 		return h.reject(w, in.model, aerr)
 	}
-	r, gen, release := h.stoppable(r, id, owner)
+	r, release := h.stoppable(r, id, owner)
 	defer release()
 	w = h.smoothing(w, r.Context())
 	u := new(usage)
@@ -119,9 +119,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		rl.tee, rl.teeStart = cs.lead, time.Now()
 	}
 	defer rl.stop()
-	if gen != nil {
-		gen.watch(rl)
-	}
 	metrics.openStreams.Inc()
 	defer metrics.openStreams.Dec()
 
@@ -133,7 +130,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	if cs.serving() {
 		last = h.replay(r, in, rl, cs)
 	}
-	for n := 0; n <= *h.Retries && !last.done && !gen.isStopped(); n++ {
+	for n := 0; n <= *h.Retries && !last.done && !stopped(r); n++ {
 		at = p.next(switchKey)
 		if n > 0 && at.reused && !h.backoff(r.Context(), n, last.retryAfter) {
 			break // the client left while we waited
@@ -152,9 +149,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 			metrics.failovers.WithLabelValues(at.up.URL).Inc()
 		}
 	}
-	stopped := gen.isStopped() && !last.complete
+	wasStopped := stopped(r) && !last.complete
 	switch {
-	case stopped:
+	case wasStopped:
 		rl.stop()
 		rl.endStopped(r.URL.Path, in.stream)
 		metrics.stops.Inc()
@@ -174,7 +171,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	h.cacheFinish(cs, &last)
 	metrics.interToken.merge(rl.model, &rl.gaps)
 	u.finish(last.complete)
-	if stopped {
+	if wasStopped {
 		u.estimate(in, rl)
 	}
 	if last.cached && u.status != usageAbsent {
@@ -243,9 +240,12 @@ func (h *Handler) try(r *http.Request, in *inbound, rl *relay, at attempt) attem
 			}
 		}
 		stop := context.AfterFunc(r.Context(), func() {
-			if shared {
+			switch {
+			case stopped(r):
+				cancel(errStopped) // a stop ends the upstream at once, for a flight's followers too
+			case shared:
 				rl.tee.LeaderLeft(leave) // once no follower needs the answer
-			} else {
+			default:
 				leave()
 			}
 		})

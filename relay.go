@@ -60,7 +60,6 @@ type relay struct {
 
 	mu           sync.Mutex
 	cancel       context.CancelCauseFunc // the current attempt's
-	aborted      error                   // why every attempt is cancelled (a stop)
 	attemptStart time.Time
 	wroteBody    bool // some upstream body bytes reached the client
 	done         bool
@@ -234,19 +233,6 @@ func (rl *relay) setAttempt(cancel context.CancelCauseFunc) {
 	rl.cancel = cancel
 	rl.attemptStart = time.Now()
 	rl.reading = false
-	if rl.aborted != nil {
-		cancel(rl.aborted)
-	}
-	rl.mu.Unlock()
-}
-
-// abort cancels the current attempt and every later one with cause.
-func (rl *relay) abort(cause error) {
-	rl.mu.Lock()
-	rl.aborted = cause
-	if rl.cancel != nil {
-		rl.cancel(cause)
-	}
 	rl.mu.Unlock()
 }
 

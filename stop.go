@@ -7,7 +7,6 @@ import (
 	"errors"
 	"net/http"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/stop"
@@ -48,97 +47,26 @@ func newID() string {
 	return hex.EncodeToString(b[:])
 }
 
-// generation is a request that may be stopped before its answer ends. A
-// stop cancels the request's context (for the waits before an attempt) and
-// the current attempt (which outlives the request context while draining or
-// sharing its answer with a cache flight); no further attempt starts.
-type generation struct {
-	cancel context.CancelCauseFunc
-
-	mu      sync.Mutex
-	rl      *relay
-	stopped bool
+// stopped reports whether r's generation was stopped: its context ends
+// with errStopped. A stop cancels that context, which ends the waits before
+// an attempt and the attempt itself (try cancels an attempt that outlives
+// the request context, while draining or sharing a cache flight, when the
+// cause is a stop), and no further attempt starts.
+func stopped(r *http.Request) bool {
+	return errors.Is(context.Cause(r.Context()), errStopped)
 }
 
-func (g *generation) stop() {
-	g.mu.Lock()
-	g.stopped = true
-	rl := g.rl
-	g.mu.Unlock()
-	g.cancel(errStopped)
-	if rl != nil {
-		rl.abort(errStopped)
-	}
-}
-
-func (g *generation) isStopped() bool {
-	if g == nil {
-		return false
-	}
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return g.stopped
-}
-
-// watch makes a stop reach rl's attempts.
-func (g *generation) watch(rl *relay) {
-	g.mu.Lock()
-	g.rl = rl
-	stopped := g.stopped
-	g.mu.Unlock()
-	if stopped {
-		rl.abort(errStopped)
-	}
-}
-
-// stopHook lets the WebSocket bridge stop the generation of the request it
-// hands to ServeHTTP.
-type stopHook struct {
-	mu  sync.Mutex
-	gen *generation
-	set bool // stop was asked before the generation started
-}
-
-type stopHookKey struct{}
-
-func (s *stopHook) attach(g *generation) {
-	s.mu.Lock()
-	s.gen = g
-	early := s.set
-	s.mu.Unlock()
-	if early {
-		g.stop()
-	}
-}
-
-func (s *stopHook) stop() {
-	s.mu.Lock()
-	g := s.gen
-	s.set = true
-	s.mu.Unlock()
-	if g != nil {
-		g.stop()
-	}
-}
-
-// stoppable makes r's generation stoppable when stop_endpoint is set or the
-// WebSocket bridge asks for it, returning the request to use from now on.
-// The caller must call the returned release when the request ends.
-func (h *Handler) stoppable(r *http.Request, id, owner string) (*http.Request, *generation, func()) {
-	hook, _ := r.Context().Value(stopHookKey{}).(*stopHook)
-	if h.StopEndpoint == "" && hook == nil {
-		return r, nil, func() {}
+// stoppable registers r's generation with stop_endpoint, when set,
+// returning the request to use from now on and the release to call when
+// it ends. (A WebSocket message's request is stopped by the bridge, which
+// cancels its context with errStopped itself.)
+func (h *Handler) stoppable(r *http.Request, id, owner string) (*http.Request, func()) {
+	if h.StopEndpoint == "" {
+		return r, func() {}
 	}
 	ctx, cancel := context.WithCancelCause(r.Context())
-	g := &generation{cancel: cancel}
-	remove := func() {}
-	if h.StopEndpoint != "" {
-		remove = stop.Add(id, owner, g.stop)
-	}
-	if hook != nil {
-		hook.attach(g)
-	}
-	return r.WithContext(ctx), g, func() {
+	remove := stop.Add(id, owner, func() { cancel(errStopped) })
+	return r.WithContext(ctx), func() {
 		remove()
 		cancel(nil)
 	}

@@ -24,7 +24,8 @@ import (
 // taken as one user message to DefaultModel); the answer comes back as one
 // text message per streamed event (the upstream's chunk JSON, unchanged),
 // then a final `[DONE]` message. A message `{"type":"stop"}` stops the
-// answer in progress at once. Messages are answered one after another.
+// answer in progress at once, and those still queued (they get `[DONE]`
+// alone). Messages are answered one after another.
 // Each one is handled like an HTTP request from the same client: the same
 // authentication (from the upgrade request's headers), limits, key
 // injection, usage accounting and logs.
@@ -79,11 +80,11 @@ func (h *Handler) provisionWebSocket() error {
 	return nil
 }
 
-// isWebSocketPath reports whether the request is for the bridge: an
-// upgrade, or any request to the configured path.
-func (h *Handler) isWebSocketPath(path string, r *http.Request) bool {
+// forWebSocket reports whether the request is for the bridge: an upgrade,
+// or any request to the configured path.
+func (h *Handler) forWebSocket(r *http.Request) bool {
 	if h.WebSocket.Path != "" {
-		return path == h.WebSocket.Path
+		return r.URL.Path == h.WebSocket.Path
 	}
 	return isUpgrade(r)
 }
@@ -96,7 +97,10 @@ func isUpgrade(r *http.Request) bool {
 type wsMessage struct {
 	body []byte    // a request body, or
 	err  *apiError // why the message cannot be answered
-	hook *stopHook // stops its answer
+	// the context its request is answered in; a stop message cancels it
+	// with errStopped
+	ctx  context.Context
+	stop context.CancelCauseFunc
 }
 
 // serveWebSocket accepts the upgrade and answers the socket's messages
@@ -124,8 +128,8 @@ func (h *Handler) serveWebSocket(w http.ResponseWriter, r *http.Request) error {
 	// A stop message stops every request received before it: the one
 	// being answered and those still queued (they end with [DONE] alone).
 	var mu sync.Mutex
-	unanswered := map[*stopHook]bool{}
-	queue := make(chan wsMessage, wsQueue)
+	unanswered := map[*wsMessage]bool{}
+	queue := make(chan *wsMessage, wsQueue)
 	go func() {
 		defer close(queue)
 		defer cancel() // the socket is gone: so is the answer in progress
@@ -137,16 +141,16 @@ func (h *Handler) serveWebSocket(w http.ResponseWriter, r *http.Request) error {
 			msg := h.wsParse(typ, data)
 			if msg.body == nil && msg.err == nil { // {"type":"stop"}
 				mu.Lock()
-				for hook := range unanswered {
-					hook.stop()
+				for m := range unanswered {
+					m.stop(errStopped)
 				}
 				mu.Unlock()
 				continue
 			}
 			if msg.body != nil {
-				msg.hook = new(stopHook)
+				msg.ctx, msg.stop = context.WithCancelCause(ctx)
 				mu.Lock()
-				unanswered[msg.hook] = true
+				unanswered[msg] = true
 				mu.Unlock()
 			}
 			select {
@@ -166,13 +170,19 @@ func (h *Handler) serveWebSocket(w http.ResponseWriter, r *http.Request) error {
 	}
 	for msg := range queue {
 		ww := &wsWriter{conn: c, ctx: ctx, hdr: http.Header{}, writeTimeout: time.Duration(h.IdleTimeout)}
-		if msg.err != nil {
+		switch {
+		case msg.err != nil:
 			ww.send(msg.err.body())
-		} else {
-			_ = h.ServeHTTP(ww, wsRequest(ctx, r, path, msg.body, msg.hook), nil)
+		case errors.Is(context.Cause(msg.ctx), errStopped):
+			// stopped while queued: [DONE] alone, nothing sent upstream
+		default:
+			_ = h.ServeHTTP(ww, wsRequest(msg.ctx, r, path, msg.body), nil)
+		}
+		if msg.stop != nil {
 			mu.Lock()
-			delete(unanswered, msg.hook)
+			delete(unanswered, msg)
 			mu.Unlock()
+			msg.stop(nil)
 		}
 		if err := ww.finish(); err != nil {
 			return nil
@@ -208,20 +218,20 @@ func (h *Handler) wsPing(ctx context.Context, c *websocket.Conn, d time.Duration
 
 // wsParse turns a message into a request body: a JSON object is a request
 // (made a streaming one unless it says otherwise), other text a user
-// message. It returns a zero wsMessage for a stop message.
-func (h *Handler) wsParse(typ websocket.MessageType, data []byte) wsMessage {
+// message. It returns an empty wsMessage for a stop message.
+func (h *Handler) wsParse(typ websocket.MessageType, data []byte) *wsMessage {
 	if typ != websocket.MessageText {
-		return wsMessage{err: &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: "unsupported_message",
+		return &wsMessage{err: &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: "unsupported_message",
 			Message: "send text messages: a chat-completions JSON body, or plain text"}}
 	}
 	text := bytes.TrimSpace(data)
 	if len(text) == 0 {
-		return wsMessage{err: &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: "empty_message",
+		return &wsMessage{err: &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: "empty_message",
 			Message: "the message is empty"}}
 	}
 	if text[0] != '{' {
 		if h.WebSocket.DefaultModel == "" {
-			return wsMessage{err: &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: "model_required",
+			return &wsMessage{err: &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: "model_required",
 				Message: "plain-text messages need a default model (websocket default_model); send a JSON body with a model"}}
 		}
 		body, _ := json.Marshal(map[string]any{
@@ -229,17 +239,17 @@ func (h *Handler) wsParse(typ websocket.MessageType, data []byte) wsMessage {
 			"stream":   true,
 			"messages": []map[string]string{{"role": "user", "content": string(text)}},
 		})
-		return wsMessage{body: body}
+		return &wsMessage{body: body}
 	}
 	var probe struct {
 		Type string `json:"type"`
 	}
 	if err := json.Unmarshal(text, &probe); err != nil {
-		return wsMessage{err: &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: "invalid_json",
+		return &wsMessage{err: &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: "invalid_json",
 			Message: "the message is not valid JSON: " + err.Error()}}
 	}
 	if probe.Type == "stop" {
-		return wsMessage{}
+		return &wsMessage{}
 	}
 	if s, _ := topLevelValue(text, "stream"); s < 0 {
 		i := bytes.IndexByte(text, '{') + 1
@@ -250,7 +260,7 @@ func (h *Handler) wsParse(typ websocket.MessageType, data []byte) wsMessage {
 		}
 		text = append([]byte(`{"stream":true`+sep), text[i:]...)
 	}
-	return wsMessage{body: text}
+	return &wsMessage{body: text}
 }
 
 // requestIDKey carries the id of a request made from a WebSocket message:
@@ -260,8 +270,7 @@ type requestIDKey struct{}
 // wsRequest makes the request a message is answered as: the upgrade
 // request's client, headers (credentials included) and Caddy context, with
 // the message as a POST body.
-func wsRequest(ctx context.Context, up *http.Request, path string, body []byte, hook *stopHook) *http.Request {
-	ctx = context.WithValue(ctx, stopHookKey{}, hook)
+func wsRequest(ctx context.Context, up *http.Request, path string, body []byte) *http.Request {
 	ctx = context.WithValue(ctx, requestIDKey{}, newID())
 	if vars, ok := ctx.Value(caddyhttp.VarsCtxKey).(map[string]any); ok {
 		ctx = context.WithValue(ctx, caddyhttp.VarsCtxKey, maps.Clone(vars))
