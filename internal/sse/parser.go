@@ -76,6 +76,10 @@ func (p *Parser) Ends() (first, last int) { return p.first, p.last }
 // Feed observes the next bytes of the stream.
 func (p *Parser) Feed(b []byte) {
 	p.first, p.last = -1, -1
+	if !p.pendingCR && bytes.IndexByte(b, '\r') < 0 {
+		p.feedLF(b)
+		return
+	}
 	n := len(b)
 	for len(b) > 0 {
 		if p.pendingCR {
@@ -106,6 +110,26 @@ func (p *Parser) Feed(b []byte) {
 	}
 }
 
+// feedLF is Feed for bytes with no CR in them, what nearly every stream
+// sends: one search per line, for its LF.
+func (p *Parser) feedLF(b []byte) {
+	for off := 0; off < len(b); {
+		end := off // a blank line, or the end of a line begun in an earlier Feed
+		if b[off] != '\n' {
+			i := bytes.IndexByte(b[off:], '\n')
+			if i < 0 {
+				p.consume(b[off:])
+				return
+			}
+			end += i
+			p.consume(b[off:end])
+		}
+		off = end + 1
+		p.pos = off
+		p.endLine()
+	}
+}
+
 // LineEnd returns the index of the first CR or LF in b, or -1.
 func LineEnd(b []byte) int {
 	n := bytes.IndexByte(b, '\n')
@@ -133,6 +157,12 @@ func (p *Parser) consume(b []byte) {
 	}
 	if p.comment {
 		return
+	}
+	if !p.nameDone && p.nameLen == 0 && bytes.HasPrefix(b, dataField) {
+		// the commonest line, named without a search for its colon
+		p.nameLen = copy(p.name[:], "data")
+		p.nameDone = true
+		b = b[len(dataField):]
 	}
 	if !p.nameDone {
 		i := bytes.IndexByte(b, ':')
@@ -220,7 +250,10 @@ func (p *Parser) endLine() {
 	}
 }
 
-var newline = []byte{'\n'}
+var (
+	newline   = []byte{'\n'}
+	dataField = []byte("data:")
+)
 
 func (p *Parser) dispatch() {
 	if !p.eventOpen {

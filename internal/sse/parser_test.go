@@ -155,6 +155,9 @@ func FuzzParser(f *testing.F) {
 	f.Add("data: {\"a\":1}\n\ndata: [DONE]\n\n", uint8(3))
 	f.Add("event: x\r\ndata: y\r\n\r\n: c\n\n", uint8(1))
 	f.Add("data: a\rdata: b\r\r", uint8(7))
+	// LF-only reads take a faster path; these cross between the two
+	f.Add("data: x\n\nevent: e\ndata:y\n\n: c\ndata\ndat\n\ndata: [DONE]\n\n", uint8(2))
+	f.Add("data: a\r\n\r\ndata: b\n\ndata: c\r\rdata:d\n\n", uint8(5))
 	f.Fuzz(func(t *testing.T, in string, step uint8) {
 		want, boundary := reference(in)
 		var cuts []int
