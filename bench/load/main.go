@@ -74,25 +74,23 @@ func main() {
 		}
 		add("ttft", rel(r.ttftP50, direct.ttftP50)+" / "+rel(r.ttftP99, direct.ttftP99))
 		add("chunk", rel(r.chunkP50, direct.chunkP50)+" / "+rel(r.chunkP99, direct.chunkP99))
-		add("cpu", fmt.Sprintf("%.2f", r.cpuPerChunk))
+		add("cpu", "-") // measured below, in interleaved rounds
 		add("mem", fmt.Sprintf("%.1f", r.memPerStream))
 		add("openttft", rel(r.openTTFTP50, direct.openTTFTP50)+" / "+rel(r.openTTFTP99, direct.openTTFTP99))
 		add("errors", strconv.Itoa(r.errors))
 		add("rps", fmt.Sprintf("%.0f", r.rps))
-		rows["_cpu"] = append(rows["_cpu"], fmt.Sprint(r.cpuPerChunk))
 		rows["_mem"] = append(rows["_mem"], fmt.Sprint(r.memPerStream))
 	}
+	var burstRounds, steadyRounds [][]float64
 	if enabled("burst") {
-		for i, v := range cpuRounds(targets, *burst, 9) {
-			rows["cpu"][i] = fmt.Sprintf("%.2f", v)
-			rows["_cpu"][i] = fmt.Sprint(v)
-		}
+		burstRounds = cpuRounds(targets, *burst, cpuBurstRounds)
 		// The same count of chunks, paced so that every proxy reads one
 		// chunk at a time: without a delay, how many chunks a read holds
 		// depends on how fast each proxy happens to read.
-		for _, v := range cpuRounds(targets, *steady, 5) {
-			rows["cpusteady"] = append(rows["cpusteady"], fmt.Sprintf("%.2f", v))
-			rows["_cpusteady"] = append(rows["_cpusteady"], fmt.Sprint(v))
+		steadyRounds = cpuRounds(targets, *steady, cpuSteadyRounds)
+		for i := range targets {
+			rows["cpu"][i] = fmt.Sprintf("%.2f", median(burstRounds[i]))
+			rows["cpusteady"] = append(rows["cpusteady"], fmt.Sprintf("%.2f", median(steadyRounds[i])))
 		}
 	}
 	head := "| scenario (medians; proxies: added = minus direct) |"
@@ -106,8 +104,8 @@ func main() {
 	labels := []struct{ key, text string }{
 		{"ttft", "50 streams × 100 chunks @20 ms: TTFT p50 / p99 (ms)"},
 		{"chunk", "same: per-chunk delay p50 / p99 (ms)"},
-		{"cpu", "100 streams × 500 chunks, no delay: proxy CPU per chunk (µs, median of 9 interleaved rounds)"},
-		{"cpusteady", "100 streams × 500 chunks @2 ms (a chunk a read): proxy CPU per chunk (µs, median of 5 interleaved rounds)"},
+		{"cpu", fmt.Sprintf("100 streams × 500 chunks, no delay: proxy CPU per chunk (µs, median of %d interleaved rounds)", cpuBurstRounds)},
+		{"cpusteady", fmt.Sprintf("100 streams × 500 chunks @2 ms (a chunk a read): proxy CPU per chunk (µs, median of %d interleaved rounds)", cpuSteadyRounds)},
 		{"mem", fmt.Sprintf("%d open slow streams: proxy memory per stream (KB)", *open)},
 		{"openttft", fmt.Sprintf("%d open slow streams (opened 1 per ms): TTFT p50 / p99 (ms)", *open)},
 		{"errors", "errors (all scenarios)"},
@@ -122,14 +120,25 @@ func main() {
 	}
 	if rp, ls := idx("reverse_proxy"), idx("llm_stream"); rp >= 0 && ls >= 0 {
 		f := func(k string, i int) float64 { v, _ := strconv.ParseFloat(rows[k][i], 64); return v }
-		fmt.Printf("\nllm_stream / reverse_proxy: CPU per chunk %.2f× (no delay), %.2f× (@2 ms), memory per open stream %.2f×\n",
-			f("_cpu", ls)/f("_cpu", rp), f("_cpusteady", ls)/f("_cpusteady", rp), f("_mem", ls)/f("_mem", rp))
+		fmt.Printf("\nllm_stream / reverse_proxy: memory per open stream %.2f×\n", f("_mem", ls)/f("_mem", rp))
+		if burstRounds != nil {
+			// Each round's ratio, both proxies measured under the same
+			// load: steadier than a ratio of medians on a shared machine.
+			for _, c := range []struct {
+				name   string
+				rounds [][]float64
+			}{{"no delay", burstRounds}, {"@2 ms", steadyRounds}} {
+				m, lo, hi := pairedRatio(c.rounds[ls], c.rounds[rp])
+				fmt.Printf("llm_stream / reverse_proxy: CPU per chunk, %s: %.2f× (median of %d rounds' ratios; range %.2f–%.2f×)\n",
+					c.name, m, len(c.rounds[ls]), lo, hi)
+			}
+		}
 	}
 }
 
 type result struct {
 	ttftP50, ttftP99, chunkP50, chunkP99 float64
-	cpuPerChunk, memPerStream            float64
+	memPerStream                         float64
 	openTTFTP50, openTTFTP99             float64
 	errors                               int
 	rps                                  float64
@@ -378,46 +387,80 @@ func runAll(t target, paced, burst, slow string, open int, rpsDur time.Duration)
 	return r
 }
 
+// Rounds of the CPU scenarios. A no-delay round takes about 0.15 s per
+// target, and a single one swings by ±30% with what else the machine does
+// (a garbage collection, the load tool's own scheduling): many rounds make
+// the median steady. A paced round takes about 1.2 s and swings far less.
+const (
+	cpuBurstRounds  = 61
+	cpuSteadyRounds = 5
+)
+
 // runtimeSettle gives the proxies' garbage collectors a moment after the
 // burst scenario, so the baseline is not taken mid-collection.
 func runtimeSettle() { time.Sleep(2 * time.Second) }
 
 // cpuRounds measures proxy CPU time per relayed chunk for 100 streams of
-// 500 unpaced chunks, in rounds that take the targets in turn, so that
-// changes in the machine's load hit every target alike; it returns each
-// target's median.
-func cpuRounds(targets []target, burst string, rounds int) []float64 {
+// 500 chunks, in rounds that take the targets in turn, so that changes in
+// the machine's load hit every target alike, and in reverse order every
+// other round, so that no target always runs right after another one; it
+// returns each target's value per round (0 for a target with no process to
+// measure).
+func cpuRounds(targets []target, path string, rounds int) [][]float64 {
 	per := make([][]float64, len(targets))
+	for i := range per {
+		per[i] = make([]float64, rounds)
+	}
 	ctx := context.Background()
 	for round := 0; round < rounds; round++ {
-		for i, t := range targets {
-			if len(t.pids) == 0 {
-				per[i] = append(per[i], 0)
-				continue
+		for j := range targets {
+			i := j
+			if round%2 == 1 {
+				i = len(targets) - 1 - j
 			}
+			t := targets[i]
+			v := 0.0
 			var chunks atomic.Int64
 			var wg sync.WaitGroup
 			cpu0 := cpuSeconds(t.pids)
-			for s := 0; s < 100; s++ {
+			for s := 0; s < 100 && len(t.pids) > 0; s++ {
 				wg.Add(1)
 				go func() {
 					defer wg.Done()
-					_, _, n, _ := stream(ctx, t.url+burst, nil)
+					_, _, n, _ := stream(ctx, t.url+path, nil)
 					chunks.Add(int64(n))
 				}()
 			}
 			wg.Wait()
 			if n := chunks.Load(); n > 0 {
-				per[i] = append(per[i], (cpuSeconds(t.pids)-cpu0)/float64(n)*1e6)
+				v = (cpuSeconds(t.pids) - cpu0) / float64(n) * 1e6
 			}
+			per[i][round] = v
 		}
 	}
-	out := make([]float64, len(targets))
-	for i, v := range per {
-		if len(v) > 0 {
-			slices.Sort(v)
-			out[i] = v[len(v)/2]
+	return per
+}
+
+// median returns the median of v (0 for none).
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	v = slices.Sorted(slices.Values(v))
+	return v[len(v)/2]
+}
+
+// pairedRatio compares a with b round by round (both measured under the
+// same machine load): the median of a[i]/b[i], and the smallest and largest.
+func pairedRatio(a, b []float64) (med, lo, hi float64) {
+	var r []float64
+	for i := range min(len(a), len(b)) {
+		if b[i] > 0 {
+			r = append(r, a[i]/b[i])
 		}
 	}
-	return out
+	if len(r) == 0 {
+		return 0, 0, 0
+	}
+	return median(r), slices.Min(r), slices.Max(r)
 }
