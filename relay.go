@@ -86,8 +86,11 @@ type relay struct {
 	pend    []byte
 	pendCut bool
 	pendCR  bool // pend ends with a CR whose LF may come next: scanEvents
-	// the writes of one read, flushed once
+	// the writes of one read, flushed once; run is what emit has not
+	// written yet: slices that follow each other in memory go out as one
+	// write
 	emitted bool
+	run     []byte
 	werr    error
 
 	model         string    // the model's metrics label
@@ -362,17 +365,24 @@ func (rl *relay) copyBody(body io.Reader, drain bool) outcome {
 	var out outcome
 	bp := smallPool.Get().(*[]byte)
 	pool := &smallPool
-	defer func() { pool.Put(bp) }()
+	defer func() {
+		rl.mu.Lock()
+		rl.detachPend(*bp)
+		rl.mu.Unlock()
+		pool.Put(bp)
+	}()
 	for {
 		buf := *bp
-		n, rerr := body.Read(buf)
+		off := rl.carry(buf)
+		n, rerr := body.Read(buf[off:])
 		if n > 0 {
+			b := buf[off : off+n]
 			if rl.tee != nil {
-				rl.tee.Append(buf[:n], time.Since(rl.teeStart))
+				rl.tee.Append(b, time.Since(rl.teeStart))
 			}
 			rl.mu.Lock()
 			rl.lastRead = time.Now()
-			werr := rl.write(buf[:n])
+			werr := rl.write(b)
 			if rl.paced {
 				rl.lastRead = time.Now()
 			}
@@ -392,10 +402,14 @@ func (rl *relay) copyBody(body io.Reader, drain bool) outcome {
 				rl.discarding = true
 				rl.mu.Unlock()
 			}
-			if n == len(buf) && pool == &smallPool {
+			if off+n == len(buf) && pool == &smallPool {
 				// A burst: move to the large buffer for the rest.
+				large := largePool.Get().(*[]byte)
+				rl.mu.Lock()
+				rl.detachPend(buf)
+				rl.mu.Unlock()
 				smallPool.Put(bp)
-				bp, pool = largePool.Get().(*[]byte), &largePool
+				bp, pool = large, &largePool
 			}
 		}
 		if rerr == io.EOF {
@@ -424,6 +438,32 @@ func (rl *relay) copyBody(body io.Reader, drain bool) outcome {
 			out.err = rerr
 			return out
 		}
+	}
+}
+
+// carry moves the start of the event left open by the last read (pend) to
+// the front of buf and returns where the next read goes: right after it, so
+// that the event, once complete, and the events after it leave in one
+// write. An open event too long to share the buffer stays where it is.
+// Only the relay loop changes pend, so this needs no lock.
+func (rl *relay) carry(buf []byte) int {
+	n := len(rl.pend)
+	if n == 0 || n > len(buf)/2 {
+		rl.detachPend(buf)
+		return 0
+	}
+	if &rl.pend[0] != &buf[0] {
+		copy(buf, rl.pend)
+	}
+	rl.pend = buf[:n]
+	return n
+}
+
+// detachPend gives pend storage of its own when it lives in buf, before
+// buf is read into or given back.
+func (rl *relay) detachPend(buf []byte) {
+	if cap(rl.pend) > 0 && &rl.pend[:1][0] == &buf[0] {
+		rl.pend = append([]byte(nil), rl.pend...)
 	}
 }
 
@@ -470,10 +510,25 @@ func (rl *relay) emit(b []byte) {
 	rl.lastByte = b[len(b)-1]
 	rl.wroteBody = true
 	rl.emitted = true
-	_, rl.werr = rl.w.Write(b)
+	if n := len(rl.run); n > 0 && cap(rl.run) > n && &rl.run[:n+1][n] == &b[0] {
+		rl.run = rl.run[:n+len(b)] // b follows the run in memory
+		return
+	}
+	rl.writeRun()
+	rl.run = b
+}
+
+// writeRun writes what emit has kept back. It must run before the bytes
+// under the run change: before pend is refilled and before the flush.
+func (rl *relay) writeRun() {
+	if len(rl.run) > 0 && rl.werr == nil {
+		_, rl.werr = rl.w.Write(rl.run)
+	}
+	rl.run = nil
 }
 
 func (rl *relay) flushOut() error {
+	rl.writeRun()
 	err := rl.werr
 	if rl.emitted && err == nil {
 		rl.lastWrite = rl.lastRead
@@ -544,7 +599,7 @@ func (rl *relay) writeEvents(b []byte) error {
 	case filter:
 		rl.emit(mid)
 	}
-	rl.pend, rl.pendCut = append(rl.pend[:0], b[last:]...), false
+	rl.keepTail(b[last:])
 	return rl.endEvents(err)
 }
 
@@ -568,12 +623,20 @@ func (rl *relay) scanEvents(b []byte, filter bool) error {
 		err = rl.passEvent(data[start:end], filter)
 		start = end
 	}
-	rl.pend, rl.pendCut = append(rl.pend[:0], data[start:]...), false
+	rl.keepTail(data[start:])
 	rl.pendCR = len(rl.pend) > 0 && rl.parser.AtBoundary()
 	if err == nil && len(rl.pend) > sse.MaxEventData {
 		rl.keepOpen(nil, filter)
 	}
 	return rl.endEvents(err)
+}
+
+// keepTail keeps t, the start of an event that has not ended, as pend,
+// at the front of pend's storage (where carry expects it). What emit kept
+// back is written first: pend's storage may lie under it.
+func (rl *relay) keepTail(t []byte) {
+	rl.writeRun()
+	rl.pend, rl.pendCut = append(rl.pend[:0], t...), false
 }
 
 // endEvents flushes what a read wrote; an error (a deny-word match) drops
@@ -682,8 +745,22 @@ func eventFields(ev []byte) (name, data []byte) {
 }
 
 // eventEnd returns the index after the blank line that ends the event
-// starting at from, or -1.
+// starting at from, or -1. from is at the start of a line: a line ending
+// there is itself the blank line (one that ends comments, or the first
+// half of a CRLF whose other half came in a read of its own).
 func eventEnd(b []byte, from int) int {
+	if from < len(b) && (b[from] == '\n' || b[from] == '\r') {
+		k := from + 1
+		if b[from] == '\r' {
+			if k == len(b) {
+				return -1 // "\r" may still be followed by "\n"
+			}
+			if b[k] == '\n' {
+				k++
+			}
+		}
+		return k
+	}
 	for i := from; i < len(b); i++ {
 		if b[i] != '\n' && b[i] != '\r' {
 			j := sse.LineEnd(b[i:])

@@ -152,8 +152,32 @@ func (s *splitReader) Read(p []byte) (int, error) {
 	return n, nil
 }
 
+// TestHideUsageWithCommentsAcrossReads cuts a CRLF stream whose usage
+// chunk follows a comment into three reads at every pair of places: the
+// blank line that ends the comment must reach the client even when its CR
+// and LF arrive in reads of their own (it was once dropped with the usage
+// chunk that followed it).
+func TestHideUsageWithCommentsAcrossReads(t *testing.T) {
+	chunk := "data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}],\"usage\":null}\r\n\r\n"
+	usageChunk := "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,\"total_tokens\":7}}\r\n\r\n"
+	stream := chunk + ": keep-alive\r\n\r\n" + usageChunk + "data: [DONE]\r\n\r\n"
+	want := chunk + ": keep-alive\r\n\r\n" + "data: [DONE]\r\n\r\n"
+	for a := 1; a < len(stream); a++ {
+		for b := a + 1; b < len(stream); b++ {
+			w := &recordWriter{discardWriter: discardWriter{hdr: http.Header{}}}
+			rl := newRelay(w, &Handler{Heartbeat: -1}, true)
+			rl.usage, rl.hideUsage, rl.frame, rl.reading = new(usage), true, frameSSE, true
+			rl.copyBody(&splitReader{parts: []string{stream[:a], stream[a:b], stream[b:]}}, false)
+			if string(w.got) != want {
+				t.Fatalf("cuts %q | %q | %q:\ngot  %q", stream[:a], stream[a:b], stream[b:], w.got)
+			}
+		}
+	}
+}
+
 // TestEventsAcrossRandomReads relays random event streams (LF, CRLF and CR
-// line endings, comments, named events) cut into random reads, with usage
+// line endings, comments, named events, events longer than the relay's read
+// buffers) cut into random reads, with usage
 // reading alone, with the include_usage chunk hidden, and with deny words
 // that never match, and checks the bytes the client gets and the usage read.
 func TestEventsAcrossRandomReads(t *testing.T) {
@@ -169,10 +193,12 @@ func TestEventsAcrossRandomReads(t *testing.T) {
 				hidden.WriteString(ev)
 			}
 		}
-		for i := range rng.IntN(8) {
-			switch rng.IntN(4) {
+		for i := range rng.IntN(12) {
+			switch rng.IntN(5) {
 			case 0:
 				add(": keep-alive\n\n", true)
+			case 4: // longer than half a small read buffer, at times than a large one
+				add(fmt.Sprintf("data: {\"choices\":[{\"delta\":{\"content\":\"%s\"}}],\"usage\":null}\n\n", strings.Repeat("long ", rng.IntN(8000))), true)
 			case 1:
 				add("event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":3}}}\n\n", true)
 			default:
@@ -183,8 +209,9 @@ func TestEventsAcrossRandomReads(t *testing.T) {
 		add("data: [DONE]\n\n", true)
 		in := stream.String()
 		var parts []string
+		maxRead := []int{120, 3000, 50000}[rng.IntN(3)] // large reads move the relay to its large buffer
 		for rest := in; len(rest) > 0; {
-			n := min(len(rest), 1+rng.IntN(120))
+			n := min(len(rest), 1+rng.IntN(maxRead))
 			parts, rest = append(parts, rest[:n]), rest[n:]
 		}
 		for _, mode := range []string{"usage", "hide", "deny"} {
@@ -202,14 +229,65 @@ func TestEventsAcrossRandomReads(t *testing.T) {
 			out := rl.copyBody(&splitReader{parts: append([]string(nil), parts...)}, false)
 			rl.stop()
 			if out.err != nil {
-				t.Fatalf("%s, reads %q: %v", mode, parts, out.err)
+				t.Fatalf("%s, stream %d: %v", mode, iter, out.err)
 			}
-			if string(w.got) != want {
-				t.Fatalf("%s, reads %q:\ngot  %q\nwant %q", mode, parts, w.got, want)
+			if got := string(w.got); got != want {
+				i := 0
+				for i < min(len(got), len(want)) && got[i] == want[i] {
+					i++
+				}
+				t.Fatalf("%s, stream %d (%d bytes in %d reads, eol %q): got %d bytes, want %d; first difference at %d:\ngot  %q\nwant %q",
+					mode, iter, len(in), len(parts), eol, len(got), len(want), i, clip(got, i), clip(want, i))
 			}
 			if u.total() != 7 {
-				t.Fatalf("%s, reads %q: usage %+v", mode, parts, u)
+				t.Fatalf("%s, stream %d: usage %+v", mode, iter, u)
 			}
 		}
 	}
+}
+
+// TestOneWritePerRead checks that the include_usage filter, which keeps
+// the start of an open event back until it ends, still writes each read to
+// the client in one write (a write and a flush per read, as without the
+// filter), not one for the completed event and one for the events after it.
+func TestOneWritePerRead(t *testing.T) {
+	for _, hide := range []bool{false, true} {
+		w := &writeCounter{}
+		w.hdr = http.Header{}
+		rl := newRelay(w, &Handler{Heartbeat: -1}, true)
+		rl.usage, rl.hideUsage, rl.frame, rl.reading = new(usage), hide, frameSSE, true
+		// reads that end inside an event, through the small and the large buffer
+		body := &pieceReader{b: benchStream, n: 700}
+		reads := (len(benchStream) + 699) / 700
+		if out := rl.copyBody(body, false); out.err != nil {
+			t.Fatal(out.err)
+		}
+		rl.stop()
+		want := string(benchStream)
+		if hide {
+			want = strings.Replace(want, want[strings.Index(want, `data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,"model":"gpt-4o","choices":[]`):strings.Index(want, "data: [DONE]")], "", 1)
+		}
+		if string(w.got) != want {
+			t.Fatalf("hide %v: the client got other bytes than expected", hide)
+		}
+		// the read that holds the dropped usage chunk writes what is
+		// before it and what is after it
+		if w.writes > reads+1 || w.flushes > reads {
+			t.Errorf("hide %v: %d reads made %d writes and %d flushes", hide, reads, w.writes, w.flushes)
+		}
+	}
+}
+
+// writeCounter keeps what it gets and counts writes and flushes.
+type writeCounter struct {
+	recordWriter
+	writes, flushes int
+}
+
+func (c *writeCounter) Write(b []byte) (int, error) { c.writes++; return c.recordWriter.Write(b) }
+func (c *writeCounter) Flush()                      { c.flushes++ }
+
+// clip is s around i, for failure messages about long streams.
+func clip(s string, i int) string {
+	return s[max(0, i-60):min(len(s), i+60)]
 }
