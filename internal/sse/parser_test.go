@@ -222,3 +222,36 @@ func checkEnds(t *testing.T, s string, cuts []int) {
 		prev = c
 	}
 }
+
+// BenchmarkParser feeds OpenAI chunks in reads of one chunk ("lf", the
+// common case; "crlf", the slower path for streams with CRs) and of 4 KiB
+// cutting events anywhere ("lf-4k").
+func BenchmarkParser(b *testing.B) {
+	chunk := `data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,"model":"gpt-4o","system_fingerprint":"fp","choices":[{"index":0,"delta":{"content":" token"},"logprobs":null,"finish_reason":null}],"usage":null}` + "\n\n"
+	for _, c := range []struct {
+		name, chunk string
+		read        int
+	}{
+		{"lf", chunk, len(chunk)},
+		{"crlf", strings.ReplaceAll(chunk, "\n", "\r\n"), len(chunk) + 2},
+		{"lf-4k", chunk, 4096},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			stream := []byte(strings.Repeat(c.chunk, 1000))
+			b.SetBytes(int64(len(stream)))
+			b.ReportAllocs()
+			var p Parser
+			for b.Loop() {
+				for rest := stream; len(rest) > 0; {
+					n := min(c.read, len(rest))
+					p.Feed(rest[:n])
+					rest = rest[n:]
+				}
+			}
+			if p.DataEvents() == 0 {
+				b.Fatal("no events seen")
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*1000), "ns/chunk")
+		})
+	}
+}
