@@ -120,7 +120,10 @@ func main() {
 	}
 	if rp, ls := idx("reverse_proxy"), idx("llm_stream"); rp >= 0 && ls >= 0 {
 		f := func(k string, i int) float64 { v, _ := strconv.ParseFloat(rows[k][i], 64); return v }
-		fmt.Printf("\nllm_stream / reverse_proxy: memory per open stream %.2f×\n", f("_mem", ls)/f("_mem", rp))
+		fmt.Println()
+		if m := f("_mem", rp); m > 0 {
+			fmt.Printf("llm_stream / reverse_proxy: memory per open stream %.2f×\n", f("_mem", ls)/m)
+		}
 		if burstRounds != nil {
 			// Each round's ratio, both proxies measured under the same
 			// load: steadier than a ratio of medians on a shared machine.
