@@ -391,7 +391,7 @@ func runAll(t target, paced, burst, slow string, open int, rpsDur time.Duration)
 }
 
 // Rounds of the CPU scenarios. A no-delay round takes about 0.15 s per
-// target, and a single one swings by ±30% with what else the machine does
+// target, and a single one swings by ±30–80 % with what else the machine does
 // (a garbage collection, the load tool's own scheduling): many rounds make
 // the median steady. A paced round takes about 1.2 s and swings far less.
 const (
