@@ -366,9 +366,7 @@ func (rl *relay) copyBody(body io.Reader, drain bool) outcome {
 	bp := smallPool.Get().(*[]byte)
 	pool := &smallPool
 	defer func() {
-		rl.mu.Lock()
-		rl.detachPend(*bp)
-		rl.mu.Unlock()
+		rl.movePend(*bp, nil)
 		pool.Put(bp)
 	}()
 	for {
@@ -405,9 +403,7 @@ func (rl *relay) copyBody(body io.Reader, drain bool) outcome {
 			if off+n == len(buf) && pool == &smallPool {
 				// A burst: move to the large buffer for the rest.
 				large := largePool.Get().(*[]byte)
-				rl.mu.Lock()
-				rl.detachPend(buf)
-				rl.mu.Unlock()
+				rl.movePend(buf, *large)
 				smallPool.Put(bp)
 				bp, pool = large, &largePool
 			}
@@ -445,11 +441,12 @@ func (rl *relay) copyBody(body io.Reader, drain bool) outcome {
 // the front of buf and returns where the next read goes: right after it, so
 // that the event, once complete, and the events after it leave in one
 // write. An open event too long to share the buffer stays where it is.
-// Only the relay loop changes pend, so this needs no lock.
+// pend is the relay loop's alone (the timer never reads it): carry and
+// movePend need no lock.
 func (rl *relay) carry(buf []byte) int {
 	n := len(rl.pend)
 	if n == 0 || n > len(buf)/2 {
-		rl.detachPend(buf)
+		rl.movePend(buf, nil)
 		return 0
 	}
 	if &rl.pend[0] != &buf[0] {
@@ -459,12 +456,30 @@ func (rl *relay) carry(buf []byte) int {
 	return n
 }
 
-// detachPend gives pend storage of its own when it lives in buf, before
-// buf is read into or given back.
-func (rl *relay) detachPend(buf []byte) {
+// movePend moves pend out of buf, when it lives there, before buf is read
+// into or given back: into the front of to (the next read buffer), or to
+// storage of its own when to is nil.
+func (rl *relay) movePend(buf, to []byte) {
 	if cap(rl.pend) > 0 && &rl.pend[:1][0] == &buf[0] {
-		rl.pend = append([]byte(nil), rl.pend...)
+		rl.pend = append(to[:0], rl.pend...)
 	}
+}
+
+// follows reports whether b starts where a ends in memory, so that
+// a[:len(a)+len(b)] is a followed by b.
+func follows(a, b []byte) bool {
+	n := len(a)
+	return n > 0 && len(b) > 0 && cap(a) > n && &a[:n+1][n] == &b[0]
+}
+
+// extendPend appends b to pend, which costs no copy when b was read
+// right after it (see carry).
+func (rl *relay) extendPend(b []byte) {
+	if follows(rl.pend, b) {
+		rl.pend = rl.pend[:len(rl.pend)+len(b)]
+		return
+	}
+	rl.pend = append(rl.pend, b...)
 }
 
 // write observes one upstream read and passes it on. Called with mu held.
@@ -510,8 +525,8 @@ func (rl *relay) emit(b []byte) {
 	rl.lastByte = b[len(b)-1]
 	rl.wroteBody = true
 	rl.emitted = true
-	if n := len(rl.run); n > 0 && cap(rl.run) > n && &rl.run[:n+1][n] == &b[0] {
-		rl.run = rl.run[:n+len(b)] // b follows the run in memory
+	if follows(rl.run, b) {
+		rl.run = rl.run[:len(rl.run)+len(b)]
 		return
 	}
 	rl.writeRun()
@@ -573,7 +588,7 @@ func (rl *relay) writeEvents(b []byte) error {
 	}
 	ev := b[:first]
 	if len(rl.pend) > 0 {
-		rl.pend = append(rl.pend, ev...)
+		rl.extendPend(ev)
 		ev = rl.pend
 	}
 	var err error
@@ -610,7 +625,7 @@ func (rl *relay) writeEvents(b []byte) error {
 func (rl *relay) scanEvents(b []byte, filter bool) error {
 	data := b
 	if len(rl.pend) > 0 {
-		rl.pend = append(rl.pend, b...)
+		rl.extendPend(b)
 		data = rl.pend
 	}
 	start := 0
@@ -653,7 +668,7 @@ func (rl *relay) endEvents(err error) error {
 // keepOpen keeps the bytes of an event that has not ended yet. Called with
 // mu held.
 func (rl *relay) keepOpen(b []byte, filter bool) {
-	rl.pend = append(rl.pend, b...)
+	rl.extendPend(b)
 	if len(rl.pend) > sse.MaxEventData {
 		if filter {
 			rl.emit(rl.pend) // not an event we would drop: pass it on
