@@ -10,9 +10,12 @@ import (
 	"net/http"
 	"os"
 	"path"
+	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 )
 
@@ -68,6 +71,10 @@ func (h *Handler) provisionAccess() error {
 	h.allowPaths = h.AllowPaths
 	if len(h.allowPaths) == 0 {
 		h.allowPaths = defaultAllowPaths
+	}
+	h.pathMatcher = caddyhttp.MatchPath(slices.Clone(h.allowPaths))
+	if err := h.pathMatcher.Provision(caddy.Context{}); err != nil {
+		return fmt.Errorf("allow_paths: %w", err)
 	}
 	if err := h.loadClientKeys(); err != nil {
 		return err
@@ -169,14 +176,46 @@ func (h *Handler) identify(r *http.Request) string {
 	return "ip:" + host
 }
 
-// pathAllowed reports whether the request path is in allow_paths.
-func (h *Handler) pathAllowed(p string) bool {
-	for _, pat := range h.allowPaths {
-		if wildcardMatch(pat, p) {
-			return true
+// cleanRequestPath cleans the request's path in place, the way Caddy's
+// path matcher sees it (dot segments resolved, doubled slashes merged), so
+// that what allow_paths matched is exactly what is forwarded. It refuses a
+// path holding a NUL, a backslash, or an encoded slash or backslash:
+// providers and the proxies in between disagree on what those mean, and no
+// model API uses them.
+func cleanRequestPath(r *http.Request) bool {
+	p := r.URL.Path
+	if strings.ContainsAny(p, "\x00\\") || !strings.HasPrefix(p, "/") {
+		return false
+	}
+	raw := r.URL.EscapedPath()
+	if i := strings.IndexByte(raw, '%'); i >= 0 {
+		lower := strings.ToLower(raw[i:])
+		if strings.Contains(lower, "%2f") || strings.Contains(lower, "%5c") || strings.Contains(lower, "%00") {
+			return false
 		}
 	}
-	return false
+	clean := caddyhttp.CleanPath(p, true)
+	if clean != p {
+		// Dot segments or doubled slashes: forward the cleaned path.
+		r.URL.Path, r.URL.RawPath = clean, ""
+	}
+	return true
+}
+
+// pathAllowed reports whether the (cleaned) request path is in
+// allow_paths, with Caddy's path matching.
+func (h *Handler) pathAllowed(r *http.Request) bool {
+	if _, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); !ok {
+		return false // not a request served by Caddy (the matcher needs its replacer)
+	}
+	ok, _ := h.pathMatcher.MatchWithError(r)
+	return ok
+}
+
+// unknownURL is the answer for a path that may not reach the upstream.
+func unknownURL(r *http.Request) *apiError {
+	return &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "unknown_url",
+		Message: "unknown request URL: " + r.Method + " " + strconv.Quote(r.URL.Path)}
 }
 
 // modelAllowed reports whether clients may ask for the model.
@@ -186,25 +225,6 @@ func (h *Handler) modelAllowed(model string) bool {
 	}
 	for _, pat := range h.AllowModels {
 		if ok, _ := path.Match(pat, model); ok || pat == model {
-			return true
-		}
-	}
-	return false
-}
-
-// wildcardMatch matches s against a pattern where `*` stands for any run
-// of characters, slashes included.
-func wildcardMatch(pattern, s string) bool {
-	star := strings.IndexByte(pattern, '*')
-	if star < 0 {
-		return pattern == s
-	}
-	if !strings.HasPrefix(s, pattern[:star]) {
-		return false
-	}
-	rest := pattern[star+1:]
-	for i := star; i <= len(s); i++ {
-		if wildcardMatch(rest, s[i:]) {
 			return true
 		}
 	}

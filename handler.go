@@ -36,6 +36,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		return h.reject(w, "", &apiError{Status: http.StatusUnauthorized, Type: typeInvalidRequest, Code: "invalid_api_key",
 			Message: "a valid API key is required (Authorization: Bearer <key> or x-api-key)"})
 	}
+	if !cleanRequestPath(r) {
+		return h.reject(w, "", unknownURL(r))
+	}
 	owner := "" // who may stop this request's generation
 	if h.authRequired() {
 		owner = identity
@@ -46,9 +49,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	if h.WebSocket != nil && h.forWebSocket(r) {
 		return h.serveWebSocket(w, r)
 	}
-	if !h.pathAllowed(r.URL.Path) {
-		return h.reject(w, "", &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "unknown_url",
-			Message: "unknown request URL: " + r.Method + " " + r.URL.Path})
+	if !h.pathAllowed(r) {
+		return h.reject(w, "", unknownURL(r))
 	}
 
 	// inspect: the body, once

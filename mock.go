@@ -48,14 +48,17 @@ type Mock struct {
 	// Extra wait before the first token, like a reasoning model. Default: 0.
 	FirstTokenDelay caddy.Duration `json:"first_token_delay,omitempty"`
 
-	// The model names listed by `GET /v1/models`. Default: `mock-1`.
+	// The model names listed by `GET /v1/models`. When set, a request for
+	// any other model gets 404 `model_not_found`, as a provider answers.
+	// Default: `mock-1` is listed and any name is answered.
 	Models []string `json:"models,omitempty"`
 
 	// Adds `"mock_sent_ns"` (Unix nanoseconds when the chunk was written) to
 	// every streamed chunk, for latency benchmarks. Default: off.
 	Stamp bool `json:"stamp,omitempty"`
 
-	words []string
+	words     []string
+	servesAny bool // no models configured: any name is answered
 }
 
 // mockSeq numbers answers, for unique ids.
@@ -82,6 +85,7 @@ func (m *Mock) Provision(caddy.Context) error {
 		m.Interval = caddy.Duration(50 * time.Millisecond)
 	}
 	if len(m.Models) == 0 {
+		m.servesAny = true
 		m.Models = []string{"mock-1"}
 	}
 	return nil
@@ -120,6 +124,13 @@ func (m *Mock) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Han
 	if req.Model == "" {
 		req.Model = m.Models[0]
 	}
+	anthropic := strings.HasSuffix(r.URL.Path, "/messages")
+	providerHeaders(w.Header(), anthropic)
+	if !m.serves(req.Model) {
+		(&apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "model_not_found",
+			Message: "The model `" + req.Model + "` does not exist or you do not have access to it."}).write(w)
+		return nil
+	}
 	n := m.Tokens
 	if req.MaxTokens > 0 && req.MaxTokens < n {
 		n = req.MaxTokens
@@ -127,7 +138,7 @@ func (m *Mock) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Han
 	prompt := promptTokens(req)
 	id := fmt.Sprintf("%d%06d", time.Now().Unix(), mockSeq.Add(1)%1000000)
 	switch {
-	case strings.HasSuffix(r.URL.Path, "/messages"):
+	case anthropic:
 		m.serveAnthropic(w, r, req, id, n, prompt)
 	case req.Stream:
 		m.serveChatStream(w, r, req, id, n, prompt)
@@ -135,6 +146,44 @@ func (m *Mock) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Han
 		m.serveChatJSON(w, req, id, n, prompt)
 	}
 	return nil
+}
+
+// serves reports whether the mock answers for a model name.
+func (m *Mock) serves(model string) bool {
+	if m.servesAny {
+		return true
+	}
+	for _, name := range m.Models {
+		if name == model {
+			return true
+		}
+	}
+	return false
+}
+
+// providerHeaders sets what providers send on every answer: their own
+// request id (OpenAI `x-request-id`, Anthropic `request-id`), processing
+// time and rate-limit state.
+func providerHeaders(h http.Header, anthropic bool) {
+	id := "req_" + newID()
+	if anthropic {
+		h.Set("Request-Id", id)
+		h.Set("Anthropic-Ratelimit-Requests-Limit", "4000")
+		h.Set("Anthropic-Ratelimit-Requests-Remaining", "3999")
+		h.Set("Anthropic-Ratelimit-Requests-Reset", time.Now().Add(time.Minute).UTC().Format(time.RFC3339))
+		h.Set("Anthropic-Ratelimit-Tokens-Limit", "400000")
+		h.Set("Anthropic-Ratelimit-Tokens-Remaining", "399000")
+		return
+	}
+	h.Set("X-Request-Id", id)
+	h.Set("Openai-Processing-Ms", "12")
+	h.Set("Openai-Version", "2020-10-01")
+	h.Set("X-Ratelimit-Limit-Requests", "10000")
+	h.Set("X-Ratelimit-Remaining-Requests", "9999")
+	h.Set("X-Ratelimit-Reset-Requests", "6ms")
+	h.Set("X-Ratelimit-Limit-Tokens", "30000000")
+	h.Set("X-Ratelimit-Remaining-Tokens", "29999000")
+	h.Set("X-Ratelimit-Reset-Tokens", "2ms")
 }
 
 // token returns the i-th token: a word, with a leading space after the first.

@@ -165,9 +165,12 @@ type Handler struct {
 	// Default: any.
 	AllowModels []string `json:"allow_models,omitempty"`
 
-	// Request paths that may reach the upstream (exact, or with `*`
-	// matching any characters); others get 404, so the injected key cannot
-	// reach files, fine-tuning or organisation endpoints. Default:
+	// Request paths that may reach the upstream, matched like Caddy's `path`
+	// matcher (case-insensitive; `/v1/chat/*` is a prefix, a `*` elsewhere
+	// stays within one segment) on the cleaned path, which is also the path
+	// forwarded. Others get 404, so the injected key cannot reach files,
+	// fine-tuning or organisation endpoints; so do paths with a NUL, a
+	// backslash or an encoded slash or backslash. Default:
 	// /v1/chat/completions /v1/completions /v1/embeddings /v1/models
 	// /v1/responses /v1/messages.
 	AllowPaths []string `json:"allow_paths,omitempty"`
@@ -240,7 +243,8 @@ type Handler struct {
 	logger  *zap.Logger
 
 	clientKeys []clientKey
-	allowPaths []string
+	allowPaths  []string
+	pathMatcher caddyhttp.MatchPath
 	limits     store.Limits
 	store      store.Store
 	redis      *store.Redis    // the `store redis` server, when limits or the cache use it

@@ -50,8 +50,10 @@ func removeHopHeaders(h http.Header) {
 // provider's style.
 func (h *Handler) newUpstreamRequest(ctx context.Context, r *http.Request, in *inbound, u *Upstream, key *apiKey) (*http.Request, error) {
 	target := *u.base
+	// The path allow_paths matched (cleaned in admit), in the client's own
+	// escaping.
 	target.Path = joinPath(u.base.Path, r.URL.Path)
-	target.RawPath = ""
+	target.RawPath = joinPath(u.base.EscapedPath(), r.URL.EscapedPath())
 	target.RawQuery = r.URL.RawQuery
 
 	var body io.Reader = http.NoBody

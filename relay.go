@@ -99,6 +99,11 @@ type relay struct {
 
 	answer *strings.Builder // the assembled answer text, for log_prompts
 
+	// the provider's id for this answer: its id header, else the first id
+	// in the answer (sniffed from its first bytes)
+	upstreamID string
+	sniffID    bool
+
 	// the response cache's flight this answer is shared through and
 	// stored from: it sees every upstream read
 	tee      *cache.Flight
@@ -346,6 +351,8 @@ func (rl *relay) begin(resp *http.Response, streaming bool) {
 	}
 	rl.frame = f
 	rl.reading = true
+	rl.upstreamID = upstreamRequestID(resp.Header)
+	rl.sniffID = rl.upstreamID == ""
 	if rl.tee != nil {
 		rl.tee.Start(rl.streamed, resp.Header.Get("Content-Type"))
 	}
@@ -379,6 +386,9 @@ func (rl *relay) copyBody(body io.Reader, drain bool) outcome {
 				rl.tee.Append(b, time.Since(rl.teeStart))
 			}
 			rl.mu.Lock()
+			if rl.sniffID {
+				rl.sniffAnswerID(b, out.bytes)
+			}
 			rl.lastRead = time.Now()
 			werr := rl.write(b)
 			if rl.paced {
@@ -434,6 +444,16 @@ func (rl *relay) copyBody(body io.Reader, drain bool) outcome {
 			out.err = rerr
 			return out
 		}
+	}
+}
+
+// sniffAnswerID looks for the answer's own id in its first bytes, when the
+// provider sent no id header. Called with mu held.
+func (rl *relay) sniffAnswerID(b []byte, before int64) {
+	if id := answerID(b); id != "" {
+		rl.upstreamID, rl.sniffID = id, false
+	} else if before+int64(len(b)) >= maxIDSniff {
+		rl.sniffID = false
 	}
 }
 
@@ -837,12 +857,22 @@ func (rl *relay) fail(e *apiError) bool {
 
 // copyResponseHeaders copies upstream response headers for the client,
 // without hop-by-hop fields and cookies for the upstream's domain.
+// The handler's own X-Request-Id stays; the provider's id is passed on as
+// X-Upstream-Request-Id.
 func copyResponseHeaders(dst, src http.Header) {
+	own := dst.Get(headerRequestID)
 	for k, vv := range src {
 		dst[k] = append(dst[k][:0:0], vv...)
 	}
 	removeHopHeaders(dst)
 	dst.Del("Set-Cookie")
+	dst.Del(headerRequestID)
+	if own != "" {
+		dst.Set(headerRequestID, own)
+	}
+	if up := upstreamRequestID(src); up != "" {
+		dst.Set(headerUpstreamRequestID, up)
+	}
 }
 
 // decodedBody returns the response body, decoding gzip if the upstream sent

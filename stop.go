@@ -2,16 +2,12 @@ package llmstream
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"net/http"
 	"strings"
 	"time"
 
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/stop"
-	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 )
 
@@ -22,30 +18,6 @@ var errStopped = errors.New("the generation was stopped")
 // stopWait is how long a stop request waits for another instance to
 // acknowledge that it stopped the generation.
 const stopWait = time.Second
-
-// requestID is the request's id, sent to the client as X-Request-Id and
-// used by stop_endpoint: Caddy's {http.request.uuid}, so access logs that
-// carry the uuid match it.
-func requestID(r *http.Request) string {
-	if id, ok := r.Context().Value(requestIDKey{}).(string); ok {
-		return id // a WebSocket message's
-	}
-	if _, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields); ok {
-		if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
-			if id, ok := repl.GetString("http.request.uuid"); ok && id != "" {
-				return id
-			}
-		}
-	}
-	return newID()
-}
-
-// newID returns a random request id.
-func newID() string {
-	var b [16]byte
-	_, _ = rand.Read(b[:])
-	return hex.EncodeToString(b[:])
-}
 
 // stopped reports whether r's generation was stopped: its context ends
 // with errStopped. A stop cancels that context, which ends the waits before

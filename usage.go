@@ -276,7 +276,11 @@ func (h *Handler) recordUsage(r *http.Request, identity string, in *inbound, at 
 	if !rl.firstToken.IsZero() {
 		ttft = rl.firstToken.Sub(start)
 	}
+	upstreamID := rl.upstreamID
 	rl.mu.Unlock()
+	if upstreamID == "" && res.header != nil {
+		upstreamID = upstreamRequestID(res.header) // an error answer's
+	}
 	var tps float64
 	if gen := duration - ttft; u.completion > 0 && ttft > 0 && gen > 0 {
 		tps = float64(u.completion) / gen.Seconds()
@@ -292,6 +296,7 @@ func (h *Handler) recordUsage(r *http.Request, identity string, in *inbound, at 
 		repl.Set("llm.ttft_ms", ttft.Milliseconds())
 		repl.Set("llm.cache", cacheResult)
 		repl.Set("llm.request_id", in.id)
+		repl.Set("llm.upstream_request_id", upstreamID)
 	}
 	model := h.modelLabel(in.model)
 	metrics.requests.WithLabelValues(model, upstream, strconv.Itoa(status)).Inc()
@@ -321,6 +326,7 @@ func (h *Handler) recordUsage(r *http.Request, identity string, in *inbound, at 
 		zap.Float64("tokens_per_second", tps),
 		zap.String("cache", cacheResult),
 		zap.String("request_id", in.id),
+		zap.String("upstream_request_id", upstreamID),
 		zap.Bool("stopped", res.stopped),
 	)
 }

@@ -110,9 +110,8 @@ func (h *Handler) serveWebSocket(w http.ResponseWriter, r *http.Request) error {
 		return h.reject(w, "", &apiError{Status: http.StatusUpgradeRequired, Type: typeInvalidRequest, Code: "websocket_required",
 			Message: "this path accepts WebSocket connections only"})
 	}
-	if h.WebSocket.Path == "" && !h.pathAllowed(r.URL.Path) {
-		return h.reject(w, "", &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "unknown_url",
-			Message: "unknown request URL: " + r.Method + " " + r.URL.Path})
+	if h.WebSocket.Path == "" && !h.pathAllowed(r) {
+		return h.reject(w, "", unknownURL(r))
 	}
 	c, err := websocket.Accept(w, r, &websocket.AcceptOptions{OriginPatterns: h.WebSocket.OriginPatterns})
 	if err != nil {
