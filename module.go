@@ -242,13 +242,13 @@ type Handler struct {
 	secrets *scrubber
 	logger  *zap.Logger
 
-	clientKeys []clientKey
+	clientKeys  []clientKey
 	allowPaths  []string
 	pathMatcher caddyhttp.MatchPath
-	limits     store.Limits
-	store      store.Store
-	redis      *store.Redis    // the `store redis` server, when limits or the cache use it
-	inflight   *sync.WaitGroup // requests that may still settle with the store
+	limits      store.Limits
+	store       store.Store
+	redis       *store.Redis    // the `store redis` server, when limits or the cache use it
+	inflight    *sync.WaitGroup // requests that may still settle with the store
 
 	cacheStore cache.Store
 	flights    *cache.Group
