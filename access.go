@@ -141,7 +141,8 @@ func (h *Handler) authRequired() bool { return len(h.clientKeys) > 0 || h.Identi
 
 // identify returns the caller's identity name, or "" when the request
 // carries no valid credential. Without client keys or identity configured,
-// callers are told apart by their address, for limits only.
+// callers are told apart by their client address (Caddy's, behind trusted
+// proxies), for limits only.
 func (h *Handler) identify(r *http.Request) string {
 	switch {
 	case len(h.clientKeys) > 0:
@@ -169,11 +170,21 @@ func (h *Handler) identify(r *http.Request) string {
 		}
 		return strings.TrimSpace(repl.ReplaceAll(h.Identity, ""))
 	}
+	return "ip:" + clientIP(r)
+}
+
+// clientIP is the caller's address as Caddy determined it: the server's
+// trusted_proxies and client_ip_headers decide whether a forwarded address
+// is believed, so an untrusted peer cannot choose its identity.
+func clientIP(r *http.Request) string {
+	if ip, ok := caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string); ok && ip != "" {
+		return ip
+	}
 	host, _, err := net.SplitHostPort(r.RemoteAddr)
 	if err != nil {
-		host = r.RemoteAddr
+		return r.RemoteAddr
 	}
-	return "ip:" + host
+	return host
 }
 
 // cleanRequestPath cleans the request's path in place, the way Caddy's

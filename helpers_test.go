@@ -38,6 +38,7 @@ type instance struct {
 	t       testing.TB
 	port    int
 	logPath string
+	globals string // extra global options, e.g. servers { trusted_proxies … }
 }
 
 // base is the URL of the site.
@@ -51,6 +52,7 @@ func (c *instance) caddyfileFor(directives string) string {
 	auto_https off
 	persist_config off
 	grace_period 10s
+` + c.globals + `
 	log {
 		output file ` + c.logPath + `
 		level DEBUG
@@ -65,8 +67,14 @@ http://127.0.0.1:` + strconv.Itoa(c.port) + ` {
 // startCaddy runs Caddy with the given site directives until the test ends.
 func startCaddy(t testing.TB, directives string) *instance {
 	t.Helper()
+	return startCaddyWith(t, "", directives)
+}
+
+// startCaddyWith is startCaddy with extra global options.
+func startCaddyWith(t testing.TB, globals, directives string) *instance {
+	t.Helper()
 	caddyMu.Lock()
-	c := &instance{t: t, port: freePort(t), logPath: filepath.Join(t.TempDir(), "caddy.log")}
+	c := &instance{t: t, port: freePort(t), logPath: filepath.Join(t.TempDir(), "caddy.log"), globals: globals}
 	t.Cleanup(func() {
 		_ = caddy.Stop()
 		caddyMu.Unlock()

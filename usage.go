@@ -314,6 +314,7 @@ func (h *Handler) recordUsage(r *http.Request, identity string, in *inbound, at 
 	}
 	h.logger.Info("llm usage",
 		zap.String("identity", identity),
+		zap.String("client_ip", clientIP(r)),
 		zap.String("model", in.model),
 		zap.String("upstream", upstream),
 		zap.Int("status", status),
