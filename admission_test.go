@@ -50,8 +50,17 @@ func BenchmarkAdmission(b *testing.B) {
 	b.Run("memory", func(b *testing.B) { run(b, store.NewMemory()) })
 	b.Run("redis", func(b *testing.B) {
 		srv := redistest.Start(b)
-		st := store.NewRedis(srv.Addr, 0, "", "bench:")
+		st := mustStoreRedis(b, store.RedisOptions{Addrs: []string{srv.Addr}, Prefix: "bench:"})
 		defer st.Close()
 		run(b, st)
 	})
+}
+
+func mustStoreRedis(t testing.TB, o store.RedisOptions) *store.Redis {
+	t.Helper()
+	r, err := store.NewRedis(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
 }

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -92,7 +93,12 @@ func (h *Handler) provisionCache() error {
 	case c.Replay != "instant" && c.Replay != "paced":
 		return errors.New("cache: replay must be instant or paced")
 	case c.Store == "memory":
-		h.cacheStore = cache.NewMemory(c.MaxSize)
+		// Pooled by its bound: a reload that keeps it keeps the entries.
+		m, err := share(h, cachePool, "memory "+strconv.FormatInt(c.MaxSize, 10), plain(cache.NewMemory(c.MaxSize)))
+		if err != nil {
+			return err
+		}
+		h.cacheStore = m
 	case c.Store == "redis":
 		if h.redis == nil {
 			return errors.New("cache: store redis needs the `store redis <address>` setting")

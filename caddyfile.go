@@ -388,6 +388,12 @@ func parseLimit(d *caddyfile.Dispenser) (*Limits, error) {
 	l := new(Limits)
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		opt := d.Val()
+		if opt == "slot_lease" {
+			if err := parseDuration(d, &l.SlotLease); err != nil {
+				return nil, err
+			}
+			continue
+		}
 		if !d.NextArg() {
 			return nil, d.ArgErr()
 		}
@@ -420,8 +426,114 @@ func parseLimit(d *caddyfile.Dispenser) (*Limits, error) {
 	return l, nil
 }
 
-// parseStore reads `store redis <address> [<db>] { password <pw>; prefix
-// <prefix>; fail open|closed }` (or `store memory`).
+// parseStore reads `store memory` or
+//
+//	store redis <address|url>... [<db>] {
+//	    sentinel <master_name>
+//	    username <name>
+//	    password <secret>
+//	    tls [{ ca <file>; insecure_skip_verify }]
+//	    prefix   <prefix>
+//	    fail     open|closed
+//	}
+func parseStore(d *caddyfile.Dispenser) (*StoreConfig, error) {
+	if !d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	switch d.Val() {
+	case "memory":
+		if d.NextArg() {
+			return nil, d.ArgErr()
+		}
+		return nil, nil
+	case "redis":
+	default:
+		return nil, d.Errf("store: '%s' is not memory or redis", d.Val())
+	}
+	sc := new(StoreConfig)
+	args := d.RemainingArgs()
+	if len(args) == 0 {
+		return nil, d.ArgErr()
+	}
+	if len(args) > 1 {
+		if db, err := strconv.Atoi(args[len(args)-1]); err == nil {
+			if db < 0 {
+				return nil, d.Errf("store: bad database number '%d'", db)
+			}
+			sc.DB, args = db, args[:len(args)-1]
+		}
+	}
+	if len(args) == 1 {
+		sc.Redis = args[0] // the form every version accepts
+	} else {
+		sc.Addresses = args
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		opt := d.Val()
+		if opt == "tls" {
+			t, err := parseStoreTLS(d)
+			if err != nil {
+				return nil, err
+			}
+			sc.TLS = t
+			continue
+		}
+		if !d.NextArg() {
+			return nil, d.ArgErr()
+		}
+		switch opt {
+		case "sentinel":
+			sc.Sentinel = d.Val()
+		case "username":
+			sc.Username = d.Val()
+		case "password":
+			sc.Password = d.Val()
+		case "prefix":
+			sc.Prefix = d.Val()
+		case "fail":
+			switch d.Val() {
+			case "open":
+				sc.FailOpen = true
+			case "closed":
+				sc.FailOpen = false
+			default:
+				return nil, d.Errf("store: fail '%s' is not open or closed", d.Val())
+			}
+		default:
+			return nil, d.Errf("store: unrecognized option '%s'", opt)
+		}
+		if d.NextArg() {
+			return nil, d.ArgErr()
+		}
+	}
+	return sc, nil
+}
+
+// parseStoreTLS reads `tls` or `tls { ca <file>; insecure_skip_verify }`.
+func parseStoreTLS(d *caddyfile.Dispenser) (*StoreTLS, error) {
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	t := new(StoreTLS)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "ca":
+			if !d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			t.CA = d.Val()
+		case "insecure_skip_verify":
+			t.InsecureSkipVerify = true
+		default:
+			return nil, d.Errf("store tls: unrecognized option '%s'", d.Val())
+		}
+		if d.NextArg() {
+			return nil, d.ArgErr()
+		}
+	}
+	return t, nil
+}
+
 // parseCache reads `cache <ttl> { … }`.
 func parseCache(d *caddyfile.Dispenser) (*CacheConfig, error) {
 	cc := new(CacheConfig)
@@ -482,58 +594,6 @@ func parseCache(d *caddyfile.Dispenser) (*CacheConfig, error) {
 		}
 	}
 	return cc, nil
-}
-
-func parseStore(d *caddyfile.Dispenser) (*StoreConfig, error) {
-	if !d.NextArg() {
-		return nil, d.ArgErr()
-	}
-	switch d.Val() {
-	case "memory":
-		if d.NextArg() {
-			return nil, d.ArgErr()
-		}
-		return nil, nil
-	case "redis":
-	default:
-		return nil, d.Errf("store: '%s' is not memory or redis", d.Val())
-	}
-	sc := new(StoreConfig)
-	if !d.NextArg() {
-		return nil, d.ArgErr()
-	}
-	sc.Redis = d.Val()
-	if d.NextArg() {
-		db, err := strconv.Atoi(d.Val())
-		if err != nil || db < 0 {
-			return nil, d.Errf("store: bad database number '%s'", d.Val())
-		}
-		sc.DB = db
-	}
-	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		opt := d.Val()
-		if !d.NextArg() {
-			return nil, d.ArgErr()
-		}
-		switch opt {
-		case "password":
-			sc.Password = d.Val()
-		case "prefix":
-			sc.Prefix = d.Val()
-		case "fail":
-			switch d.Val() {
-			case "open":
-				sc.FailOpen = true
-			case "closed":
-				sc.FailOpen = false
-			default:
-				return nil, d.Errf("store: fail '%s' is not open or closed", d.Val())
-			}
-		default:
-			return nil, d.Errf("unrecognized store option '%s'", opt)
-		}
-	}
-	return sc, nil
 }
 
 // parseUpstream reads `upstream <base_url> [{ ... }]`; block reports

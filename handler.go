@@ -369,9 +369,9 @@ func (h *Handler) record(at attempt, res *attemptResult, n int) {
 		if rest <= 0 {
 			rest = time.Duration(h.RetryBackoffMax)
 		}
-		h.state.rest(at.key.id, now.Add(rest))
+		h.state.rest(at.key, now.Add(rest))
 	case res.status == 401 || res.status == 403:
-		h.state.rest(at.key.id, now.Add(authRest))
+		h.state.rest(at.key, now.Add(authRest))
 	case res.outcome != "status" || res.status >= 500:
 		h.state.failed(at.up, now)
 	}

@@ -2,12 +2,12 @@ package llmstream
 
 import (
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
 // routeState is what routing remembers between requests: passive health
-// of upstreams and keys resting after 429/401/403. It is per process for
-// now, behind this interface so that a shared store can replace it.
+// of upstreams and keys resting after 429/401/403.
 type routeState interface {
 	// usable reports whether an upstream is healthy and has a key that is
 	// not resting.
@@ -18,40 +18,46 @@ type routeState interface {
 	// succeeded resets the upstream's failure count.
 	succeeded(u *Upstream)
 	// resting reports whether a key rests.
-	resting(keyID string, now time.Time) bool
+	resting(k *apiKey, now time.Time) bool
 	// rest lets a key rest until the given time.
-	rest(keyID string, until time.Time)
+	rest(k *apiKey, until time.Time)
 }
 
-// memoryState is the in-process routeState.
+// upstreamHealth is the passive health of one upstream. It lives in a
+// process-wide pool keyed by the upstream's provider and URL, so that it
+// outlives a config reload that keeps the upstream (see state.go).
+type upstreamHealth struct {
+	mu        sync.Mutex
+	failures  int
+	downUntil time.Time
+}
+
+// keyRest is when one upstream key may be used again (Unix nanoseconds),
+// pooled like upstreamHealth, by upstream and key.
+type keyRest struct{ until atomic.Int64 }
+
+func (k *keyRest) resting(now time.Time) bool { return now.UnixNano() < k.until.Load() }
+
+// memoryState is the in-process routeState: the handler's thresholds over
+// the pooled health and rests of its upstreams and keys.
 type memoryState struct {
 	after    int
 	cooldown time.Duration
-
-	mu        sync.Mutex
-	failures  map[*Upstream]int
-	downUntil map[*Upstream]time.Time
-	restUntil map[string]time.Time
 }
 
 func newMemoryState(after int, cooldown time.Duration) *memoryState {
-	return &memoryState{
-		after:     after,
-		cooldown:  cooldown,
-		failures:  map[*Upstream]int{},
-		downUntil: map[*Upstream]time.Time{},
-		restUntil: map[string]time.Time{},
-	}
+	return &memoryState{after: after, cooldown: cooldown}
 }
 
 func (s *memoryState) usable(u *Upstream, now time.Time) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if now.Before(s.downUntil[u]) {
+	u.health.mu.Lock()
+	down := now.Before(u.health.downUntil)
+	u.health.mu.Unlock()
+	if down {
 		return false
 	}
 	for _, k := range u.keys {
-		if !now.Before(s.restUntil[k.id]) {
+		if !k.rest.resting(now) {
 			return true
 		}
 	}
@@ -59,36 +65,33 @@ func (s *memoryState) usable(u *Upstream, now time.Time) bool {
 }
 
 func (s *memoryState) failed(u *Upstream, now time.Time) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.failures[u]++
-	if s.failures[u] >= s.after {
+	hs := u.health
+	hs.mu.Lock()
+	defer hs.mu.Unlock()
+	hs.failures++
+	if hs.failures >= s.after {
 		// Out for a cooldown; afterwards one more failure takes it out
 		// again (half-open), a success restores it fully.
-		s.downUntil[u] = now.Add(s.cooldown)
-		s.failures[u] = s.after - 1
+		hs.downUntil = now.Add(s.cooldown)
+		hs.failures = s.after - 1
 	}
 }
 
 func (s *memoryState) succeeded(u *Upstream) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.failures[u] != 0 {
-		delete(s.failures, u)
-		delete(s.downUntil, u)
-	}
+	hs := u.health
+	hs.mu.Lock()
+	defer hs.mu.Unlock()
+	hs.failures, hs.downUntil = 0, time.Time{}
 }
 
-func (s *memoryState) resting(keyID string, now time.Time) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return now.Before(s.restUntil[keyID])
-}
+func (s *memoryState) resting(k *apiKey, now time.Time) bool { return k.rest.resting(now) }
 
-func (s *memoryState) rest(keyID string, until time.Time) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if until.After(s.restUntil[keyID]) {
-		s.restUntil[keyID] = until
+func (s *memoryState) rest(k *apiKey, until time.Time) {
+	u := until.UnixNano()
+	for {
+		cur := k.rest.until.Load()
+		if u <= cur || k.rest.until.CompareAndSwap(cur, u) {
+			return
+		}
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -31,30 +32,17 @@ type Limits struct {
 	// Open requests (streams) at once. A slot is held until the answer
 	// really ended.
 	Concurrent int64 `json:"concurrent,omitempty"`
+
+	// The lease of a concurrency slot: the instance holding it renews it
+	// every third of this while the stream lives, so the slot of an
+	// instance that crashed or was killed is free within this time.
+	// Default: 30s.
+	SlotLease caddy.Duration `json:"slot_lease,omitempty"`
 }
 
-// StoreConfig says where limit state lives.
-type StoreConfig struct {
-	// Address of a Redis server (`host:port`) shared by all instances.
-	Redis string `json:"redis,omitempty"`
-
-	// Redis database number. Default: 0.
-	DB int `json:"db,omitempty"`
-
-	// Redis password; placeholders such as `{env.REDIS_PASSWORD}` allowed.
-	Password string `json:"password,omitempty"`
-
-	// Prefix of every key this module writes. Default: `llm_stream:`.
-	Prefix string `json:"prefix,omitempty"`
-
-	// When Redis cannot be reached: false (the default) refuses requests
-	// with 503 (fail closed); true admits them without limits (fail open).
-	// Either way it is logged.
-	FailOpen bool `json:"fail_open,omitempty"`
-}
-
-// slotTTL reclaims concurrency slots of an instance that died mid-stream.
-const slotTTL = time.Hour
+// defaultSlotLease is how long a concurrency slot outlives an instance
+// that died holding it.
+const defaultSlotLease = 30 * time.Second
 
 var slotSeq atomic.Uint64
 
@@ -65,13 +53,6 @@ func (h *Handler) provisionLimits() error {
 	if h.DrainMax == 0 {
 		h.DrainMax = caddy.Duration(30 * time.Second)
 	}
-	if h.Store != nil && h.Store.Redis != "" && (h.Limit != nil || h.StopEndpoint != "" || (h.Cache != nil && h.Cache.Store == "redis")) {
-		pw, err := resolveSecret(h.Store.Password)
-		if err != nil {
-			return fmt.Errorf("store: password: %w", err)
-		}
-		h.redis = store.NewRedis(h.Store.Redis, h.Store.DB, pw, h.redisPrefix())
-	}
 	if h.Limit == nil {
 		return nil
 	}
@@ -79,25 +60,31 @@ func (h *Handler) provisionLimits() error {
 	if (l.Requests > 0 && l.RequestWindow <= 0) || (l.Tokens > 0 && l.TokenWindow <= 0) {
 		return errors.New("limit: a request or token cap needs a window")
 	}
+	if l.SlotLease == 0 {
+		l.SlotLease = caddy.Duration(defaultSlotLease)
+	}
+	if l.SlotLease < caddy.Duration(time.Second) {
+		return errors.New("limit: slot_lease must be at least 1s")
+	}
 	h.limits = store.Limits{
 		Requests: l.Requests, RequestWindow: time.Duration(l.RequestWindow),
 		Tokens: l.Tokens, TokenWindow: time.Duration(l.TokenWindow),
-		Concurrent: l.Concurrent, SlotTTL: slotTTL,
+		Concurrent: l.Concurrent, SlotTTL: time.Duration(l.SlotLease),
 	}
 	if h.redis != nil {
 		h.store = h.redis
-	} else {
-		h.store = store.NewMemory()
+		return nil
 	}
-	return nil
-}
-
-// redisPrefix is the prefix of every Redis key this module writes.
-func (h *Handler) redisPrefix() string {
-	if h.Store != nil && h.Store.Prefix != "" {
-		return h.Store.Prefix
+	// In memory: counters per limit definition and the process's slots
+	// outlive a reload (state.go).
+	slots, err := share(h, slotPool, "slots", plain(store.NewSlots()))
+	if err != nil {
+		return err
 	}
-	return "llm_stream:"
+	h.store, err = share(h, limitPool, limitKey(l), func() (*store.Memory, func() error, error) {
+		return store.NewMemoryWithSlots(slots), nil, nil
+	})
+	return err
 }
 
 // admission is an admitted request's claim on the limits, settled at the
@@ -105,6 +92,9 @@ func (h *Handler) redisPrefix() string {
 type admission struct {
 	a       store.Admission
 	skipped bool // nothing recorded (no limits, or fail-open)
+	lease   *time.Timer
+	mu      sync.Mutex
+	settled bool
 }
 
 // admit checks the limits for one request. A refusal is returned as the
@@ -139,7 +129,30 @@ func (h *Handler) admit(ctx context.Context, identity string, reserve int64) (*a
 		return nil, e
 	}
 	h.inflight.Add(1)
+	if h.limits.Concurrent > 0 {
+		h.renewLease(ad)
+	}
 	return ad, nil
+}
+
+// renewLease keeps an admitted request's concurrency slot while it lives:
+// every third of the lease the slot's expiry moves a lease ahead, so a
+// crashed instance's slots expire within one lease.
+func (h *Handler) renewLease(ad *admission) {
+	lease := h.limits.SlotTTL
+	ad.lease = time.AfterFunc(lease/3, func() {
+		ctx, cancel := context.WithTimeout(context.Background(), lease/3)
+		err := h.store.Renew(ctx, h.limits, ad.a, time.Now().Add(lease))
+		cancel()
+		if err != nil {
+			h.logger.Warn("renewing a concurrency slot failed", zap.String("identity", ad.a.ID), zap.Error(err))
+		}
+		ad.mu.Lock()
+		defer ad.mu.Unlock()
+		if !ad.settled {
+			ad.lease.Reset(lease / 3)
+		}
+	})
 }
 
 // settle releases the slot and corrects the token reservation with the
@@ -150,6 +163,12 @@ func (h *Handler) settle(ad *admission, u *usage) {
 		return
 	}
 	defer h.inflight.Done()
+	ad.mu.Lock()
+	ad.settled = true
+	if ad.lease != nil {
+		ad.lease.Stop()
+	}
+	ad.mu.Unlock()
 	var delta int64
 	if u.status != usageAbsent && u.status != usageCached {
 		delta = u.total() - ad.a.Reserve

@@ -255,6 +255,8 @@ type Handler struct {
 
 	stops stop.Broadcaster // reaches the other instances, with store redis
 
+	held []poolRef // usage-pool entries, released in Cleanup (state.go)
+
 	redactor     *redact.Redactor
 	deny         *denyword.Matcher
 	denyRequest  bool
@@ -335,9 +337,15 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return fmt.Errorf("header_up: %w", err)
 		}
 	}
+	if err := h.provisionStore(); err != nil {
+		return err
+	}
 	var secrets []string
 	for _, u := range h.ups {
 		if err := u.provision(ctx, h); err != nil {
+			return err
+		}
+		if err := h.shareRouteState(u); err != nil {
 			return err
 		}
 		for _, k := range u.keys {
@@ -377,24 +385,20 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	return h.provisionStop()
 }
 
-// Cleanup closes the limit store once the requests this configuration
-// admitted have settled: after a reload, old streams still relay.
+// Cleanup releases this configuration's hold on the pooled state (the
+// Redis client among it) once the requests and WebSockets it admitted have
+// ended: after a reload, old streams still relay. State that the new
+// configuration shares stays.
 func (h *Handler) Cleanup() error {
 	if h.stops != nil {
 		_ = h.stops.Close()
 	}
-	var s interface{ Close() error }
-	switch {
-	case h.redis != nil:
-		s = h.redis // the limit store, or the cache's client
-	case h.store != nil:
-		s = h.store
-	default:
-		return nil
-	}
+	inflight := h.inflight
 	go func() {
-		h.inflight.Wait()
-		_ = s.Close()
+		if inflight != nil {
+			inflight.Wait()
+		}
+		h.releasePools()
 	}()
 	return nil
 }

@@ -196,7 +196,7 @@ func (h *Handler) newPlan(cands []*Upstream, affinity string) *plan {
 	now := time.Now()
 	p := &plan{
 		ups:     order(cands, func(u *Upstream) bool { return h.state.usable(u, now) }, rand.Float64),
-		resting: func(k *apiKey) bool { return h.state.resting(k.id, now) },
+		resting: func(k *apiKey) bool { return h.state.resting(k, now) },
 	}
 	if affinity != "" {
 		p.sticky = true

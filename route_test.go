@@ -17,7 +17,8 @@ import (
 
 // testUpstream builds a provisioned-enough upstream for routing tests.
 func testUpstream(name string, models []string, rename map[string]string, weight, priority int, keys ...string) *Upstream {
-	u := &Upstream{URL: "http://" + name, Models: models, Rename: rename, Weight: weight, Priority: priority}
+	u := &Upstream{URL: "http://" + name, Models: models, Rename: rename, Weight: weight, Priority: priority,
+		health: new(upstreamHealth)}
 	if u.Weight == 0 {
 		u.Weight = 1
 	}
@@ -31,10 +32,10 @@ func testUpstream(name string, models []string, rename map[string]string, weight
 		}
 	}
 	for _, k := range keys {
-		u.keys = append(u.keys, &apiKey{secret: k, id: fingerprint(k)})
+		u.keys = append(u.keys, &apiKey{secret: k, id: fingerprint(k), rest: new(keyRest)})
 	}
 	if len(u.keys) == 0 {
-		u.keys = []*apiKey{{id: "none"}}
+		u.keys = []*apiKey{{id: "none", rest: new(keyRest)}}
 	}
 	return u
 }
@@ -139,7 +140,7 @@ func TestHealthCooldownAndRecovery(t *testing.T) {
 		t.Fatal("a success did not restore the upstream")
 	}
 	// all keys resting makes an upstream unusable too
-	s.rest(u.keys[0].id, t0.Add(time.Minute))
+	s.rest(u.keys[0], t0.Add(time.Minute))
 	if s.usable(u, t0.Add(59*time.Second)) || !s.usable(u, t0.Add(time.Minute)) {
 		t.Fatal("key rest not applied or not lifted")
 	}
@@ -156,7 +157,7 @@ func TestKeyRotationRestAndAffinity(t *testing.T) {
 	if count["k1"] != 100 || count["k2"] != 100 || count["k3"] != 100 {
 		t.Fatalf("rotation: got %v, want 100 each", count)
 	}
-	h.state.rest(u.keys[1].id, time.Now().Add(time.Minute))
+	h.state.rest(u.keys[1], time.Now().Add(time.Minute))
 	for i := 0; i < 30; i++ {
 		if at := h.newPlan([]*Upstream{u}, "").next(false); at.key.secret == "k2" {
 			t.Fatal("a resting key was used while others were free")

@@ -69,13 +69,15 @@ type Upstream struct {
 	globs      []string
 	globPrefix []string // literal start of each glob
 	transport  http.RoundTripper
-	rr         atomic.Uint64 // key rotation
+	rr         atomic.Uint64   // key rotation
+	health     *upstreamHealth // pooled: survives reloads
 }
 
 // apiKey is one resolved key; id is its fingerprint.
 type apiKey struct {
 	secret string
 	id     string
+	rest   *keyRest // pooled: survives reloads
 }
 
 var providers = map[string]bool{"openai": true, "azure": true, "anthropic": true, "gemini": true}

@@ -118,6 +118,10 @@ func (h *Handler) serveWebSocket(w http.ResponseWriter, r *http.Request) error {
 		return nil // Accept answered the client
 	}
 	defer c.CloseNow()
+	// A socket outlives a reload: the state its messages use (the Redis
+	// client among it) is released only after it closed.
+	h.inflight.Add(1)
+	defer h.inflight.Done()
 	c.SetReadLimit(h.MaxRequestBody)
 	ctx, cancel := context.WithCancel(r.Context())
 	defer cancel()

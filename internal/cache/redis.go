@@ -11,12 +11,12 @@ import (
 // Redis is the Store shared by several instances: one key per entry, with
 // Redis expiring it.
 type Redis struct {
-	client *redis.Client
+	client redis.UniversalClient
 	prefix string
 }
 
 // NewRedis uses client, with keys under prefix.
-func NewRedis(client *redis.Client, prefix string) *Redis {
+func NewRedis(client redis.UniversalClient, prefix string) *Redis {
 	return &Redis{client: client, prefix: prefix + "cache:"}
 }
 

@@ -25,7 +25,7 @@ type message struct {
 // same channel, so the instance that was asked can tell the client whether
 // the generation was found.
 type Redis struct {
-	client  *redis.Client
+	client  redis.UniversalClient
 	channel string
 	sub     *redis.PubSub
 	done    chan struct{}
@@ -37,7 +37,7 @@ type Redis struct {
 // NewRedis subscribes to `<prefix>stop`, waiting at most wait for the
 // subscription to be confirmed (a server that is down is retried in the
 // background), and serves stop requests from other instances until Close.
-func NewRedis(client *redis.Client, prefix string, wait time.Duration) *Redis {
+func NewRedis(client redis.UniversalClient, prefix string, wait time.Duration) *Redis {
 	r := &Redis{
 		client:  client,
 		channel: prefix + "stop",

@@ -10,18 +10,33 @@ import (
 type Memory struct {
 	mu       sync.Mutex
 	counters map[string]counter
-	slots    map[string]map[string]time.Time // identity → slot → expiry
+	slots    *Slots
 	admits   int
 }
+
+// Slots are the concurrency slots held per identity. They may be shared by
+// several Memory stores (one per limit definition), so that streams
+// admitted under one definition count against the next.
+type Slots struct {
+	mu   sync.Mutex
+	held map[string]map[string]time.Time // identity → slot → expiry
+}
+
+// NewSlots returns an empty set of slots.
+func NewSlots() *Slots { return &Slots{held: map[string]map[string]time.Time{}} }
 
 type counter struct {
 	v   int64
 	exp time.Time
 }
 
-// NewMemory returns an empty in-memory store.
-func NewMemory() *Memory {
-	return &Memory{counters: map[string]counter{}, slots: map[string]map[string]time.Time{}}
+// NewMemory returns an empty in-memory store with slots of its own.
+func NewMemory() *Memory { return NewMemoryWithSlots(NewSlots()) }
+
+// NewMemoryWithSlots returns an empty in-memory store that keeps its
+// concurrency slots in slots.
+func NewMemoryWithSlots(slots *Slots) *Memory {
+	return &Memory{counters: map[string]counter{}, slots: slots}
 }
 
 func (m *Memory) get(k string, now time.Time) int64 {
@@ -62,7 +77,9 @@ func (m *Memory) Admit(_ context.Context, l Limits, a Admission) (Decision, erro
 		}
 	}
 	if l.Concurrent > 0 {
-		held := m.slots[a.ID]
+		m.slots.mu.Lock()
+		defer m.slots.mu.Unlock()
+		held := m.slots.held[a.ID]
 		for s, exp := range held {
 			if a.Now.After(exp) {
 				delete(held, s)
@@ -79,10 +96,10 @@ func (m *Memory) Admit(_ context.Context, l Limits, a Admission) (Decision, erro
 		m.add(tokKey("", a.ID, ti), a.Reserve, a.Now, 2*l.TokenWindow)
 	}
 	if l.Concurrent > 0 {
-		if m.slots[a.ID] == nil {
-			m.slots[a.ID] = map[string]time.Time{}
+		if m.slots.held[a.ID] == nil {
+			m.slots.held[a.ID] = map[string]time.Time{}
 		}
-		m.slots[a.ID][a.Slot] = a.Now.Add(l.SlotTTL)
+		m.slots.held[a.ID][a.Slot] = a.Now.Add(l.SlotTTL)
 	}
 	return Decision{Allowed: true}, nil
 }
@@ -92,10 +109,12 @@ func (m *Memory) Settle(_ context.Context, l Limits, a Admission, delta int64) e
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if l.Concurrent > 0 {
-		delete(m.slots[a.ID], a.Slot)
-		if len(m.slots[a.ID]) == 0 {
-			delete(m.slots, a.ID)
+		m.slots.mu.Lock()
+		delete(m.slots.held[a.ID], a.Slot)
+		if len(m.slots.held[a.ID]) == 0 {
+			delete(m.slots.held, a.ID)
 		}
+		m.slots.mu.Unlock()
 	}
 	if l.Tokens > 0 && delta != 0 {
 		ti, _, _ := window(a.Now, l.TokenWindow)
@@ -103,6 +122,18 @@ func (m *Memory) Settle(_ context.Context, l Limits, a Admission, delta int64) e
 		if c, ok := m.counters[k]; ok {
 			c.v += delta
 			m.counters[k] = c
+		}
+	}
+	return nil
+}
+
+// Renew implements Store.
+func (m *Memory) Renew(_ context.Context, _ Limits, a Admission, until time.Time) error {
+	m.slots.mu.Lock()
+	defer m.slots.mu.Unlock()
+	if held := m.slots.held[a.ID]; held != nil {
+		if _, ok := held[a.Slot]; ok {
+			held[a.Slot] = until
 		}
 	}
 	return nil

@@ -2,7 +2,11 @@ package store
 
 import (
 	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -10,26 +14,89 @@ import (
 
 // Redis is the Store shared by several Caddy instances. Every admission is
 // one Lua script, so all checks and all records happen atomically in one
-// round trip; settling is another.
+// round trip; settling is another. The keys of one script share the
+// identity's hash tag, so the scripts run on a Redis Cluster too.
 type Redis struct {
-	client *redis.Client
+	client redis.UniversalClient
 	prefix string
 }
 
-// NewRedis connects lazily to a Redis server.
-func NewRedis(addr string, db int, password, prefix string) *Redis {
-	return &Redis{
-		client: redis.NewClient(&redis.Options{
-			Addr:         addr,
-			DB:           db,
-			Password:     password,
-			DialTimeout:  time.Second,
-			ReadTimeout:  time.Second,
-			WriteTimeout: time.Second,
-			MaxRetries:   1,
-		}),
-		prefix: prefix,
+// RedisOptions say how to reach Redis the way operators run it: one server,
+// a Cluster, or a master found through Sentinel; with an ACL user, a
+// password and TLS.
+type RedisOptions struct {
+	// Addrs are `host:port` or `redis://[user:password@]host:port/db` and
+	// `rediss://…` (TLS) URLs. One address is a single server; several
+	// are a Cluster's nodes, or sentinels when MasterName is set.
+	Addrs []string
+	// MasterName is the Sentinel master name.
+	MasterName string
+	// DB, Username and Password override what a URL says when set.
+	DB       int
+	Username string
+	Password string
+	// TLS, when set, is used for every connection (a rediss:// URL turns
+	// it on too).
+	TLS    *tls.Config
+	Prefix string
+}
+
+// NewRedis connects lazily. Errors never quote an address, which may hold a
+// password.
+func NewRedis(o RedisOptions) (*Redis, error) {
+	if len(o.Addrs) == 0 {
+		return nil, errors.New("no address")
 	}
+	u := &redis.UniversalOptions{
+		MasterName:   o.MasterName,
+		DialTimeout:  time.Second,
+		ReadTimeout:  time.Second,
+		WriteTimeout: time.Second,
+		MaxRetries:   1,
+	}
+	for i, a := range o.Addrs {
+		if !strings.Contains(a, "://") {
+			u.Addrs = append(u.Addrs, a)
+			continue
+		}
+		opt, err := redis.ParseURL(a)
+		if err != nil {
+			return nil, fmt.Errorf("address %d is not a valid redis:// or rediss:// URL", i+1)
+		}
+		u.Addrs = append(u.Addrs, opt.Addr)
+		if u.Username == "" {
+			u.Username = opt.Username
+		}
+		if u.Password == "" {
+			u.Password = opt.Password
+		}
+		if u.DB == 0 {
+			u.DB = opt.DB
+		}
+		if opt.TLSConfig != nil && u.TLSConfig == nil {
+			u.TLSConfig = opt.TLSConfig
+		}
+	}
+	if o.Username != "" {
+		u.Username = o.Username
+	}
+	if o.Password != "" {
+		u.Password = o.Password
+	}
+	if o.DB != 0 {
+		u.DB = o.DB
+	}
+	if o.TLS != nil {
+		u.TLSConfig = o.TLS
+	}
+	if len(u.Addrs) > 1 && u.MasterName == "" && u.DB != 0 {
+		return nil, errors.New("a Redis Cluster has only database 0")
+	}
+	if u.MasterName != "" {
+		// Sentinels usually share the master's credentials.
+		u.SentinelUsername, u.SentinelPassword = u.Username, u.Password
+	}
+	return &Redis{client: redis.NewUniversalClient(u), prefix: o.Prefix}, nil
 }
 
 // KEYS: req cur, req prev, tok cur, tok prev, slots
@@ -128,4 +195,16 @@ func (r *Redis) Settle(ctx context.Context, l Limits, a Admission, delta int64) 
 func (r *Redis) Close() error { return r.client.Close() }
 
 // Client is the Redis client, for other state kept on the same server.
-func (r *Redis) Client() *redis.Client { return r.client }
+func (r *Redis) Client() redis.UniversalClient { return r.client }
+
+// Renew implements Store: the slot's lease runs until until, if the slot
+// is still held.
+func (r *Redis) Renew(ctx context.Context, l Limits, a Admission, until time.Time) error {
+	key := slotKey(r.prefix, a.ID)
+	_, err := r.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+		p.ZAddXX(ctx, key, redis.Z{Score: float64(until.UnixMilli()), Member: a.Slot})
+		p.PExpire(ctx, key, time.Until(until)+time.Millisecond)
+		return nil
+	})
+	return err
+}

@@ -18,8 +18,9 @@ type Limits struct {
 	Tokens        int64
 	TokenWindow   time.Duration
 	Concurrent    int64
-	// SlotTTL reclaims a concurrency slot whose holder never released it
-	// (an instance that died mid-stream).
+	// SlotTTL is the lease of a concurrency slot: the holder renews it
+	// while its stream lives, so the slot of an instance that died
+	// mid-stream is free within this time.
 	SlotTTL time.Duration
 }
 
@@ -45,6 +46,8 @@ type Store interface {
 	// Settle releases the request's slot and corrects its token reservation
 	// by delta (real usage minus reserve) in the window it was made in.
 	Settle(ctx context.Context, l Limits, a Admission, delta int64) error
+	// Renew extends the lease of the request's slot until the given time.
+	Renew(ctx context.Context, l Limits, a Admission, until time.Time) error
 	Close() error
 }
 

@@ -16,7 +16,7 @@ func stores(t *testing.T, f func(t *testing.T, s Store)) {
 	t.Run("memory", func(t *testing.T) { f(t, NewMemory()) })
 	t.Run("redis", func(t *testing.T) {
 		srv := redistest.Start(t)
-		s := NewRedis(srv.Addr, 0, "", fmt.Sprintf("test%d:", time.Now().UnixNano()))
+		s := mustNewRedis(t, RedisOptions{Addrs: []string{srv.Addr}, Prefix: fmt.Sprintf("test%d:", time.Now().UnixNano())})
 		t.Cleanup(func() { s.Close() })
 		f(t, s)
 	})
@@ -121,7 +121,7 @@ func TestConcurrentSlotsAtomic(t *testing.T) {
 
 func TestRedisDown(t *testing.T) {
 	srv := redistest.Start(t)
-	s := NewRedis(srv.Addr, 0, "", "down:")
+	s := mustNewRedis(t, RedisOptions{Addrs: []string{srv.Addr}, Prefix: "down:"})
 	defer s.Close()
 	srv.Stop()
 	if _, err := s.Admit(context.Background(), Limits{Requests: 1, RequestWindow: time.Minute}, Admission{ID: "a", Now: time.Now()}); err == nil {
@@ -154,8 +154,17 @@ func BenchmarkAdmit(b *testing.B) {
 	b.Run("memory", func(b *testing.B) { run(b, NewMemory()) })
 	b.Run("redis", func(b *testing.B) {
 		srv := redistest.Start(b)
-		s := NewRedis(srv.Addr, 0, "", "bench:")
+		s := mustNewRedis(b, RedisOptions{Addrs: []string{srv.Addr}, Prefix: "bench:"})
 		defer s.Close()
 		run(b, s)
 	})
+}
+
+func mustNewRedis(t testing.TB, o RedisOptions) *Redis {
+	t.Helper()
+	r, err := NewRedis(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
 }
