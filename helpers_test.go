@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"encoding/json"
 	"go.uber.org/zap"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -39,6 +40,7 @@ type instance struct {
 	port    int
 	logPath string
 	globals string // extra global options, e.g. servers { trusted_proxies … }
+	admin   int    // the admin API's port, when on
 }
 
 // base is the URL of the site.
@@ -47,8 +49,12 @@ func (c *instance) base() string { return "http://127.0.0.1:" + strconv.Itoa(c.p
 // caddyfileFor wraps site directives into a complete test Caddyfile that
 // logs to a file the test can read.
 func (c *instance) caddyfileFor(directives string) string {
+	admin := "admin off"
+	if c.admin != 0 {
+		admin = "admin 127.0.0.1:" + strconv.Itoa(c.admin)
+	}
 	return `{
-	admin off
+	` + admin + `
 	auto_https off
 	persist_config off
 	grace_period 10s
@@ -118,6 +124,40 @@ func waitListening(t testing.TB, port int) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	t.Fatalf("nothing listening on port %d", port)
+}
+
+// startCaddyAdmin is startCaddy with the admin API on, for reloads the way
+// `caddy reload` makes them.
+func startCaddyAdmin(t testing.TB, directives string) *instance {
+	t.Helper()
+	caddyMu.Lock()
+	c := &instance{t: t, port: freePort(t), admin: freePort(t), logPath: filepath.Join(t.TempDir(), "caddy.log")}
+	t.Cleanup(func() {
+		_ = caddy.Stop()
+		caddyMu.Unlock()
+	})
+	c.load(directives)
+	return c
+}
+
+// reload posts a new Caddyfile to the admin API's /load, as `caddy reload`
+// does.
+func (c *instance) reload(directives string) {
+	c.t.Helper()
+	req, _ := http.NewRequest(http.MethodPost, "http://127.0.0.1:"+strconv.Itoa(c.admin)+"/load",
+		strings.NewReader(c.caddyfileFor(directives)))
+	req.Header.Set("Content-Type", "text/caddyfile")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		c.t.Fatalf("reload: %v", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(resp.Body)
+		c.t.Fatalf("reload: %d %s", resp.StatusCode, b)
+	}
+	http.DefaultClient.CloseIdleConnections()
+	noCompressClient.CloseIdleConnections()
 }
 
 // logs returns what Caddy logged so far.

@@ -189,6 +189,13 @@ var caddyBinary = sync.OnceValues(func() (string, error) {
 // startProcess runs a second Caddy instance with the given site directives.
 func startProcess(t *testing.T, directives string) string {
 	t.Helper()
+	url, _ := startProcessCmd(t, directives)
+	return url
+}
+
+// startProcessCmd is startProcess, also returning the process (to kill it).
+func startProcessCmd(t *testing.T, directives string) (string, *exec.Cmd) {
+	t.Helper()
 	bin, err := caddyBinary()
 	if err != nil {
 		t.Fatal(err)
@@ -211,7 +218,7 @@ http://127.0.0.1:`+strconv.Itoa(port)+` {
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
 	waitListening(t, port)
-	return "http://127.0.0.1:" + strconv.Itoa(port)
+	return "http://127.0.0.1:" + strconv.Itoa(port), cmd
 }
 
 func TestLimitsSharedThroughRedis(t *testing.T) {

@@ -1,0 +1,164 @@
+package llmstream
+
+import (
+	"bufio"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/redistest"
+)
+
+// An instance killed (OOM, kill -9) while it holds a caller's concurrency
+// slot must not lock the caller out: the slot is a lease the holder renews,
+// and it is free within the lease time.
+func TestKilledInstanceFreesItsSlotWithinTheLease(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs a second Caddy process")
+	}
+	rds := redistest.Start(t)
+	release := make(chan struct{})
+	defer close(release)
+	up := holdUpstream(t, release)
+	const lease = 3 * time.Second
+	directives := `llm_stream ` + up.URL + ` {
+		allow_paths /v1/*
+		limit {
+			concurrent 1
+			slot_lease 3s
+		}
+		store redis ` + rds.Addr + `
+	}`
+	a, proc := startProcessCmd(t, directives)
+	c := startCaddy(t, directives)
+
+	held := postStream(t, a+"/v1/hold/chat/completions", nil)
+	defer held.Body.Close()
+	if held.StatusCode != http.StatusOK {
+		t.Fatalf("the stream on the first instance: %d", held.StatusCode)
+	}
+	bufio.NewReader(held.Body).ReadString('\n')
+	// Longer than a lease: the holder renews it while the stream lives.
+	time.Sleep(lease + time.Second)
+	if resp, got := do(t, "POST", c.base()+"/v1/chat/completions", chatBody, nil); resp.StatusCode != http.StatusTooManyRequests || !strings.Contains(got, "concurrent") {
+		t.Fatalf("while the first instance streams (past one lease): %d %s, want 429 concurrent", resp.StatusCode, got)
+	}
+
+	if err := proc.Process.Kill(); err != nil { // SIGKILL: no cleanup runs
+		t.Fatal(err)
+	}
+	killed := time.Now()
+	proc.Wait()
+	for {
+		resp, _ := do(t, "POST", c.base()+"/v1/chat/completions", chatBody, nil)
+		if resp.StatusCode == http.StatusOK {
+			break
+		}
+		if time.Since(killed) > lease+2*time.Second {
+			t.Fatalf("the killed instance's slot is still held %s after the kill (lease %s)", time.Since(killed), lease)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	took := time.Since(killed)
+	t.Logf("slot of the killed instance free %s after kill -9 (lease %s)", took.Round(time.Millisecond), lease)
+	if took > lease+500*time.Millisecond {
+		t.Errorf("freed after %s, want within the lease (%s)", took, lease)
+	}
+}
+
+// Three instances on one Redis, 300 concurrent requests from one cold
+// identity: the request limit admits exactly its count, and the token limit
+// admits no more than its budget in reservations.
+func TestThreeInstancesShareExactLimits(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs two more Caddy processes")
+	}
+	rds := redistest.Start(t)
+	// The upstream holds every answer until all 300 requests were decided,
+	// so no settlement refunds a reservation while admissions race.
+	var calls atomic.Int32
+	gate := make(chan struct{})
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		calls.Add(1)
+		<-gate
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"object":"chat.completion","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}`)
+	}))
+	t.Cleanup(up.Close)
+	var gateOnce sync.Once
+	t.Cleanup(func() { gateOnce.Do(func() { close(gate) }) })
+	body := `{"model":"m","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}`
+	reserve := len(body)/3 + 100 // the documented estimate: size / 3 + max_tokens
+	for _, tc := range []struct {
+		name, limit, prefix string
+		want                int
+	}{
+		{"requests", "requests 50 1m", "req:", 50},
+		{"tokens", "tokens 5000 1m", "tok:", 5000 / reserve},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			directives := `llm_stream ` + up.URL + ` {
+		limit {
+			` + tc.limit + `
+		}
+		store redis ` + rds.Addr + ` {
+			prefix ` + tc.prefix + `
+		}
+	}`
+			bases := []string{startProcess(t, directives), startProcess(t, directives), startCaddy(t, directives).base()}
+			var ok, refused atomic.Int32
+			var wg sync.WaitGroup
+			start := make(chan struct{})
+			client := &http.Client{Transport: &http.Transport{MaxConnsPerHost: 0, MaxIdleConnsPerHost: 100}}
+			for i := 0; i < 300; i++ {
+				wg.Add(1)
+				go func(base string) {
+					defer wg.Done()
+					<-start
+					resp, err := client.Post(base+"/v1/chat/completions", "application/json", strings.NewReader(body))
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					switch resp.StatusCode {
+					case http.StatusOK:
+						ok.Add(1)
+					case http.StatusTooManyRequests:
+						refused.Add(1)
+					default:
+						t.Errorf("status %d", resp.StatusCode)
+					}
+				}(bases[i%3])
+			}
+			gate = make(chan struct{})
+			gateOnce = sync.Once{}
+			calls.Store(0)
+			close(start)
+			deadline := time.Now().Add(20 * time.Second)
+			for int(calls.Load())+int(refused.Load()) < 300 && time.Now().Before(deadline) {
+				time.Sleep(5 * time.Millisecond)
+			}
+			admitted := calls.Load()
+			gateOnce.Do(func() { close(gate) })
+			wg.Wait()
+			if int(ok.Load()) > tc.want || int(ok.Load())+int(refused.Load()) != 300 {
+				t.Fatalf("admitted %d, refused %d of 300; want at most %d admitted", ok.Load(), refused.Load(), tc.want)
+			}
+			if admitted != ok.Load() {
+				t.Errorf("the upstream got %d calls for %d admitted requests", admitted, ok.Load())
+			}
+			if int(ok.Load()) != tc.want {
+				t.Errorf("admitted %d, want exactly %d (%s)", ok.Load(), tc.want, tc.limit)
+			}
+			t.Logf("%s: %d admitted of 300 across three instances (limit allows %d)", tc.name, ok.Load(), tc.want)
+		})
+	}
+}

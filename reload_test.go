@@ -1,0 +1,98 @@
+package llmstream
+
+import (
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+)
+
+// A `caddy reload` during the working day (through the admin API, with a
+// change elsewhere in the config) keeps what the handler remembers: callers
+// at their limit stay limited, a key resting after a 429 stays resting, an
+// unchanged cache keeps its entries; a changed limit starts fresh.
+func TestReloadKeepsState(t *testing.T) {
+	var restingCalls, otherCalls atomic.Int32
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("x-request-id", "req_1")
+		if r.Header.Get("Authorization") == "Bearer sk-busy" {
+			restingCalls.Add(1)
+			w.Header().Set("Retry-After", "600")
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusTooManyRequests)
+			io.WriteString(w, `{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}`)
+			return
+		}
+		otherCalls.Add(1)
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}`)
+	}))
+	t.Cleanup(up.Close)
+	config := func(limit, extra string) string {
+		return `llm_stream {
+		upstream ` + up.URL + ` {
+			api_key sk-busy sk-free
+		}
+		limit {
+			` + limit + `
+		}
+		cache 10m
+		` + extra + `
+	}`
+	}
+	c := startCaddyAdmin(t, config("requests 4 1m", ""))
+	body := `{"model":"m","temperature":0,"messages":[{"role":"user","content":"cache me"}]}`
+	post := func() *http.Response {
+		resp := postBody(t, c.base()+"/v1/chat/completions", body, nil)
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp
+	}
+	// Two distinct requests (the second misses the cache) until the busy
+	// key has been tried once.
+	if resp := post(); resp.StatusCode != http.StatusOK || resp.Header.Get("X-Cache") != "MISS" {
+		t.Fatalf("first: %d %s", resp.StatusCode, resp.Header.Get("X-Cache"))
+	}
+	body = `{"model":"m","temperature":0,"messages":[{"role":"user","content":"another"}]}`
+	if resp := post(); resp.StatusCode != http.StatusOK {
+		t.Fatalf("second: %d", resp.StatusCode)
+	}
+	if restingCalls.Load() != 1 {
+		t.Fatalf("the busy key was called %d times, want once (round robin over two keys)", restingCalls.Load())
+	}
+
+	c.reload(config("requests 4 1m", "header_up X-Reloaded yes"))
+
+	// The cache kept the first answer (a hit still counts as a request).
+	body = `{"model":"m","temperature":0,"messages":[{"role":"user","content":"cache me"}]}`
+	if resp := post(); resp.StatusCode != http.StatusOK || resp.Header.Get("X-Cache") != "HIT" {
+		t.Fatalf("after the reload: %d X-Cache %q, want a hit kept across the reload", resp.StatusCode, resp.Header.Get("X-Cache"))
+	}
+	// One request left of four.
+	body = `{"model":"m","temperature":0,"messages":[{"role":"user","content":"third"}]}`
+	if resp := post(); resp.StatusCode != http.StatusOK {
+		t.Fatalf("third request: %d", resp.StatusCode)
+	}
+	if resp := post(); resp.StatusCode != http.StatusTooManyRequests {
+		t.Fatalf("fourth request after the reload: %d, want 429: the limit was reset by the reload", resp.StatusCode)
+	}
+	if n := restingCalls.Load(); n != 1 {
+		t.Errorf("the key resting after a 429 was called %d more times after the reload", n-1)
+	}
+
+	// A changed limit starts fresh.
+	c.reload(config("requests 5 1m", "header_up X-Reloaded yes"))
+	body = `{"model":"m","temperature":0,"messages":[{"role":"user","content":"fresh"}]}`
+	if resp := post(); resp.StatusCode != http.StatusOK {
+		t.Fatalf("after changing the limit: %d, want a fresh count", resp.StatusCode)
+	}
+	if n := restingCalls.Load(); n != 1 {
+		t.Errorf("the resting key was called again after the second reload")
+	}
+	if !strings.Contains(c.logs(), "llm usage") {
+		t.Error("no usage lines")
+	}
+}
