@@ -121,6 +121,20 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		{name: "bad client key digest", input: "llm_stream http://a {\n client_key sha256:abc\n}", wantErr: "client_key: sha256: wants 64 hex digits", line: 2},
 		{name: "limit without window", input: "llm_stream http://a {\n limit {\n  requests 5\n }\n}", wantErr: "wrong argument count", line: 3},
 		{name: "unknown limit", input: "llm_stream http://a {\n limit {\n  bananas 5 1m\n }\n}", wantErr: "unrecognized limit 'bananas'", line: 3},
+		{name: "store forms", input: "llm_stream http://a {\n store redis 10.0.0.1:26379 10.0.0.2:26379 1 {\n  sentinel mymaster\n  username llm\n  password {env.P}\n  tls {\n   ca /etc/ca.pem\n  }\n  prefix x:\n  fail closed\n }\n limit {\n  concurrent 2\n  slot_lease 15s\n }\n}",
+			want: func(h *Handler) bool {
+				s := h.Store
+				return len(s.Addresses) == 2 && s.Redis == "" && s.DB == 1 && s.Sentinel == "mymaster" && s.Username == "llm" &&
+					s.Password == "{env.P}" && s.TLS != nil && s.TLS.CA == "/etc/ca.pem" && !s.FailOpen &&
+					time.Duration(h.Limit.SlotLease) == 15*time.Second
+			}},
+		{name: "store url and bare tls", input: "llm_stream http://a {\n store redis {env.REDIS_URL} {\n  tls\n }\n}",
+			want: func(h *Handler) bool {
+				return h.Store.Redis == "{env.REDIS_URL}" && h.Store.TLS != nil && h.Store.TLS.CA == ""
+			}},
+		{name: "store cluster", input: "llm_stream http://a {\n store redis a:7000 b:7001 c:7002\n}",
+			want: func(h *Handler) bool { return len(h.Store.Addresses) == 3 && h.Store.DB == 0 }},
+		{name: "bad store option", input: "llm_stream http://a {\n store redis a:1 {\n  pasword x\n }\n}", wantErr: "store: unrecognized option 'pasword'", line: 3},
 		{name: "bad store", input: "llm_stream http://a {\n store etcd x\n}", wantErr: "store: 'etcd' is not memory or redis", line: 2},
 		{name: "bad on_disconnect", input: "llm_stream http://a {\n on_disconnect linger\n}", wantErr: "on_disconnect: 'linger'", line: 2},
 		{name: "top-level key with blocks", input: "llm_stream {\n api_key k\n upstream http://a {\n  weight 2\n }\n}", wantErr: "set api_key inside each upstream block"},
@@ -211,6 +225,9 @@ func TestJSONConfigValidation(t *testing.T) {
 		{"unknown placeholder", `{"upstream":"http://x","api_key":"{nope.x}"}`, "unresolvable placeholder"},
 		{"unknown transport", `{"upstream":"http://x","transport":{"protocol":"carrier_pigeon"}}`, "loading transport"},
 		{"cache without ttl", `{"upstream":"http://x","cache":{}}`, "cache: a positive ttl is required"},
+		{"cluster with a database", `{"upstream":"http://x","store":{"addresses":["a:1","b:2"],"db":3}}`, "a Redis Cluster has only database 0"},
+		{"bad redis url", `{"upstream":"http://x","store":{"redis":"redis://user:pw-leak@[::1"}}`, "address 1 is not a valid"},
+		{"short slot lease", `{"upstream":"http://x","limit":{"concurrent":1,"slot_lease":100000000}}`, "slot_lease must be at least 1s"},
 		{"cache in redis without a server", `{"upstream":"http://x","cache":{"ttl":60000000000,"store":"redis"}}`, "needs the `store redis <address>` setting"},
 		{"cache scope", `{"upstream":"http://x","cache":{"ttl":60000000000,"scope":"all"}}`, "scope must be identity or global"},
 		{"smooth without interval", `{"upstream":"http://x","smooth":{"max_chars":4}}`, "smooth: interval must be positive"},
@@ -232,6 +249,9 @@ func TestJSONConfigValidation(t *testing.T) {
 			}
 			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 				t.Fatalf("got %v, want an error containing %q", err, tc.wantErr)
+			}
+			if strings.Contains(err.Error(), "pw-leak") {
+				t.Fatalf("the error quotes a secret: %v", err)
 			}
 		})
 	}
