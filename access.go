@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
@@ -227,6 +228,43 @@ func (h *Handler) pathAllowed(r *http.Request) bool {
 func unknownURL(r *http.Request) *apiError {
 	return &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "unknown_url",
 		Message: "unknown request URL: " + r.Method + " " + strconv.Quote(r.URL.Path)}
+}
+
+// filterModelList keeps, in a model list (OpenAI and Anthropic `data[].id`,
+// Gemini `models[].name`), only the models allow_models lets the caller
+// use. A body it cannot read is replaced by an empty list: model names the
+// operator closed must not leak.
+func (h *Handler) filterModelList(body []byte) []byte {
+	var list map[string]json.RawMessage
+	if json.Unmarshal(body, &list) != nil {
+		return []byte(`{"object":"list","data":[]}`)
+	}
+	for field, name := range map[string]string{"data": "id", "models": "name"} {
+		raw, ok := list[field]
+		if !ok {
+			continue
+		}
+		var items []json.RawMessage
+		if json.Unmarshal(raw, &items) != nil {
+			list[field] = json.RawMessage("[]")
+			continue
+		}
+		kept := items[:0]
+		for _, it := range items {
+			var m map[string]any
+			_ = json.Unmarshal(it, &m)
+			id, _ := m[name].(string)
+			if id != "" && h.modelAllowed(strings.TrimPrefix(id, "models/")) {
+				kept = append(kept, it)
+			}
+		}
+		list[field], _ = json.Marshal(kept)
+		if len(kept) == 0 {
+			list[field] = json.RawMessage("[]")
+		}
+	}
+	out, _ := json.Marshal(list)
+	return out
 }
 
 // modelAllowed reports whether clients may ask for the model.

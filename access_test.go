@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -285,5 +286,46 @@ http://127.0.0.1:%d {
 	}
 	if !strings.Contains(logs, `"llm_status":"exact","llm_completion":4,"llm_prompt":5`) {
 		t.Errorf("placeholders not in the access log:\n%s", logs[max(0, len(logs)-3000):])
+	}
+}
+
+// GET /v1/models lists only what allow_models lets callers use: the
+// handler's own list, and an upstream's list passed through.
+func TestModelListUnderAllowModels(t *testing.T) {
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		body := `{"object":"list","data":[{"id":"gpt-4o","object":"model"},{"id":"gpt-4o-mini","object":"model"},{"id":"o1-pro","object":"model"},{"id":"dall-e-3","object":"model"}]}`
+		if strings.HasPrefix(r.URL.Path, "/v1beta") {
+			body = `{"models":[{"name":"models/gemini-2.5-pro"},{"name":"models/gemini-2.5-flash"}]}`
+		}
+		// The upstream's length is wrong once the list is filtered: the
+		// client must get the filtered body's.
+		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+		io.WriteString(w, body)
+	}))
+	t.Cleanup(up.Close)
+	c := startCaddy(t, `llm_stream `+up.URL+` {
+		allow_paths /v1/models /v1beta/models
+		allow_models gpt-4o* gemini-2.5-flash
+	}`)
+	for _, tc := range []struct{ path, want, not string }{
+		{"/v1/models", `"gpt-4o-mini"`, "o1-pro"},
+		{"/v1beta/models", `"models/gemini-2.5-flash"`, "gemini-2.5-pro"},
+	} {
+		resp, body := do(t, "GET", c.base()+tc.path, "", nil)
+		if resp.StatusCode != 200 || !strings.Contains(body, tc.want) || strings.Contains(body, tc.not) || strings.Contains(body, "dall-e") {
+			t.Errorf("GET %s: %d %s", tc.path, resp.StatusCode, body)
+		}
+	}
+	// The handler's own list (from upstream models and renames).
+	c.load(`llm_stream {
+		upstream ` + up.URL + ` {
+			models gpt-4o gpt-4o-mini o1-pro
+		}
+		allow_models gpt-4o*
+	}`)
+	resp, body := do(t, "GET", c.base()+"/v1/models", "", nil)
+	if resp.StatusCode != 200 || !strings.Contains(body, `"gpt-4o-mini"`) || strings.Contains(body, "o1-pro") {
+		t.Errorf("the handler's own list: %d %s", resp.StatusCode, body)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -167,4 +168,47 @@ func TestDenyWordsInStreamedAnswers(t *testing.T) {
 		}
 		io.Copy(io.Discard, resp.Body)
 	})
+}
+
+// deny_words_scope response|both holds for whole JSON answers too: a
+// forbidden word turns the answer into a content_filter error, and none of
+// it reaches the client; a clean answer passes byte-exact.
+func TestDenyWordsInJSONAnswers(t *testing.T) {
+	answers := map[string]string{
+		"/v1/bad/chat/completions":         `{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"这里有违禁词。"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":6,"total_tokens":11}}`,
+		"/v1/messages":                     `{"id":"msg_1","type":"message","role":"assistant","content":[{"type":"text","text":"Das ist VERBOTEN hier."}],"usage":{"input_tokens":5,"output_tokens":6}}`,
+		"/v1beta/models/g:generateContent": `{"candidates":[{"content":{"parts":[{"text":"ein verboten wort"}],"role":"model"}}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":4,"totalTokenCount":7}}`,
+		"/v1/clean/chat/completions":       `{"id":"chatcmpl-2","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"没有问题。"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":4,"total_tokens":9}}`,
+	}
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("x-request-id", "req_json")
+		body := answers[r.URL.Path]
+		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+		io.WriteString(w, body)
+	}))
+	defer up.Close()
+	c := startCaddy(t, `llm_stream `+up.URL+` {
+		allow_paths /v1/* /v1beta/*
+		deny_words 违禁词 verboten
+		deny_words_scope response
+	}`)
+	for _, p := range []string{"/v1/bad/chat/completions", "/v1/messages", "/v1beta/models/g:generateContent"} {
+		resp, body := do(t, "POST", c.base()+p, `{"model":"m","messages":[{"role":"user","content":"hi"}]}`, nil)
+		if resp.StatusCode != http.StatusForbidden || !strings.Contains(body, `"code":"content_filter"`) {
+			t.Errorf("%s: got %d %s, want 403 content_filter", p, resp.StatusCode, body)
+		}
+		if strings.Contains(body, "违禁") || strings.Contains(strings.ToLower(body), "verboten") || strings.Contains(body, "usage") {
+			t.Errorf("%s: part of the answer reached the client: %s", p, body)
+		}
+	}
+	resp, body := do(t, "POST", c.base()+"/v1/clean/chat/completions", `{"model":"m","messages":[]}`, nil)
+	if resp.StatusCode != http.StatusOK || body != answers["/v1/clean/chat/completions"] {
+		t.Fatalf("a clean answer: %d %q", resp.StatusCode, body)
+	}
+	if resp.Header.Get("X-Upstream-Request-Id") != "req_json" {
+		t.Errorf("the held answer lost its headers: %v", resp.Header)
+	}
+	c.waitLog(`"usage_status":"exact"`, `"total_tokens":9`)
 }

@@ -117,6 +117,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	if h.LogPrompts != "off" {
 		rl.keepAnswer()
 	}
+	if len(h.AllowModels) > 0 && r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, "/models") {
+		rl.filterModels = h.filterModelList
+	}
 	if cs != nil && cs.lead != nil {
 		rl.tee, rl.teeStart = cs.lead, time.Now()
 	}
@@ -335,8 +338,11 @@ func (h *Handler) try(r *http.Request, in *inbound, rl *relay, at attempt) attem
 		// A forbidden word: what was held back is dropped, the stream
 		// ends with the filter's error, and the deferred cancel stops the
 		// upstream.
-		rl.failDenied()
-		return attemptResult{done: true, code: resp.StatusCode}
+		code := resp.StatusCode
+		if c := rl.failDenied(); c != 0 {
+			code = c
+		}
+		return attemptResult{done: true, code: code}
 	}
 	cause := context.Cause(ctx)
 	if cause == nil || errors.Is(cause, context.Canceled) {
@@ -469,7 +475,13 @@ func parseRetryAfter(v string) time.Duration {
 // serveModels answers GET /v1/models with the names configured in
 // `models` (exact names) and `rename`.
 func (h *Handler) serveModels(w http.ResponseWriter) {
-	writeModelList(w, h.router.names, "llm_stream", 0)
+	var names []string
+	for _, n := range h.router.names {
+		if h.modelAllowed(n) {
+			names = append(names, n)
+		}
+	}
+	writeModelList(w, names, "llm_stream", 0)
 }
 
 // writeModelList writes an OpenAI model list.

@@ -153,7 +153,7 @@ func deltaText(data []byte) string {
 
 // answerText is the text of a whole JSON answer: `choices[].message.
 // content`, `choices[].text`, Anthropic `content[].text`, Responses API
-// `output[].content[].text`.
+// `output[].content[].text`, Gemini `candidates[].content.parts[].text`.
 func answerText(body []byte) string {
 	var v struct {
 		Choices []struct {
@@ -170,6 +170,13 @@ func answerText(body []byte) string {
 				Text string `json:"text"`
 			} `json:"content"`
 		} `json:"output"`
+		Candidates []struct {
+			Content struct {
+				Parts []struct {
+					Text string `json:"text"`
+				} `json:"parts"`
+			} `json:"content"`
+		} `json:"candidates"`
 	}
 	if json.Unmarshal(body, &v) != nil {
 		return ""
@@ -184,6 +191,11 @@ func answerText(body []byte) string {
 	for _, o := range v.Output {
 		for _, c := range o.Content {
 			sb.WriteString(c.Text)
+		}
+	}
+	for _, c := range v.Candidates {
+		for _, p := range c.Content.Parts {
+			sb.WriteString(p.Text)
 		}
 	}
 	return sb.String()

@@ -137,7 +137,12 @@ func TestRedisSentinelFailover(t *testing.T) {
 	}`)
 	busy := map[string]string{"Authorization": "Bearer sk-busy"}
 	quiet := map[string]string{"Authorization": "Bearer sk-quiet"}
-	// quiet uses 5 of its 20 before the failover.
+	// Before the failover busy uses all of its 20, quiet 5.
+	for i := 0; i < 20; i++ {
+		if resp, got := do(t, "POST", c.base()+"/v1/chat/completions", chatBody, busy); resp.StatusCode != 200 {
+			t.Fatalf("before the failover: %d %s", resp.StatusCode, got)
+		}
+	}
 	for i := 0; i < 5; i++ {
 		if resp, got := do(t, "POST", c.base()+"/v1/chat/completions", chatBody, quiet); resp.StatusCode != 200 {
 			t.Fatalf("before the failover: %d %s", resp.StatusCode, got)
@@ -180,18 +185,24 @@ func TestRedisSentinelFailover(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	// After the failover the client finds the new master.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		resp, _ := do(t, "POST", c.base()+"/v1/chat/completions", chatBody, quiet)
-		if resp.StatusCode == 200 {
-			break
+	// Replication is asynchronous: a write the old master takes after the
+	// promotion and before the sentinel demotes it is lost (Redis's own
+	// property). Let the old master be reconfigured and the client switch,
+	// while busy keeps asking.
+	for settle := time.Now().Add(2 * time.Second); time.Now().Before(settle); time.Sleep(50 * time.Millisecond) {
+		resp, _ := do(t, "POST", c.base()+"/v1/chat/completions", chatBody, busy)
+		switch resp.StatusCode {
+		case 200:
+			ok++
+		case 429:
+			limited++
+		case 503:
+			refused++
+			if firstRefused.IsZero() {
+				firstRefused = time.Now()
+			}
+			lastRefused = time.Now()
 		}
-		if resp.StatusCode != 503 || time.Now().After(deadline) {
-			t.Fatalf("after the failover: %d", resp.StatusCode)
-		}
-		lastRefused = time.Now()
-		time.Sleep(50 * time.Millisecond)
 	}
 	window := time.Duration(0)
 	if !firstRefused.IsZero() {
@@ -199,14 +210,14 @@ func TestRedisSentinelFailover(t *testing.T) {
 	}
 	t.Logf("failover after %s: %d admitted, %d limited, %d refused (fail closed) over %s",
 		time.Since(start).Round(time.Millisecond), ok, limited, refused, window.Round(time.Millisecond))
-	if ok > 20 {
-		t.Errorf("busy was admitted %d times with requests 20 1m", ok)
+	if ok > 0 {
+		t.Errorf("busy, at its limit before the failover, was admitted %d times during and after it", ok)
 	}
-	// quiet had used 6 of 20 (5 before, 1 after): 14 more, then 429 —
-	// the counts survived the failover.
-	for i := 0; i < 14; i++ {
+	// quiet had used 5 of 20 before: 15 more, then 429 — the counts
+	// survived the failover.
+	for i := 0; i < 15; i++ {
 		if resp, got := do(t, "POST", c.base()+"/v1/chat/completions", chatBody, quiet); resp.StatusCode != 200 {
-			t.Fatalf("quiet's request %d after the failover: %d %s", i+7, resp.StatusCode, got)
+			t.Fatalf("quiet's request %d after the failover: %d %s", i+6, resp.StatusCode, got)
 		}
 	}
 	if resp, _ := do(t, "POST", c.base()+"/v1/chat/completions", chatBody, quiet); resp.StatusCode != http.StatusTooManyRequests {

@@ -10,6 +10,7 @@ import (
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/denyword"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -72,12 +73,19 @@ type relay struct {
 	parser       sse.Parser
 	timer        *time.Timer
 
-	usage      *usage    // filled from the answer, when set
-	hideUsage  bool      // drop the include_usage chunk the client did not ask for
-	jsonBuf    []byte    // a plain JSON answer, kept (bounded) to read its usage
-	firstToken time.Time // when the first data event reached the client
-	discarding bool      // draining: the client left, the answer is read but not written
-	paced      bool      // writes may wait (smooth): the idle timeout counts from their end
+	usage     *usage // filled from the answer, when set
+	hideUsage bool   // drop the include_usage chunk the client did not ask for
+	jsonBuf   []byte // a plain JSON answer, kept (bounded) to read its usage
+	// a plain answer held whole, headers too, until deny words were checked
+	// on it (deny_words_scope response|both)
+	holdPlain  bool
+	heldStatus int
+	// rewrites a held model list to the models the caller may use
+	filterModels func([]byte) []byte
+	heldOverrun  bool      // longer than maxUsageBody: passed on unchecked
+	firstToken   time.Time // when the first data event reached the client
+	discarding   bool      // draining: the client left, the answer is read but not written
+	paced        bool      // writes may wait (smooth): the idle timeout counts from their end
 
 	// event-aware relaying (writeEvents): the start of the event still
 	// open at the end of the last read — not written yet when events are
@@ -331,10 +339,17 @@ func (rl *relay) begin(resp *http.Response, streaming bool) {
 	rl.mu.Lock()
 	defer rl.mu.Unlock()
 	f := framingOf(resp.Header.Get("Content-Type"))
-	if rl.committed {
+	switch {
+	case rl.committed:
 		// Headers are out as an event stream; keep that framing.
 		f = frameSSE
-	} else {
+	case (rl.deny != nil || rl.filterModels != nil) && f == framePlain && !streaming:
+		// A whole answer is checked for deny words before any of it,
+		// headers included, leaves: a forbidden word turns it into an
+		// error.
+		copyResponseHeaders(rl.w.Header(), resp.Header)
+		rl.holdPlain, rl.heldStatus = true, resp.StatusCode
+	default:
 		hdr := rl.w.Header()
 		copyResponseHeaders(hdr, resp.Header)
 		stream := streaming || f != framePlain
@@ -435,6 +450,13 @@ func (rl *relay) copyBody(body io.Reader, drain bool) outcome {
 			if rl.usage != nil && len(rl.jsonBuf) > 0 {
 				rl.usage.readJSON(rl.jsonBuf)
 			}
+			if rl.holdPlain {
+				if err := rl.releasePlain(); err != nil {
+					rl.mu.Unlock()
+					out.err = err
+					return out
+				}
+			}
 			gone := rl.discarding
 			rl.mu.Unlock()
 			out.clientGone = gone
@@ -515,6 +537,9 @@ func (rl *relay) write(b []byte) error {
 			return rl.writeEvents(b)
 		}
 	case framePlain:
+		if rl.holdPlain {
+			return rl.holdPlainAnswer(b)
+		}
 		if rl.usage != nil && len(rl.jsonBuf)+len(b) <= maxUsageBody {
 			rl.jsonBuf = append(rl.jsonBuf, b...)
 		}
@@ -892,11 +917,65 @@ func decodedBody(resp *http.Response) (io.Reader, error) {
 }
 
 // failDenied ends an answer that produced a forbidden word: what was held
-// back is dropped and the stream ends with the filter's error.
-func (rl *relay) failDenied() {
+// back is dropped and the stream ends with the filter's error; a whole
+// answer held back is replaced by the error. It returns the status the
+// client got, or 0 when the headers were already out.
+func (rl *relay) failDenied() int {
 	metrics.denyWordBlocks.WithLabelValues("response").Inc()
-	rl.fail(&apiError{Status: http.StatusForbidden, Type: typeInvalidRequest, Code: "content_filter",
-		Message: "the answer was stopped: it contained words that are not allowed here"})
+	e := &apiError{Status: http.StatusForbidden, Type: typeInvalidRequest, Code: "content_filter",
+		Message: "the answer was stopped: it contained words that are not allowed here"}
+	if rl.fail(e) {
+		return 0
+	}
+	rl.mu.Lock()
+	defer rl.mu.Unlock()
+	if rl.committed {
+		return 0
+	}
+	rl.w.Header().Del("Content-Length")
+	e.write(rl.w)
+	rl.committed = true
+	return e.Status
+}
+
+// holdPlainAnswer keeps a read of a whole answer held for the deny-word
+// check. One longer than maxUsageBody is passed on unchecked from then on
+// (logged by the caller through the metric). Called with mu held.
+func (rl *relay) holdPlainAnswer(b []byte) error {
+	if len(rl.jsonBuf)+len(b) <= maxUsageBody {
+		rl.jsonBuf = append(rl.jsonBuf, b...)
+		return nil
+	}
+	rl.heldOverrun = true
+	if err := rl.commitHeld(); err != nil {
+		return err
+	}
+	return rl.writeOut(b)
+}
+
+// releasePlain ends the hold of a whole answer at its end: a forbidden word
+// makes it errDenied, else it leaves as it came. Called with mu held.
+func (rl *relay) releasePlain() error {
+	if !rl.heldOverrun && rl.deny != nil && rl.deny.Contains(answerText(rl.jsonBuf)) {
+		rl.holdPlain = false
+		return errDenied
+	}
+	if !rl.heldOverrun && rl.filterModels != nil && rl.heldStatus == http.StatusOK {
+		rl.jsonBuf = rl.filterModels(rl.jsonBuf)
+		rl.w.Header().Set("Content-Length", strconv.Itoa(len(rl.jsonBuf)))
+	}
+	return rl.commitHeld()
+}
+
+// commitHeld writes the held headers and body. Called with mu held.
+func (rl *relay) commitHeld() error {
+	rl.holdPlain = false
+	rl.w.WriteHeader(rl.heldStatus)
+	rl.committed = true
+	if rl.discarding || len(rl.jsonBuf) == 0 {
+		return nil
+	}
+	return rl.writeOut(rl.jsonBuf)
 }
 
 // brokenStreamError describes why a started answer ended early.
