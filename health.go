@@ -38,6 +38,16 @@ type keyRest struct{ until atomic.Int64 }
 
 func (k *keyRest) resting(now time.Time) bool { return now.UnixNano() < k.until.Load() }
 
+// extend moves the rest's end to until, if that is later.
+func (k *keyRest) extend(until int64) {
+	for {
+		cur := k.until.Load()
+		if until <= cur || k.until.CompareAndSwap(cur, until) {
+			return
+		}
+	}
+}
+
 // memoryState is the in-process routeState: the handler's thresholds over
 // the pooled health and rests of its upstreams and keys.
 type memoryState struct {
@@ -86,12 +96,4 @@ func (s *memoryState) succeeded(u *Upstream) {
 
 func (s *memoryState) resting(k *apiKey, now time.Time) bool { return k.rest.resting(now) }
 
-func (s *memoryState) rest(k *apiKey, until time.Time) {
-	u := until.UnixNano()
-	for {
-		cur := k.rest.until.Load()
-		if u <= cur || k.rest.until.CompareAndSwap(cur, u) {
-			return
-		}
-	}
-}
+func (s *memoryState) rest(k *apiKey, until time.Time) { k.rest.extend(until.UnixNano()) }

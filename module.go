@@ -242,13 +242,14 @@ type Handler struct {
 	secrets *scrubber
 	logger  *zap.Logger
 
-	clientKeys  []clientKey
-	allowPaths  []string
-	pathMatcher caddyhttp.MatchPath
-	limits      store.Limits
-	store       store.Store
-	redis       *store.Redis    // the `store redis` server, when limits or the cache use it
-	inflight    *sync.WaitGroup // requests that may still settle with the store
+	clientKeys    []clientKey
+	allowPaths    []string
+	pathMatcher   caddyhttp.MatchPath
+	limits        store.Limits
+	store         store.Store
+	redis         *store.Redis    // the `store redis` server
+	redisSettings string          // its pool key: a digest of its settings
+	inflight      *sync.WaitGroup // requests that may still settle with the store
 
 	cacheStore cache.Store
 	flights    *cache.Group
@@ -358,7 +359,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.secrets = newScrubber(secrets...)
 	h.router = newRouter(h.ups)
-	h.state = newMemoryState(h.UnhealthyAfter, time.Duration(h.UnhealthyCooldown))
+	if err := h.provisionRouteState(); err != nil {
+		return err
+	}
 
 	if err := registerMetrics(ctx); err != nil {
 		return fmt.Errorf("registering metrics: %w", err)

@@ -162,3 +162,96 @@ func TestThreeInstancesShareExactLimits(t *testing.T) {
 		})
 	}
 }
+
+// With store redis, what one instance learns about keys and upstreams holds
+// for all: a key answered with 429 on one instance is not called by the
+// other while it rests, and an upstream one instance took out is out for
+// the other.
+func TestRestsAndHealthSharedThroughRedis(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs a second Caddy process")
+	}
+	rds := redistest.Start(t)
+	var busyCalls, freeCalls, brokenCalls atomic.Int32
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/json")
+		if r.Header.Get("Authorization") == "Bearer sk-busy" {
+			busyCalls.Add(1)
+			w.Header().Set("Retry-After", "600")
+			w.WriteHeader(http.StatusTooManyRequests)
+			io.WriteString(w, `{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}`)
+			return
+		}
+		freeCalls.Add(1)
+		io.WriteString(w, `{"object":"chat.completion","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}`)
+	}))
+	t.Cleanup(up.Close)
+	broken := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		brokenCalls.Add(1)
+		w.WriteHeader(http.StatusBadGateway)
+	}))
+	t.Cleanup(broken.Close)
+	directives := `llm_stream {
+		upstream ` + up.URL + ` {
+			api_key sk-busy sk-free
+			models gpt-4o
+		}
+		upstream ` + broken.URL + ` {
+			models mini
+		}
+		upstream ` + up.URL + `/fallback {
+			api_key sk-free
+			models mini
+			priority 1
+		}
+		unhealthy_after 1 10m
+		store redis ` + rds.Addr + `
+	}`
+	b := startProcess(t, directives)
+	a := startCaddy(t, directives).base()
+	gpt := `{"model":"gpt-4o","messages":[]}`
+	mini := `{"model":"mini","messages":[]}`
+
+	// On a: round robin over two keys meets the busy key within two
+	// requests; the broken upstream fails once and is out.
+	for i := 0; i < 2; i++ {
+		if resp, got := do(t, "POST", a+"/v1/chat/completions", gpt, nil); resp.StatusCode != 200 {
+			t.Fatalf("a: %d %s", resp.StatusCode, got)
+		}
+	}
+	if resp, got := do(t, "POST", a+"/v1/chat/completions", mini, nil); resp.StatusCode != 200 {
+		t.Fatalf("a, mini: %d %s", resp.StatusCode, got)
+	}
+	if busyCalls.Load() != 1 || brokenCalls.Load() != 1 {
+		t.Fatalf("a called the busy key %d times and the broken upstream %d times, want once each", busyCalls.Load(), brokenCalls.Load())
+	}
+	time.Sleep(200 * time.Millisecond) // the decisions reach b through Redis pub/sub
+
+	for i := 0; i < 6; i++ {
+		if resp, got := do(t, "POST", b+"/v1/chat/completions", gpt, nil); resp.StatusCode != 200 {
+			t.Fatalf("b: %d %s", resp.StatusCode, got)
+		}
+		if resp, got := do(t, "POST", b+"/v1/chat/completions", mini, nil); resp.StatusCode != 200 {
+			t.Fatalf("b, mini: %d %s", resp.StatusCode, got)
+		}
+	}
+	if n := busyCalls.Load(); n != 1 {
+		t.Errorf("b called the key resting after a 429 on a %d times", n-1)
+	}
+	if n := brokenCalls.Load(); n != 1 {
+		t.Errorf("b called the upstream a took out %d times", n-1)
+	}
+
+	// An instance that starts now learns the rest in force.
+	c := startProcess(t, directives)
+	time.Sleep(200 * time.Millisecond)
+	for i := 0; i < 4; i++ {
+		if resp, got := do(t, "POST", c+"/v1/chat/completions", gpt, nil); resp.StatusCode != 200 {
+			t.Fatalf("c: %d %s", resp.StatusCode, got)
+		}
+	}
+	if n := busyCalls.Load(); n != 1 {
+		t.Errorf("an instance started later called the resting key %d times", n-1)
+	}
+}

@@ -22,7 +22,21 @@ var (
 	slotPool   = caddy.NewUsagePool() // "slots" → *store.Slots, for every handler
 	cachePool  = caddy.NewUsagePool() // cache bound → *cache.Memory
 	redisPool  = caddy.NewUsagePool() // connection settings → *store.Redis
+	busPool    = caddy.NewUsagePool() // connection settings → *routeBus
 )
+
+// poolValue looks a pool's value up without taking a reference.
+func poolValue(pool *caddy.UsagePool, key string) (any, bool) {
+	var found any
+	pool.Range(func(k, v any) bool {
+		if k == key {
+			found = v
+			return false
+		}
+		return true
+	})
+	return found, found != nil
+}
 
 // pooled wraps a value kept in a usage pool; destruct runs when the last
 // config that used it is gone.
@@ -80,13 +94,15 @@ func (h *Handler) releasePools() {
 // to each key.
 func (h *Handler) shareRouteState(u *Upstream) error {
 	var err error
-	if u.health, err = share(h, healthPool, u.Provider+" "+u.URL, plain(new(upstreamHealth))); err != nil {
+	u.stateKey = u.Provider + " " + u.URL
+	if u.health, err = share(h, healthPool, u.stateKey, plain(new(upstreamHealth))); err != nil {
 		return err
 	}
 	for _, k := range u.keys {
 		// The full digest: two keys must never share a rest.
 		sum := sha256.Sum256([]byte(k.secret))
-		if k.rest, err = share(h, restPool, u.URL+" "+hex.EncodeToString(sum[:]), plain(new(keyRest))); err != nil {
+		k.stateKey = u.URL + " " + hex.EncodeToString(sum[:])
+		if k.rest, err = share(h, restPool, k.stateKey, plain(new(keyRest))); err != nil {
 			return err
 		}
 	}

@@ -112,6 +112,7 @@ func (h *Handler) provisionStore() error {
 		return errors.New("store: a Redis Cluster has only database 0")
 	}
 	key := redisKey(opts, sc.TLS)
+	h.redisSettings = key
 	h.redis, err = share(h, redisPool, key, func() (*store.Redis, func() error, error) {
 		r, err := store.NewRedis(opts)
 		if err != nil {

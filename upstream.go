@@ -71,13 +71,15 @@ type Upstream struct {
 	transport  http.RoundTripper
 	rr         atomic.Uint64   // key rotation
 	health     *upstreamHealth // pooled: survives reloads
+	stateKey   string          // health's pool key, shared with other instances
 }
 
 // apiKey is one resolved key; id is its fingerprint.
 type apiKey struct {
 	secret string
 	id     string
-	rest   *keyRest // pooled: survives reloads
+	rest     *keyRest // pooled: survives reloads
+	stateKey string   // rest's pool key, shared with other instances
 }
 
 var providers = map[string]bool{"openai": true, "azure": true, "anthropic": true, "gemini": true}
