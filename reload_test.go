@@ -7,6 +7,9 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
+
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/redistest"
 )
 
 // A `caddy reload` during the working day (through the admin API, with a
@@ -94,5 +97,46 @@ func TestReloadKeepsState(t *testing.T) {
 	}
 	if !strings.Contains(c.logs(), "llm usage") {
 		t.Error("no usage lines")
+	}
+}
+
+// A WebSocket opened before a reload outlives the old configuration: its
+// messages keep meeting working limits in Redis (the client is pooled and
+// released only after the socket closed), counted with the new config's.
+func TestWebSocketAcrossReloadWithRedis(t *testing.T) {
+	rds := redistest.Start(t)
+	up := newMockUpstream(t, 3, time.Millisecond)
+	config := func(extra string) string {
+		return `llm_stream ` + up.URL + ` {
+		websocket
+		client_key sk-client-1 team
+		limit {
+			requests 3 1m
+		}
+		store redis ` + rds.Addr + `
+		` + extra + `
+	}`
+	}
+	c := startCaddyAdmin(t, config(""))
+	conn := dialWS(t, wsURL(c, "/v1/chat/completions"), http.Header{"Authorization": {"Bearer sk-client-1"}})
+	ask := `{"model":"mock-1","messages":[{"role":"user","content":"x"}]}`
+	if msgs := wsAsk(t, conn, ask); len(msgs) != 6 {
+		t.Fatalf("before the reload: %q", msgs)
+	}
+	c.reload(config("header_up X-Reloaded yes"))
+	time.Sleep(100 * time.Millisecond) // the old config's cleanup has run
+	for i := 0; i < 2; i++ {
+		if msgs := wsAsk(t, conn, ask); len(msgs) != 6 {
+			t.Fatalf("message %d after the reload: %q", i+2, msgs)
+		}
+	}
+	msgs := wsAsk(t, conn, ask)
+	if len(msgs) != 2 || !strings.Contains(msgs[0], `"code":"requests_limit_exceeded"`) {
+		t.Fatalf("fourth message: %q, want the request limit", msgs)
+	}
+	// The new configuration counts the same requests.
+	resp, got := do(t, "POST", c.base()+"/v1/chat/completions", ask, map[string]string{"Authorization": "Bearer sk-client-1"})
+	if resp.StatusCode != http.StatusTooManyRequests {
+		t.Fatalf("an HTTP request under the new config: %d %s", resp.StatusCode, got)
 	}
 }
