@@ -155,6 +155,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		}
 	}
 	wasStopped := stopped(r) && !last.complete
+	if stopped(r) {
+		last.stopped = true // also when a flight's followers had the upstream finish
+	}
 	switch {
 	case wasStopped:
 		rl.stop()
@@ -246,8 +249,14 @@ func (h *Handler) try(r *http.Request, in *inbound, rl *relay, at attempt) attem
 		}
 		stop := context.AfterFunc(r.Context(), func() {
 			switch {
+			case stopped(r) && shared:
+				// A stop ends only the stopper's answer: it gets its clean
+				// end now, and the upstream goes on for the requests that
+				// joined the flight (it is cancelled when none is left).
+				rl.endStopped(r.URL.Path, in.stream)
+				rl.tee.LeaderLeft(func() { cancel(errStopped) })
 			case stopped(r):
-				cancel(errStopped) // a stop ends the upstream at once, for a flight's followers too
+				cancel(errStopped) // a stop ends the upstream at once
 			case shared:
 				rl.tee.LeaderLeft(leave) // once no follower needs the answer
 			default:

@@ -85,6 +85,7 @@ type relay struct {
 	heldOverrun  bool      // longer than maxUsageBody: passed on unchecked
 	firstToken   time.Time // when the first data event reached the client
 	discarding   bool      // draining: the client left, the answer is read but not written
+	clientEnded  bool      // the client's answer was ended (a stop): nothing more is written
 	paced        bool      // writes may wait (smooth): the idle timeout counts from their end
 
 	// event-aware relaying (writeEvents): the start of the event still
@@ -269,7 +270,7 @@ func (rl *relay) tick() {
 		rl.cancel(errFirstTokenTimeout)
 		return
 	}
-	if rl.heartbeat > 0 && rl.frame == frameSSE && now.Sub(rl.lastWrite) >= rl.heartbeat && rl.parser.AtBoundary() {
+	if rl.heartbeat > 0 && rl.frame == frameSSE && !rl.discarding && now.Sub(rl.lastWrite) >= rl.heartbeat && rl.parser.AtBoundary() {
 		if !rl.committed {
 			writeStreamHeaders(rl.w.Header(), "text/event-stream")
 			rl.w.WriteHeader(http.StatusOK)
@@ -853,6 +854,9 @@ func eventEnd(b []byte, from int) int {
 func (rl *relay) fail(e *apiError) bool {
 	rl.mu.Lock()
 	defer rl.mu.Unlock()
+	if rl.clientEnded {
+		return true
+	}
 	var msg []byte
 	switch rl.frame {
 	case frameSSE:

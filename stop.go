@@ -110,6 +110,12 @@ func (h *Handler) serveStop(w http.ResponseWriter, r *http.Request, owner string
 func (rl *relay) endStopped(path string, stream bool) {
 	rl.mu.Lock()
 	defer rl.mu.Unlock()
+	if rl.clientEnded {
+		return
+	}
+	// Nothing more reaches this client; the answer may still be read for a
+	// cache flight's followers.
+	rl.clientEnded, rl.discarding = true, true
 	if !rl.committed {
 		if !stream {
 			(&apiError{Status: 499, Type: typeInvalidRequest, Code: "generation_stopped",

@@ -256,3 +256,49 @@ func TestStopAcrossInstancesThroughRedis(t *testing.T) {
 		t.Errorf("unknown id: %d %s", status, body)
 	}
 }
+
+// A stop ends only the stopper's generation: requests that joined the same
+// cache flight keep receiving their answer, whole, and the upstream is not
+// cancelled for them.
+func TestStopOnOneOfTwoJoinedCacheRequests(t *testing.T) {
+	up := newMockUpstream(t, 40, 15*time.Millisecond)
+	c := startCaddy(t, `llm_stream `+up.URL+` {
+		stop_endpoint /v1/stop
+		cache 1m {
+			scope global
+		}
+	}`)
+	q := `{"model":"mock-1","temperature":0,"stream":true,"messages":[{"role":"user","content":"tell me"}]}`
+	leader := postBody(t, c.base()+"/v1/chat/completions", q, nil)
+	defer leader.Body.Close()
+	leaderEvents := readEvents(bufio.NewReader(leader.Body))
+	<-leaderEvents // the answer started: a request now joins the flight
+	follower := postBody(t, c.base()+"/v1/chat/completions", q, nil)
+	defer follower.Body.Close()
+	followerEvents := readEvents(bufio.NewReader(follower.Body))
+	<-followerEvents
+
+	if status, body := stopAt(t, c.base()+"/v1/stop/"+leader.Header.Get("X-Request-Id"), nil); status != http.StatusOK {
+		t.Fatalf("stop: %d %s", status, body)
+	}
+	rest := restOf(t, leaderEvents, time.Second)
+	if len(rest) == 0 || rest[len(rest)-1] != "data: [DONE]\n\n" {
+		t.Fatalf("the stopped stream does not end with [DONE] at once: %q", rest)
+	}
+	if n := strings.Count(strings.Join(rest, ""), `"content":"`); n > 5 {
+		t.Errorf("the stopped client got %d more content events, want its answer ended at once", n)
+	}
+	got := restOf(t, followerEvents, 5*time.Second)
+	all := strings.Join(got, "")
+	if !strings.HasSuffix(all, "data: [DONE]\n\n") || strings.Contains(all, `"error"`) {
+		t.Fatalf("the joined request's answer broke: %q", all)
+	}
+	if up.calls.Load() != 1 || up.finished.Load() != 1 {
+		t.Fatalf("upstream calls %d, finished %d: want one call that ran to its end for the joined request", up.calls.Load(), up.finished.Load())
+	}
+	// Every token reached the joined request.
+	contents := strings.Count(all, `"content":"`) + 1 // the first event was read above
+	if contents < 40 {
+		t.Errorf("the joined request got %d content events, want all 40", contents)
+	}
+}
