@@ -76,8 +76,8 @@ type Upstream struct {
 
 // apiKey is one resolved key; id is its fingerprint.
 type apiKey struct {
-	secret string
-	id     string
+	secret   string
+	id       string
 	rest     *keyRest // pooled: survives reloads
 	stateKey string   // rest's pool key, shared with other instances
 }
