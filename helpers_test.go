@@ -2,6 +2,7 @@ package llmstream
 
 import (
 	"bufio"
+	"crypto/tls"
 	"encoding/json"
 	"go.uber.org/zap"
 	"io"
@@ -41,10 +42,16 @@ type instance struct {
 	logPath string
 	globals string // extra global options, e.g. servers { trusted_proxies … }
 	admin   int    // the admin API's port, when on
+	tls     bool   // the site is served over TLS (tls internal), HTTP/2 included
 }
 
 // base is the URL of the site.
-func (c *instance) base() string { return "http://127.0.0.1:" + strconv.Itoa(c.port) }
+func (c *instance) base() string {
+	if c.tls {
+		return "https://127.0.0.1:" + strconv.Itoa(c.port)
+	}
+	return "http://127.0.0.1:" + strconv.Itoa(c.port)
+}
 
 // caddyfileFor wraps site directives into a complete test Caddyfile that
 // logs to a file the test can read.
@@ -53,9 +60,16 @@ func (c *instance) caddyfileFor(directives string) string {
 	if c.admin != 0 {
 		admin = "admin 127.0.0.1:" + strconv.Itoa(c.admin)
 	}
+	site, tls, autoHTTPS := "http://127.0.0.1:"+strconv.Itoa(c.port), "", "auto_https off"
+	if c.tls {
+		// As browsers reach Caddy: TLS with HTTP/2, from Caddy's own CA.
+		site, tls = "https://127.0.0.1:"+strconv.Itoa(c.port), "tls internal\n"
+		admin += "\n\tlocal_certs\n\tskip_install_trust\n\tstorage file_system " + filepath.Dir(c.logPath)
+		autoHTTPS = "auto_https disable_redirects"
+	}
 	return `{
 	` + admin + `
-	auto_https off
+	` + autoHTTPS + `
 	persist_config off
 	grace_period 10s
 ` + c.globals + `
@@ -64,8 +78,8 @@ func (c *instance) caddyfileFor(directives string) string {
 		level DEBUG
 	}
 }
-http://127.0.0.1:` + strconv.Itoa(c.port) + ` {
-` + directives + `
+` + site + ` {
+` + tls + directives + `
 }
 `
 }
@@ -124,6 +138,33 @@ func waitListening(t testing.TB, port int) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	t.Fatalf("nothing listening on port %d", port)
+}
+
+// startCaddyTLS is startCaddy with the site served over TLS (HTTP/1.1 and
+// HTTP/2), as automatic HTTPS serves it.
+func startCaddyTLS(t testing.TB, directives string) *instance {
+	t.Helper()
+	caddyMu.Lock()
+	c := &instance{t: t, port: freePort(t), logPath: filepath.Join(t.TempDir(), "caddy.log"), tls: true}
+	t.Cleanup(func() {
+		_ = caddy.Stop()
+		caddyMu.Unlock()
+	})
+	c.load(directives)
+	// The certificate from Caddy's internal CA is issued in the background.
+	conf := &tls.Config{InsecureSkipVerify: true} //nolint:gosec // Caddy's internal CA, in a test
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		conn, err := tls.Dial("tcp", "127.0.0.1:"+strconv.Itoa(c.port), conf)
+		if err == nil {
+			conn.Close()
+			return c
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no TLS certificate for the site: %v\n%s", err, c.logs())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // startCaddyAdmin is startCaddy with the admin API on, for reloads the way
