@@ -2,6 +2,7 @@ package llmstream
 
 import (
 	"bufio"
+	"context"
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/hex"
@@ -218,7 +219,9 @@ func cleanRequestPath(r *http.Request) bool {
 // allow_paths, with Caddy's path matching.
 func (h *Handler) pathAllowed(r *http.Request) bool {
 	if _, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); !ok {
-		return false // not a request served by Caddy (the matcher needs its replacer)
+		// Not a request Caddy prepared (a benchmark's): the matcher needs
+		// a replacer.
+		r = r.WithContext(context.WithValue(r.Context(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
 	}
 	ok, _ := h.pathMatcher.MatchWithError(r)
 	return ok

@@ -93,8 +93,11 @@ func (h *Handler) provisionCache() error {
 	case c.Replay != "instant" && c.Replay != "paced":
 		return errors.New("cache: replay must be instant or paced")
 	case c.Store == "memory":
-		// Pooled by its bound: a reload that keeps it keeps the entries.
-		m, err := share(h, cachePool, "memory "+strconv.FormatInt(c.MaxSize, 10), plain(cache.NewMemory(c.MaxSize)))
+		// Pooled by its bound and upstreams: a reload that keeps them keeps
+		// the entries.
+		m, err := share(h, cachePool, strconv.FormatInt(c.MaxSize, 10)+" for "+h.upstreamSet(), func() (*cache.Memory, func() error, error) {
+			return cache.NewMemory(c.MaxSize), nil, nil
+		})
 		if err != nil {
 			return err
 		}

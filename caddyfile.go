@@ -59,6 +59,32 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    unhealthy_after     <n> <cooldown>
 //	    first_token_timeout <duration>
 //	    key_affinity        header <name>|user|off
+//	    client_key          <key>|sha256:<hex> [<name>]
+//	    client_keys_file    <path>
+//	    identity            <placeholder>
+//	    allow_models        <name|glob>...
+//	    allow_paths         <path|glob>...
+//	    limit {
+//	        requests   <n> <window>
+//	        tokens     <n> <window>
+//	        concurrent <n>
+//	        slot_lease <duration>
+//	    }
+//	    store memory
+//	    store redis <address|url>... [<db>] {
+//	        sentinel <master_name>
+//	        username <name>
+//	        password <secret>
+//	        tls [{ ca <file>; insecure_skip_verify }]
+//	        prefix   <prefix>
+//	        fail     open|closed
+//	    }
+//	    on_disconnect       cancel|drain [<max_duration>]
+//	    log_prompts         off|redacted|full
+//	    redact              phone|id_card|email|api_key...
+//	    deny_words          <word>...
+//	    deny_words_file     <path>
+//	    deny_words_scope    request|response|both
 //	    cache <ttl> {
 //	        max_size           <size>
 //	        store              memory|redis

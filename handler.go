@@ -29,7 +29,7 @@ const authRest = 10 * time.Minute
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	start := time.Now()
 	id := requestID(r)
-	w.Header().Set("X-Request-Id", id)
+	w.Header().Set(headerRequestID, id)
 	// admit: who is calling, and may they reach this path?
 	identity := h.identify(r)
 	if h.authRequired() && identity == "" {

@@ -87,20 +87,63 @@ func (c *instance) caddyfileFor(directives string) string {
 // startCaddy runs Caddy with the given site directives until the test ends.
 func startCaddy(t testing.TB, directives string) *instance {
 	t.Helper()
-	return startCaddyWith(t, "", directives)
+	return startInstance(t, &instance{}, directives)
 }
 
 // startCaddyWith is startCaddy with extra global options.
 func startCaddyWith(t testing.TB, globals, directives string) *instance {
 	t.Helper()
+	return startInstance(t, &instance{globals: globals}, directives)
+}
+
+// startCaddyAdmin is startCaddy with the admin API on, for reloads the way
+// `caddy reload` makes them.
+func startCaddyAdmin(t testing.TB, directives string) *instance {
+	t.Helper()
+	return startInstance(t, &instance{admin: freePort(t)}, directives)
+}
+
+// startCaddyTLS is startCaddy with the site served over TLS (HTTP/1.1 and
+// HTTP/2), as automatic HTTPS serves it.
+func startCaddyTLS(t testing.TB, directives string) *instance {
+	t.Helper()
+	return startInstance(t, &instance{tls: true}, directives)
+}
+
+// startInstance runs the process-wide Caddy with c's options until the
+// test ends.
+func startInstance(t testing.TB, c *instance, directives string) *instance {
+	t.Helper()
 	caddyMu.Lock()
-	c := &instance{t: t, port: freePort(t), logPath: filepath.Join(t.TempDir(), "caddy.log"), globals: globals}
+	c.t, c.port, c.logPath = t, freePort(t), filepath.Join(t.TempDir(), "caddy.log")
 	t.Cleanup(func() {
 		_ = caddy.Stop()
 		caddyMu.Unlock()
 	})
 	c.load(directives)
+	if c.tls {
+		c.waitCertificate()
+	}
 	return c
+}
+
+// waitCertificate waits for the site's certificate from Caddy's internal
+// CA, which is issued in the background.
+func (c *instance) waitCertificate() {
+	c.t.Helper()
+	conf := &tls.Config{InsecureSkipVerify: true} //nolint:gosec // Caddy's internal CA, in a test
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		conn, err := tls.Dial("tcp", "127.0.0.1:"+strconv.Itoa(c.port), conf)
+		if err == nil {
+			conn.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			c.t.Fatalf("no TLS certificate for the site: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // load (re)loads the configuration.
@@ -138,47 +181,6 @@ func waitListening(t testing.TB, port int) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	t.Fatalf("nothing listening on port %d", port)
-}
-
-// startCaddyTLS is startCaddy with the site served over TLS (HTTP/1.1 and
-// HTTP/2), as automatic HTTPS serves it.
-func startCaddyTLS(t testing.TB, directives string) *instance {
-	t.Helper()
-	caddyMu.Lock()
-	c := &instance{t: t, port: freePort(t), logPath: filepath.Join(t.TempDir(), "caddy.log"), tls: true}
-	t.Cleanup(func() {
-		_ = caddy.Stop()
-		caddyMu.Unlock()
-	})
-	c.load(directives)
-	// The certificate from Caddy's internal CA is issued in the background.
-	conf := &tls.Config{InsecureSkipVerify: true} //nolint:gosec // Caddy's internal CA, in a test
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		conn, err := tls.Dial("tcp", "127.0.0.1:"+strconv.Itoa(c.port), conf)
-		if err == nil {
-			conn.Close()
-			return c
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no TLS certificate for the site: %v\n%s", err, c.logs())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-// startCaddyAdmin is startCaddy with the admin API on, for reloads the way
-// `caddy reload` makes them.
-func startCaddyAdmin(t testing.TB, directives string) *instance {
-	t.Helper()
-	caddyMu.Lock()
-	c := &instance{t: t, port: freePort(t), admin: freePort(t), logPath: filepath.Join(t.TempDir(), "caddy.log")}
-	t.Cleanup(func() {
-		_ = caddy.Stop()
-		caddyMu.Unlock()
-	})
-	c.load(directives)
-	return c
 }
 
 // reload posts a new Caddyfile to the admin API's /load, as `caddy reload`

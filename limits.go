@@ -77,11 +77,12 @@ func (h *Handler) provisionLimits() error {
 	}
 	// In memory: counters per limit definition and the process's slots
 	// outlive a reload (state.go).
-	slots, err := share(h, slotPool, "slots", plain(store.NewSlots()))
+	set := h.upstreamSet()
+	slots, err := share(h, slotPool, set, plain(store.NewSlots()))
 	if err != nil {
 		return err
 	}
-	h.store, err = share(h, limitPool, limitKey(l), func() (*store.Memory, func() error, error) {
+	h.store, err = share(h, limitPool, limitKey(l, set), func() (*store.Memory, func() error, error) {
 		return store.NewMemoryWithSlots(slots), nil, nil
 	})
 	return err

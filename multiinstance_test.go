@@ -172,21 +172,9 @@ func TestRestsAndHealthSharedThroughRedis(t *testing.T) {
 		t.Skip("builds and runs a second Caddy process")
 	}
 	rds := redistest.Start(t)
-	var busyCalls, freeCalls, brokenCalls atomic.Int32
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		io.Copy(io.Discard, r.Body)
-		w.Header().Set("Content-Type", "application/json")
-		if r.Header.Get("Authorization") == "Bearer sk-busy" {
-			busyCalls.Add(1)
-			w.Header().Set("Retry-After", "600")
-			w.WriteHeader(http.StatusTooManyRequests)
-			io.WriteString(w, `{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}`)
-			return
-		}
-		freeCalls.Add(1)
-		io.WriteString(w, `{"object":"chat.completion","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}`)
-	}))
-	t.Cleanup(up.Close)
+	var brokenCalls atomic.Int32
+	up := newBusyKeyUpstream(t)
+	busyCalls := &up.busyCalls
 	broken := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		brokenCalls.Add(1)
 		w.WriteHeader(http.StatusBadGateway)

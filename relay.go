@@ -889,18 +889,16 @@ func (rl *relay) fail(e *apiError) bool {
 // The handler's own X-Request-Id stays; the provider's id is passed on as
 // X-Upstream-Request-Id.
 func copyResponseHeaders(dst, src http.Header) {
-	own := dst.Get(headerRequestID)
 	for k, vv := range src {
+		if k == headerRequestID {
+			continue // ours stays
+		}
 		dst[k] = append(dst[k][:0:0], vv...)
 	}
 	removeHopHeaders(dst)
 	dst.Del("Set-Cookie")
-	dst.Del(headerRequestID)
-	if own != "" {
-		dst.Set(headerRequestID, own)
-	}
 	if up := upstreamRequestID(src); up != "" {
-		dst.Set(headerUpstreamRequestID, up)
+		dst[headerUpstreamRequestID] = []string{up}
 	}
 }
 

@@ -1,6 +1,7 @@
 package llmstream
 
 import (
+	"bufio"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -17,23 +18,8 @@ import (
 // at their limit stay limited, a key resting after a 429 stays resting, an
 // unchanged cache keeps its entries; a changed limit starts fresh.
 func TestReloadKeepsState(t *testing.T) {
-	var restingCalls, otherCalls atomic.Int32
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		io.Copy(io.Discard, r.Body)
-		w.Header().Set("x-request-id", "req_1")
-		if r.Header.Get("Authorization") == "Bearer sk-busy" {
-			restingCalls.Add(1)
-			w.Header().Set("Retry-After", "600")
-			w.Header().Set("Content-Type", "application/json")
-			w.WriteHeader(http.StatusTooManyRequests)
-			io.WriteString(w, `{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}`)
-			return
-		}
-		otherCalls.Add(1)
-		w.Header().Set("Content-Type", "application/json")
-		io.WriteString(w, `{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}`)
-	}))
-	t.Cleanup(up.Close)
+	up := newBusyKeyUpstream(t)
+	restingCalls := &up.busyCalls
 	config := func(limit, extra string) string {
 		return `llm_stream {
 		upstream ` + up.URL + ` {
@@ -138,5 +124,72 @@ func TestWebSocketAcrossReloadWithRedis(t *testing.T) {
 	resp, got := do(t, "POST", c.base()+"/v1/chat/completions", ask, map[string]string{"Authorization": "Bearer sk-client-1"})
 	if resp.StatusCode != http.StatusTooManyRequests {
 		t.Fatalf("an HTTP request under the new config: %d %s", resp.StatusCode, got)
+	}
+}
+
+// busyKeyUpstream answers like OpenAI: 429 with Retry-After 600 for the key
+// sk-busy, a chat completion for any other key.
+type busyKeyUpstream struct {
+	*httptest.Server
+	busyCalls, otherCalls atomic.Int32
+}
+
+func newBusyKeyUpstream(t *testing.T) *busyKeyUpstream {
+	u := &busyKeyUpstream{}
+	u.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("x-request-id", "req_"+newID())
+		w.Header().Set("Content-Type", "application/json")
+		if r.Header.Get("Authorization") == "Bearer sk-busy" {
+			u.busyCalls.Add(1)
+			w.Header().Set("Retry-After", "600")
+			w.WriteHeader(http.StatusTooManyRequests)
+			io.WriteString(w, `{"error":{"message":"Rate limit reached for requests","type":"requests","code":"rate_limit_exceeded"}}`)
+			return
+		}
+		u.otherCalls.Add(1)
+		io.WriteString(w, `{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}`)
+	}))
+	t.Cleanup(u.Close)
+	return u
+}
+
+// Streams admitted under the old configuration keep counting against the
+// new one until they end, also when the limit changed (its counters start
+// fresh, the open streams' slots do not).
+func TestSlotsOutliveAReload(t *testing.T) {
+	release := make(chan struct{})
+	up := holdUpstream(t, release)
+	config := func(requests string) string {
+		return `llm_stream ` + up.URL + ` {
+		allow_paths /v1/*
+		limit {
+			requests ` + requests + ` 1m
+			concurrent 1
+		}
+	}`
+	}
+	c := startCaddyAdmin(t, config("100"))
+	held := postStream(t, c.base()+"/v1/hold/chat/completions", nil)
+	defer held.Body.Close()
+	br := bufio.NewReader(held.Body)
+	br.ReadString('\n')
+
+	c.reload(config("200")) // a changed limit: fresh counters
+	if resp, got := do(t, "POST", c.base()+"/v1/chat/completions", chatBody, nil); resp.StatusCode != http.StatusTooManyRequests || !strings.Contains(got, "concurrent") {
+		t.Fatalf("while a stream admitted before the reload is open: %d %s, want 429 concurrent", resp.StatusCode, got)
+	}
+	close(release)
+	io.Copy(io.Discard, br)
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		resp, _ := do(t, "POST", c.base()+"/v1/chat/completions", chatBody, nil)
+		if resp.StatusCode == http.StatusOK {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after the old stream ended: %d", resp.StatusCode)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

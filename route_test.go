@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
 // testUpstream builds a provisioned-enough upstream for routing tests.
@@ -264,6 +265,8 @@ func BenchmarkHealthyPath(b *testing.B) {
 			for b.Loop() {
 				req := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", strings.NewReader(body))
 				req.Header.Set("Content-Type", "application/json")
+				// As Caddy's server prepares every request.
+				req = caddyhttp.PrepareRequest(req, caddy.NewReplacer(), nil, &caddyhttp.Server{})
 				w := httptest.NewRecorder()
 				if err := h.ServeHTTP(w, req, nil); err != nil || w.Code != 200 {
 					b.Fatalf("status %d, %v", w.Code, err)

@@ -3,7 +3,9 @@ package llmstream
 import (
 	"crypto/sha256"
 	"encoding/hex"
+	"slices"
 	"strconv"
+	"strings"
 
 	"github.com/caddyserver/caddy/v2"
 )
@@ -18,9 +20,9 @@ import (
 var (
 	healthPool = caddy.NewUsagePool() // provider+URL → *upstreamHealth
 	restPool   = caddy.NewUsagePool() // URL+key digest → *keyRest
-	limitPool  = caddy.NewUsagePool() // limit definition → *store.Memory
-	slotPool   = caddy.NewUsagePool() // "slots" → *store.Slots, for every handler
-	cachePool  = caddy.NewUsagePool() // cache bound → *cache.Memory
+	limitPool  = caddy.NewUsagePool() // limit definition and upstream set → *store.Memory
+	slotPool   = caddy.NewUsagePool() // upstream set → *store.Slots
+	cachePool  = caddy.NewUsagePool() // cache bound and upstream set → *cache.Memory
 	redisPool  = caddy.NewUsagePool() // connection settings → *store.Redis
 	busPool    = caddy.NewUsagePool() // connection settings → *routeBus
 )
@@ -109,10 +111,24 @@ func (h *Handler) shareRouteState(u *Upstream) error {
 	return nil
 }
 
+// upstreamSet names what a handler fronts: its upstreams, sorted. The
+// in-memory limits and cache are kept per upstream set, so two sites in
+// front of different APIs never share counters or answers.
+func (h *Handler) upstreamSet() string {
+	names := make([]string, 0, len(h.ups))
+	for _, u := range h.ups {
+		names = append(names, u.Provider+" "+u.URL)
+	}
+	slices.Sort(names)
+	return strings.Join(names, " ")
+}
+
 // limitKey names a limit definition: the caps and windows of requests and
-// tokens. (Concurrency slots are shared by every definition: streams
-// admitted under an old config count against the new one.)
-func limitKey(l *Limits) string {
+// tokens, for an upstream set. (Concurrency slots are kept per upstream
+// set, whatever the definition: streams admitted under an old config count
+// against the new one.)
+func limitKey(l *Limits, upstreams string) string {
 	return "requests " + strconv.FormatInt(l.Requests, 10) + "/" + strconv.FormatInt(int64(l.RequestWindow), 10) +
-		" tokens " + strconv.FormatInt(l.Tokens, 10) + "/" + strconv.FormatInt(int64(l.TokenWindow), 10)
+		" tokens " + strconv.FormatInt(l.Tokens, 10) + "/" + strconv.FormatInt(int64(l.TokenWindow), 10) +
+		" for " + upstreams
 }
