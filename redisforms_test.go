@@ -123,6 +123,12 @@ func TestRedisTLS(t *testing.T) {
 // keeps holding afterwards, nothing panics, and the window in which
 // requests were refused (fail closed) is reported.
 func TestRedisSentinelFailover(t *testing.T) {
+	for _, mode := range []string{"forced failover", "master killed"} {
+		t.Run(mode, func(t *testing.T) { sentinelFailover(t, mode) })
+	}
+}
+
+func sentinelFailover(t *testing.T, mode string) {
 	s := redistest.StartSentinel(t)
 	up := newRecordingUpstream(t)
 	c := startCaddy(t, `llm_stream `+up.URL+` {
@@ -157,7 +163,11 @@ func TestRedisSentinelFailover(t *testing.T) {
 	failedOver := make(chan struct{})
 	go func() {
 		defer close(failedOver)
-		s.Failover(t, ctx)
+		if mode == "master killed" {
+			s.KillMaster(t, ctx)
+		} else {
+			s.Failover(t, ctx)
+		}
 	}()
 	var refused, ok, limited int
 	var firstRefused, lastRefused time.Time
@@ -198,7 +208,7 @@ func TestRedisSentinelFailover(t *testing.T) {
 	if !firstRefused.IsZero() {
 		window = lastRefused.Sub(firstRefused)
 	}
-	t.Logf("failover and 2s after it, %s in all: %d admitted, %d limited, %d refused (fail closed) over %s",
+	t.Logf("%s, and 2s after it, %s in all: %d admitted, %d limited, %d refused (fail closed) over %s", mode,
 		time.Since(start).Round(time.Millisecond), ok, limited, refused, window.Round(time.Millisecond))
 	if ok > 0 {
 		t.Errorf("busy, at its limit before the failover, was admitted %d times during and after it", ok)

@@ -198,6 +198,21 @@ func (s *Sentinel) Failover(t testing.TB, ctx context.Context) {
 	if out, err := exec.CommandContext(ctx, s.cli, "-p", port, "sentinel", "failover", s.Name).CombinedOutput(); err != nil || !strings.Contains(string(out), "OK") {
 		t.Fatalf("sentinel failover: %v %s", err, out)
 	}
+	s.waitPromoted(t, ctx)
+}
+
+// KillMaster kills the master (SIGKILL, as a crash or an OOM kill would)
+// and waits until the sentinel promoted the replica.
+func (s *Sentinel) KillMaster(t testing.TB, ctx context.Context) {
+	t.Helper()
+	s.Master.Stop()
+	s.waitPromoted(t, ctx)
+}
+
+// waitPromoted waits until the sentinel reports the replica as master.
+func (s *Sentinel) waitPromoted(t testing.TB, ctx context.Context) {
+	t.Helper()
+	_, port, _ := net.SplitHostPort(s.Addr)
 	for ctx.Err() == nil {
 		out, _ := exec.Command(s.cli, "-p", port, "sentinel", "get-master-addr-by-name", s.Name).Output()
 		if strings.Contains(string(out), strconv.Itoa(s.Replica.Port())) {
