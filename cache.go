@@ -18,6 +18,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/cache"
+
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/pace"
 )
 
 // CacheConfig keeps complete answers and replays them to identical
@@ -410,7 +412,7 @@ type pacedReader struct {
 	ctx context.Context
 	i   int // next read
 	pos int
-	sleeper
+	pace.Sleeper
 }
 
 func (p *pacedReader) Read(b []byte) (int, error) {
@@ -423,7 +425,7 @@ func (p *pacedReader) Read(b []byte) (int, error) {
 	}
 	if p.pos == startOf(p.e, p.i) && p.i > 0 && p.i < len(p.e.Reads) {
 		pause := min(p.e.Reads[p.i].At-p.e.Reads[p.i-1].At, maxPacedPause)
-		if !p.sleep(p.ctx, pause) {
+		if !p.Sleep(p.ctx, pause) {
 			return 0, p.ctx.Err()
 		}
 	}

@@ -21,6 +21,7 @@ import (
 
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/cache"
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/redistest"
+	llmmock "github.com/caddy-llm-stream/caddy-llm-stream/mock"
 )
 
 // mockUpstream is llm_mock on a plain test server, counting the model
@@ -35,7 +36,7 @@ type mockUpstream struct {
 }
 
 func newMockUpstream(t testing.TB, tokens int, interval time.Duration) *mockUpstream {
-	m := &Mock{Tokens: tokens, Interval: caddy.Duration(interval)}
+	m := &llmmock.Mock{Tokens: tokens, Interval: caddy.Duration(interval)}
 	if interval == 0 {
 		m.Interval = -1
 	}

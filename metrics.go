@@ -109,14 +109,6 @@ func (h *Handler) modelLabel(model string) string {
 	return "other"
 }
 
-// upstreamLabel is the upstream's configured URL.
-func upstreamLabel(at attempt) string {
-	if at.up == nil {
-		return ""
-	}
-	return at.up.URL
-}
-
 // gapBuckets are the upper bounds of the inter-token histogram.
 var gapBuckets = [...]float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}
 

@@ -9,8 +9,6 @@ import (
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/redact"
 	"sync"
 
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -461,29 +459,6 @@ func parseBaseURL(s string) (*url.URL, error) {
 		return nil, fmt.Errorf("upstream %q: must not have a query or fragment", s)
 	}
 	return u, nil
-}
-
-// resolveSecret replaces global placeholders ({env.*}, {file.*}) in a
-// configured secret. The error names the placeholder problem, never the
-// value.
-func resolveSecret(s string) (string, error) {
-	if s == "" {
-		return "", nil
-	}
-	v, err := caddy.NewReplacer().ReplaceOrErr(s, false, true)
-	if err != nil {
-		return "", errors.New("unresolvable placeholder")
-	}
-	return v, nil
-}
-
-// fingerprint identifies a key in logs without revealing any of it.
-func fingerprint(key string) string {
-	if key == "" {
-		return "none"
-	}
-	sum := sha256.Sum256([]byte(key))
-	return "sha256:" + hex.EncodeToString(sum[:4])
 }
 
 // Interface guards

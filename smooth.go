@@ -10,6 +10,8 @@ import (
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/smooth"
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/sse"
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/pace"
 )
 
 // SmoothConfig paces streamed text: a burst of events (ten tokens at once,
@@ -75,7 +77,7 @@ type smoothWriter struct {
 	next   time.Time // the earliest time for the next piece of text
 	buf    []byte    // the start of an event not complete yet
 	piece  []byte
-	sleeper
+	pace.Sleeper
 }
 
 func (s *smoothWriter) WriteHeader(code int) {
@@ -155,7 +157,7 @@ func (s *smoothWriter) event(ev []byte) error {
 // paced writes b and flushes it once the interval since the last piece of
 // text has passed.
 func (s *smoothWriter) paced(b []byte) error {
-	if !s.sleep(s.ctx, time.Until(s.next)) {
+	if !s.Sleep(s.ctx, time.Until(s.next)) {
 		return context.Cause(s.ctx)
 	}
 	if _, err := s.ResponseWriter.Write(b); err != nil {

@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	llmmock "github.com/caddy-llm-stream/caddy-llm-stream/mock"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/coder/websocket"
 )
@@ -431,7 +432,7 @@ func TestWebSocketSlowReaderMemory(t *testing.T) {
 	}
 	const clients = 4
 	const readFor = 10 * time.Second
-	m := &Mock{Tokens: 50_000_000, Interval: -1}
+	m := &llmmock.Mock{Tokens: 50_000_000, Interval: -1}
 	if err := m.Provision(caddy.Context{}); err != nil {
 		t.Fatal(err)
 	}

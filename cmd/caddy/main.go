@@ -9,6 +9,7 @@ import (
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 
 	_ "github.com/caddy-llm-stream/caddy-llm-stream"
+	_ "github.com/caddy-llm-stream/caddy-llm-stream/mock"
 )
 
 func main() {

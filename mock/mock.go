@@ -1,6 +1,12 @@
-package llmstream
+// Package llmmock is llm_mock, a stand-in model API for demos, tests and
+// benchmarks: it answers like OpenAI and Anthropic do, headers included,
+// at a configured pace. It is kept apart from llm_stream (the way
+// reverse_proxy keeps forwardauth apart): neither depends on the other.
+package llmmock
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -13,6 +19,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/pace"
 )
 
 func init() {
@@ -111,14 +119,12 @@ func (m *Mock) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Han
 		m.serveModels(w)
 		return nil
 	case r.Method != http.MethodPost:
-		(&apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "not_found",
-			Message: "unknown endpoint " + r.Method + " " + r.URL.Path}).write(w)
+		writeError(w, http.StatusNotFound, "not_found", "unknown endpoint "+r.Method+" "+r.URL.Path)
 		return nil
 	}
 	var req mockRequest
 	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 16<<20)).Decode(&req); err != nil {
-		(&apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: "invalid_json",
-			Message: "the request body is not valid JSON"}).write(w)
+		writeError(w, http.StatusBadRequest, "invalid_json", "the request body is not valid JSON")
 		return nil
 	}
 	if req.Model == "" {
@@ -127,8 +133,7 @@ func (m *Mock) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Han
 	anthropic := strings.HasSuffix(r.URL.Path, "/messages")
 	providerHeaders(w.Header(), anthropic)
 	if !m.serves(req.Model) {
-		(&apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "model_not_found",
-			Message: "The model `" + req.Model + "` does not exist or you do not have access to it."}).write(w)
+		writeError(w, http.StatusNotFound, "model_not_found", "The model `"+req.Model+"` does not exist or you do not have access to it.")
 		return nil
 	}
 	n := m.Tokens
@@ -214,7 +219,37 @@ func promptTokens(req mockRequest) int {
 }
 
 func (m *Mock) serveModels(w http.ResponseWriter) {
-	writeModelList(w, m.Models, "llm_mock", 1700000000)
+	type model struct {
+		ID      string `json:"id"`
+		Object  string `json:"object"`
+		Created int64  `json:"created"`
+		OwnedBy string `json:"owned_by"`
+	}
+	list := struct {
+		Object string  `json:"object"`
+		Data   []model `json:"data"`
+	}{Object: "list", Data: []model{}}
+	for _, name := range m.Models {
+		list.Data = append(list.Data, model{ID: name, Object: "model", Created: 1700000000, OwnedBy: "llm_mock"})
+	}
+	writeJSON(w, list)
+}
+
+// writeError answers with an error in the OpenAI shape.
+func writeError(w http.ResponseWriter, status int, code, message string) {
+	w.Header().Set("Content-Type", "application/json")
+	b, _ := json.Marshal(map[string]any{"error": map[string]string{
+		"message": message, "type": "invalid_request_error", "code": code}})
+	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+	w.WriteHeader(status)
+	_, _ = w.Write(b)
+}
+
+// newID returns a random id.
+func newID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }
 
 func writeJSON(w http.ResponseWriter, v any) {
@@ -249,7 +284,7 @@ type pacer struct {
 	w  http.ResponseWriter
 	rc *http.ResponseController
 	r  *http.Request
-	sleeper
+	pace.Sleeper
 }
 
 func (m *Mock) startStream(w http.ResponseWriter, r *http.Request) *pacer {
@@ -265,7 +300,7 @@ func (m *Mock) startStream(w http.ResponseWriter, r *http.Request) *pacer {
 }
 
 // wait sleeps for d; false when the client left meanwhile.
-func (p *pacer) wait(d time.Duration) bool { return p.sleep(p.r.Context(), d) }
+func (p *pacer) wait(d time.Duration) bool { return p.Sleep(p.r.Context(), d) }
 
 func (p *pacer) send(s string) bool {
 	if _, err := p.w.Write([]byte(s)); err != nil {
@@ -428,3 +463,22 @@ var (
 	_ caddyhttp.MiddlewareHandler = (*Mock)(nil)
 	_ caddyfile.Unmarshaler       = (*Mock)(nil)
 )
+
+// parseDuration reads one duration argument and nothing after it.
+func parseDuration(d *caddyfile.Dispenser, into *caddy.Duration) error {
+	if !d.NextArg() {
+		return d.ArgErr()
+	}
+	dur, err := caddy.ParseDuration(d.Val())
+	if err != nil {
+		return d.Errf("bad duration value '%s': %v", d.Val(), err)
+	}
+	if dur < 0 {
+		return d.Errf("duration must not be negative, got %s", dur)
+	}
+	*into = caddy.Duration(dur)
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	return nil
+}

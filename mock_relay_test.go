@@ -5,12 +5,9 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"strconv"
 	"strings"
 	"testing"
-
-	"github.com/caddyserver/caddy/v2"
 )
 
 // TestMockThroughRelay checks llm_mock's wire formats end to end through
@@ -120,27 +117,4 @@ http://127.0.0.1:`+strconv.Itoa(mockPort)+` {
 			t.Fatalf("got %s", b)
 		}
 	})
-}
-
-// llm_mock behaves like a provider: its own request id on every answer,
-// and 404 model_not_found for a model it does not serve when models is set.
-func TestMockAnswersLikeAProvider(t *testing.T) {
-	m := &Mock{Models: []string{"mock-1"}, Interval: -1}
-	if err := m.Provision(caddy.Context{}); err != nil {
-		t.Fatal(err)
-	}
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _ = m.ServeHTTP(w, r, nil) }))
-	defer srv.Close()
-	resp, body := do(t, "POST", srv.URL+"/v1/chat/completions", `{"model":"gpt-4o","messages":[]}`, nil)
-	if resp.StatusCode != http.StatusNotFound || !strings.Contains(body, `"code":"model_not_found"`) {
-		t.Errorf("an unknown model: %d %s", resp.StatusCode, body)
-	}
-	resp, _ = do(t, "POST", srv.URL+"/v1/chat/completions", `{"model":"mock-1","messages":[]}`, nil)
-	if resp.StatusCode != http.StatusOK || !strings.HasPrefix(resp.Header.Get("X-Request-Id"), "req_") || resp.Header.Get("X-Ratelimit-Remaining-Requests") == "" {
-		t.Errorf("a served model: %d %v", resp.StatusCode, resp.Header)
-	}
-	resp, _ = do(t, "POST", srv.URL+"/v1/messages", `{"model":"mock-1","max_tokens":5,"messages":[]}`, nil)
-	if !strings.HasPrefix(resp.Header.Get("Request-Id"), "req_") || resp.Header.Get("Anthropic-Ratelimit-Requests-Limit") == "" {
-		t.Errorf("Anthropic style: %v", resp.Header)
-	}
 }
