@@ -175,6 +175,37 @@ func (h *Handler) identify(r *http.Request) string {
 	return "ip:" + clientIP(r)
 }
 
+// admit is the first stage: who is calling, and may they reach this path?
+// Stop requests and WebSocket upgrades leave the pipeline here.
+func (h *Handler) admit(x *exchange) bool {
+	w, r := x.w, x.r
+	x.identity = h.identify(r)
+	if h.authRequired() && x.identity == "" {
+		_ = h.reject(w, "", &apiError{Status: http.StatusUnauthorized, Type: typeInvalidRequest, Code: "invalid_api_key",
+			Message: "a valid API key is required (Authorization: Bearer <key> or x-api-key)"})
+		return false
+	}
+	if !cleanRequestPath(r) {
+		_ = h.reject(w, "", unknownURL(r))
+		return false
+	}
+	if h.authRequired() {
+		x.owner = x.identity // only the caller may stop its generation
+	}
+	switch {
+	case h.isStopPath(r.URL.Path):
+		_ = h.serveStop(w, r, x.owner)
+		return false
+	case h.WebSocket != nil && h.forWebSocket(r):
+		_ = h.serveWebSocket(w, r)
+		return false
+	case !h.pathAllowed(r):
+		_ = h.reject(w, "", unknownURL(r))
+		return false
+	}
+	return true
+}
+
 // clientIP is the caller's address as Caddy determined it: the server's
 // trusted_proxies and client_ip_headers decide whether a forwarded address
 // is believed, so an untrusted peer cannot choose its identity.

@@ -34,7 +34,7 @@ func BenchmarkAdmission(b *testing.B) {
 		for b.Loop() {
 			t0 := time.Now()
 			id := h.identify(req)
-			ad, e := h.admit(context.Background(), id, 500)
+			ad, e := h.admitLimits(context.Background(), id, 500)
 			lat = append(lat, time.Since(t0))
 			if id == "" || e != nil {
 				b.Fatalf("identity %q, %v", id, e)

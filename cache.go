@@ -134,6 +134,15 @@ type cacheState struct {
 
 func (cs *cacheState) serving() bool { return cs != nil && cs.src != nil }
 
+// consultCache is the stage that decides how the cache takes part: a
+// stored answer, a live one to share, or a miss to store.
+func (h *Handler) consultCache(x *exchange) {
+	x.cache = h.cacheLookup(x.r, x.identity, x.in, x.cands)
+	if x.cache != nil {
+		x.w.Header().Set("X-Cache", cacheHeader(x.cache.result))
+	}
+}
+
 // cacheLookup decides how the cache takes part in a request: a stored
 // answer, a live answer of an identical request in progress, or a miss
 // whose answer will be stored. It is called before the body's
@@ -270,20 +279,12 @@ func (h *Handler) replay(r *http.Request, in *inbound, rl *relay, cs *cacheState
 		return rl.writeStored(cs.entry)
 	}
 	out := rl.copyBody(cs.src, false)
-	switch {
-	case out.err == nil:
-		return attemptResult{done: true, complete: true, code: http.StatusOK, cached: true}
-	case out.clientGone || r.Context().Err() != nil:
-		metrics.disconnects.Inc()
-		return attemptResult{done: true, code: 499, cached: true}
-	case errors.Is(out.err, errDenied):
-		rl.failDenied()
-		return attemptResult{done: true, code: http.StatusOK, cached: true}
+	res, ok := rl.ending(out, r.Context(), http.StatusOK)
+	if !ok {
+		res = rl.broken(out.err, http.StatusOK)
 	}
-	if !rl.fail(brokenStreamError(out.err)) {
-		panic(http.ErrAbortHandler)
-	}
-	return attemptResult{done: true, code: http.StatusOK, cached: true}
+	res.cached = true
+	return res
 }
 
 // cacheFinish ends a request's part in the cache: the flight it led ends

@@ -98,9 +98,29 @@ type admission struct {
 	settled bool
 }
 
-// admit checks the limits for one request. A refusal is returned as the
-// error to send.
-func (h *Handler) admit(ctx context.Context, identity string, reserve int64) (*admission, *apiError) {
+// reserve is the stage that claims what the limits allow: a request slot,
+// the tokens the request may need (nothing for an answer from the cache)
+// and a concurrency slot, settled in finish. It then registers the
+// generation with stop_endpoint.
+func (h *Handler) reserve(x *exchange) bool {
+	tokens := x.in.tokenEstimate()
+	if x.cache.serving() {
+		tokens = 0 // a cached answer costs no tokens
+	}
+	ad, aerr := h.admitLimits(x.r.Context(), x.identity, tokens)
+	if aerr != nil {
+		h.cacheAbandon(x.cache)
+		_ = h.reject(x.w, x.in.model, aerr)
+		return false
+	}
+	x.admission = ad
+	x.r, x.release = h.stoppable(x.r, x.id, x.owner)
+	return true
+}
+
+// admitLimits checks the limits for one request. A refusal is returned as
+// the error to send.
+func (h *Handler) admitLimits(ctx context.Context, identity string, reserve int64) (*admission, *apiError) {
 	if h.store == nil {
 		return &admission{skipped: true}, nil
 	}

@@ -7,13 +7,14 @@ import (
 	"compress/gzip"
 	"context"
 	"errors"
-	"github.com/caddy-llm-stream/caddy-llm-stream/internal/denyword"
 	"io"
 	"net/http"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/denyword"
 
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/cache"
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/sse"
@@ -141,19 +142,74 @@ var errDenied = errors.New("the answer contains a forbidden word")
 // usage.
 const maxUsageBody = 4 << 20
 
-func newRelay(w http.ResponseWriter, h *Handler, expectSSE bool) *relay {
+// relayConfig is what a relay is built with.
+type relayConfig struct {
+	heartbeat, idle, firstTokenTimeout time.Duration
+	stream                             bool // the client asked for a stream
+	paced                              bool // writes may wait (smooth)
+	usage                              *usage
+	hideUsage                          bool
+	model                              string            // the metrics label
+	deny                               *denyword.Matcher // deny words in the response
+	keepAnswer                         bool              // assemble the answer text (log_prompts)
+	filterModels                       func([]byte) []byte
+	tee                                *cache.Flight // the cache flight the answer is shared through
+}
+
+// relayConfig is the handler's part of a relay's configuration.
+func (h *Handler) relayConfig(stream bool) relayConfig {
+	return relayConfig{
+		heartbeat:         time.Duration(h.Heartbeat),
+		idle:              time.Duration(h.IdleTimeout),
+		firstTokenTimeout: time.Duration(h.FirstTokenTimeout),
+		stream:            stream,
+	}
+}
+
+// openRelay builds the exchange's relay, which owns every write to the
+// client from now on.
+func (h *Handler) openRelay(x *exchange) {
+	c := h.relayConfig(x.in.stream)
+	c.paced = h.Smooth != nil
+	c.usage, c.hideUsage, c.model = x.usage, x.hideUsage, h.modelLabel(x.in.model)
+	if h.denyResponse {
+		c.deny = h.deny
+	}
+	c.keepAnswer = h.LogPrompts != "off"
+	if len(h.AllowModels) > 0 && isModelList(x.r) {
+		c.filterModels = h.filterModelList
+	}
+	if x.cache != nil {
+		c.tee = x.cache.lead
+	}
+	x.rl = newRelay(h.smoothing(x.w, x.r.Context()), c)
+}
+
+func newRelay(w http.ResponseWriter, c relayConfig) *relay {
 	now := time.Now()
 	rl := &relay{
 		w:                 w,
 		rc:                http.NewResponseController(w),
-		heartbeat:         time.Duration(h.Heartbeat),
-		idle:              time.Duration(h.IdleTimeout),
-		firstTokenTimeout: time.Duration(h.FirstTokenTimeout),
-		streamed:          expectSSE,
+		heartbeat:         c.heartbeat,
+		idle:              c.idle,
+		firstTokenTimeout: c.firstTokenTimeout,
+		streamed:          c.stream,
+		paced:             c.paced,
+		usage:             c.usage,
+		hideUsage:         c.hideUsage,
+		model:             c.model,
+		deny:              c.deny,
+		filterModels:      c.filterModels,
 		lastRead:          now,
 		lastWrite:         now,
 	}
-	if expectSSE {
+	if c.tee != nil {
+		rl.tee, rl.teeStart = c.tee, now
+	}
+	if c.keepAnswer {
+		rl.keepAnswer()
+	}
+	if c.stream {
 		// A request with "stream": true expects an event stream; heartbeats
 		// may start before the upstream's headers arrive (reasoning models
 		// can take minutes).
@@ -163,6 +219,21 @@ func newRelay(w http.ResponseWriter, h *Handler, expectSSE bool) *relay {
 		rl.mu.Unlock()
 	}
 	return rl
+}
+
+// relaySnapshot is what the finish stage reads of a relay that stopped.
+type relaySnapshot struct {
+	firstToken time.Time
+	upstreamID string
+	dataEvents int
+	gaps       gapCounts
+}
+
+// snapshot returns what the finish stage needs, under the relay's lock.
+func (rl *relay) snapshot() relaySnapshot {
+	rl.mu.Lock()
+	defer rl.mu.Unlock()
+	return relaySnapshot{firstToken: rl.firstToken, upstreamID: rl.upstreamID, dataEvents: rl.parser.DataEvents(), gaps: rl.gaps}
 }
 
 // keepAnswer makes the relay assemble the answer text (for log_prompts).

@@ -66,7 +66,7 @@ func BenchmarkRelay(b *testing.B) {
 				b.ReportAllocs()
 				b.SetBytes(int64(len(benchChunk) * chunks))
 				for b.Loop() {
-					rl := newRelay(&discardWriter{hdr: http.Header{}}, h, true)
+					rl := newRelay(&discardWriter{hdr: http.Header{}}, h.relayConfig(true))
 					rl.usage, rl.hideUsage = new(usage), mode == "hide-usage"
 					if mode == "deny-1000-words" {
 						rl.deny = deny
@@ -123,7 +123,7 @@ func TestHideUsageAcrossReadSplits(t *testing.T) {
 	h := &Handler{Heartbeat: -1}
 	for cut := 1; cut < len(stream); cut++ {
 		w := &recordWriter{discardWriter: discardWriter{hdr: http.Header{}}}
-		rl := newRelay(w, h, true)
+		rl := newRelay(w, h.relayConfig(true))
 		u := new(usage)
 		rl.usage, rl.hideUsage, rl.frame, rl.reading = u, true, frameSSE, true
 		rl.copyBody(&splitReader{parts: []string{stream[:cut], stream[cut:]}}, false)
@@ -165,7 +165,7 @@ func TestHideUsageWithCommentsAcrossReads(t *testing.T) {
 	for a := 1; a < len(stream); a++ {
 		for b := a + 1; b < len(stream); b++ {
 			w := &recordWriter{discardWriter: discardWriter{hdr: http.Header{}}}
-			rl := newRelay(w, &Handler{Heartbeat: -1}, true)
+			rl := newRelay(w, (&Handler{Heartbeat: -1}).relayConfig(true))
 			rl.usage, rl.hideUsage, rl.frame, rl.reading = new(usage), true, frameSSE, true
 			rl.copyBody(&splitReader{parts: []string{stream[:a], stream[a:b], stream[b:]}}, false)
 			if string(w.got) != want {
@@ -216,7 +216,7 @@ func TestEventsAcrossRandomReads(t *testing.T) {
 		}
 		for _, mode := range []string{"usage", "hide", "deny"} {
 			w := &recordWriter{discardWriter: discardWriter{hdr: http.Header{}}}
-			rl := newRelay(w, &Handler{Heartbeat: -1}, true)
+			rl := newRelay(w, (&Handler{Heartbeat: -1}).relayConfig(true))
 			u := new(usage)
 			rl.usage, rl.frame, rl.reading = u, frameSSE, true
 			want := in
@@ -254,7 +254,7 @@ func TestOneWritePerRead(t *testing.T) {
 	for _, hide := range []bool{false, true} {
 		w := &writeCounter{}
 		w.hdr = http.Header{}
-		rl := newRelay(w, &Handler{Heartbeat: -1}, true)
+		rl := newRelay(w, (&Handler{Heartbeat: -1}).relayConfig(true))
 		rl.usage, rl.hideUsage, rl.frame, rl.reading = new(usage), hide, frameSSE, true
 		// reads that end inside an event, through the small and the large buffer
 		body := &pieceReader{b: benchStream, n: 700}

@@ -7,6 +7,8 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"strconv"
+	"strings"
 )
 
 // inbound is what the handler learns from the client's request, read once.
@@ -216,4 +218,71 @@ func looksJSON(contentType string, body []byte) bool {
 		return len(t) > 0 && (t[0] == '{' || t[0] == '[')
 	}
 	return false
+}
+
+// inspect is the stage that reads the body, once, and checks what it asks
+// for: an allowed model, no forbidden words. GET /v1/models is answered
+// here when the configuration names the models.
+func (h *Handler) inspect(x *exchange) bool {
+	in, aerr := readRequest(x.r, h.MaxRequestBody)
+	if aerr != nil {
+		_ = h.reject(x.w, "", aerr)
+		return false
+	}
+	in.id = x.id
+	x.in = in
+	if !h.modelAllowed(in.model) {
+		_ = h.reject(x.w, in.model, &apiError{Status: http.StatusForbidden, Type: typeInvalidRequest, Code: "model_not_allowed",
+			Message: "the model " + strconv.Quote(in.model) + " may not be used here"})
+		return false
+	}
+	if in.isJSON && (h.denyRequest || h.LogPrompts != "off") {
+		x.prompt = requestText(in.body)
+	}
+	if h.denyRequest && h.deny.Contains(x.prompt) {
+		metrics.denyWordBlocks.WithLabelValues("request").Inc()
+		_ = h.reject(x.w, in.model, &apiError{Status: http.StatusForbidden, Type: typeInvalidRequest, Code: "content_filter",
+			Message: "the request contains words that are not allowed here"})
+		return false
+	}
+	if isModelList(x.r) && len(h.router.names) > 0 {
+		h.serveModels(x.w)
+		return false
+	}
+	return true
+}
+
+// isModelList reports whether r asks for the model list.
+func isModelList(r *http.Request) bool {
+	return r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, "/models")
+}
+
+// serveModels answers GET /v1/models with the names configured in
+// `models` (exact names) and `rename`.
+func (h *Handler) serveModels(w http.ResponseWriter) {
+	var names []string
+	for _, n := range h.router.names {
+		if h.modelAllowed(n) {
+			names = append(names, n)
+		}
+	}
+	writeModelList(w, names, "llm_stream", 0)
+}
+
+// writeModelList writes an OpenAI model list.
+func writeModelList(w http.ResponseWriter, names []string, owner string, created int64) {
+	type model struct {
+		ID      string `json:"id"`
+		Object  string `json:"object"`
+		Created int64  `json:"created"`
+		OwnedBy string `json:"owned_by"`
+	}
+	list := struct {
+		Object string  `json:"object"`
+		Data   []model `json:"data"`
+	}{Object: "list", Data: []model{}}
+	for _, name := range names {
+		list.Data = append(list.Data, model{ID: name, Object: "model", Created: created, OwnedBy: owner})
+	}
+	writeJSON(w, list)
 }

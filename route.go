@@ -4,8 +4,10 @@ import (
 	"hash/maphash"
 	"math"
 	"math/rand/v2"
+	"net/http"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -216,4 +218,15 @@ func (h *Handler) affinityValue(hdrGet func(string) string, user string) string 
 		return hdrGet(strings.TrimPrefix(h.KeyAffinity, "header:"))
 	}
 	return ""
+}
+
+// route is the stage that finds the upstreams serving the request's model.
+func (h *Handler) route(x *exchange) bool {
+	x.cands = h.router.candidates(x.in.model)
+	if len(x.cands) == 0 {
+		_ = h.reject(x.w, x.in.model, &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "model_not_found",
+			Message: "the model " + strconv.Quote(x.in.model) + " is not served here"})
+		return false
+	}
+	return true
 }

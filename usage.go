@@ -3,7 +3,6 @@ package llmstream
 import (
 	"bytes"
 	"encoding/json"
-	"net/http"
 	"strconv"
 	"strings"
 	"time"
@@ -177,15 +176,12 @@ func (u *usage) finish(complete bool) {
 // that what was paid for still counts against the caller's token limits:
 // streams send about one token per data event, and prompts run about four
 // bytes per token.
-func (u *usage) estimate(in *inbound, rl *relay) {
+func (u *usage) estimate(in *inbound, dataEvents int) {
 	if u.seen {
 		return
 	}
-	rl.mu.Lock()
-	events := int64(rl.parser.DataEvents())
-	rl.mu.Unlock()
 	u.prompt = int64(len(in.body)) / 4
-	u.completion = events
+	u.completion = int64(dataEvents)
 	u.status = usageEstimated
 }
 
@@ -250,8 +246,9 @@ func splice(b []byte, from, to int, s string) []byte {
 
 // recordUsage writes the usage record of a request: one `llm usage` log
 // line and the {llm.*} placeholders for access logs and headers.
-func (h *Handler) recordUsage(r *http.Request, identity string, in *inbound, at attempt, res *attemptResult, u *usage, rl *relay, start time.Time, cs *cacheState) {
-	duration := time.Since(start)
+func (h *Handler) recordUsage(x *exchange, snap relaySnapshot) {
+	r, identity, in, at, res, u, cs := x.r, x.identity, x.in, x.at, &x.last, x.usage, x.cache
+	duration := time.Since(x.start)
 	upstream := ""
 	switch {
 	case res.cached:
@@ -272,12 +269,10 @@ func (h *Handler) recordUsage(r *http.Request, identity string, in *inbound, at 
 		identity = "" // an address is for limits only, not for the log
 	}
 	var ttft time.Duration
-	rl.mu.Lock()
-	if !rl.firstToken.IsZero() {
-		ttft = rl.firstToken.Sub(start)
+	if !snap.firstToken.IsZero() {
+		ttft = snap.firstToken.Sub(x.start)
 	}
-	upstreamID := rl.upstreamID
-	rl.mu.Unlock()
+	upstreamID := snap.upstreamID
 	if upstreamID == "" && res.header != nil {
 		upstreamID = upstreamRequestID(res.header) // an error answer's
 	}
@@ -330,4 +325,42 @@ func (h *Handler) recordUsage(r *http.Request, identity string, in *inbound, at 
 		zap.String("upstream_request_id", upstreamID),
 		zap.Bool("stopped", res.stopped),
 	)
+}
+
+// requestUsage makes usage exact for a streamed chat completion whose
+// client did not ask for it: the upstream body asks for the usage chunk,
+// and the relay keeps it from the client. (After the cache stage: the
+// cache keys on the client's own body.)
+func (x *exchange) requestUsage() {
+	x.hideUsage = wantsUsageInjection(x.r.URL.Path, x.in)
+	if x.hideUsage {
+		x.in.body = withIncludeUsage(x.in.body)
+	}
+}
+
+// finish is the last stage: the cache flight ends (and a complete answer
+// is stored), usage is settled with the limits, and the metrics, the usage
+// line and the prompt log are written.
+func (h *Handler) finish(x *exchange) {
+	rl, u := x.rl, x.usage
+	rl.stop()
+	h.cacheFinish(x.cache, &x.last)
+	snap := rl.snapshot()
+	metrics.interToken.merge(rl.model, &snap.gaps)
+	u.finish(x.last.complete)
+	if x.wasStopped() {
+		u.estimate(x.in, snap.dataEvents)
+	}
+	if x.last.cached && u.status != usageAbsent {
+		u.status = usageCached
+	}
+	h.settle(x.admission, u)
+	h.recordUsage(x, snap)
+	if rl.answer != nil {
+		answer := rl.answer.String()
+		if answer == "" && len(rl.jsonBuf) > 0 {
+			answer = answerText(rl.jsonBuf)
+		}
+		h.logPrompt(x.identity, x.in.model, x.prompt, answer)
+	}
 }
