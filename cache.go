@@ -18,6 +18,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/cache"
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/sse"
 
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/pace"
 )
@@ -308,47 +309,11 @@ func (h *Handler) cacheFinish(cs *cacheState, last *attemptResult) {
 	}
 }
 
-// writeStored writes a stored answer in one go: a plain JSON body, or an
-// event stream whose include_usage chunk was located when it was stored
-// (dropped here unless the client asked for it; usage is read from it).
-// Called after begin, instead of copyBody.
-func (rl *relay) writeStored(e *cache.Entry) attemptResult {
-	rl.mu.Lock()
-	defer rl.mu.Unlock()
-	rl.lastRead = time.Now()
-	rl.firstToken = rl.lastRead
-	body := e.Body
-	switch {
-	case rl.frame == frameSSE:
-		ev := body[e.UsageFrom:e.UsageTo]
-		if rl.usage != nil {
-			name, data := eventFields(ev)
-			rl.usage.readEvent(name, data)
-		}
-		if rl.hideUsage {
-			rl.emit(body[:e.UsageFrom])
-			rl.emit(body[e.UsageTo:])
-		} else {
-			rl.emit(body)
-		}
-	default:
-		if rl.usage != nil {
-			rl.usage.readJSON(body)
-		}
-		rl.emit(body)
-	}
-	if err := rl.flushOut(); err != nil {
-		metrics.disconnects.Inc()
-		return attemptResult{done: true, code: 499, cached: true}
-	}
-	return attemptResult{done: true, complete: true, code: http.StatusOK, cached: true}
-}
-
 // usageChunkRange finds the event holding the include_usage chunk in a
 // stored event stream; 0, 0 when there is none.
 func usageChunkRange(body []byte) (int, int) {
 	for start := 0; start < len(body); {
-		end := eventEnd(body, start)
+		end := sse.EventEnd(body, start)
 		if end < 0 {
 			break
 		}

@@ -1,15 +1,11 @@
 package llmstream
 
 import (
-	"bytes"
-	"unicode/utf8"
-
 	"compress/gzip"
 	"context"
 	"errors"
 	"io"
 	"net/http"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -343,9 +339,7 @@ func (rl *relay) tick() {
 	}
 	if rl.heartbeat > 0 && rl.frame == frameSSE && !rl.discarding && now.Sub(rl.lastWrite) >= rl.heartbeat && rl.parser.AtBoundary() {
 		if !rl.committed {
-			writeStreamHeaders(rl.w.Header(), "text/event-stream")
-			rl.w.WriteHeader(http.StatusOK)
-			rl.committed = true
+			rl.commitStream()
 		}
 		if _, err := rl.w.Write(heartbeatComment); err == nil {
 			_ = rl.rc.Flush()
@@ -374,6 +368,28 @@ func (rl *relay) isCommitted() bool {
 	rl.mu.Lock()
 	defer rl.mu.Unlock()
 	return rl.committed
+}
+
+// commitStream writes the headers of an event stream that starts before
+// (or without) the upstream's answer: for heartbeats, or a stop's clean
+// end. Called with mu held.
+func (rl *relay) commitStream() {
+	writeStreamHeaders(rl.w.Header(), "text/event-stream")
+	rl.w.WriteHeader(http.StatusOK)
+	rl.committed, rl.frame = true, frameSSE
+}
+
+// closeCutEvent appends to msg what ends an event the stream was cut in
+// (a line end and a blank line), so that what follows is an event of its
+// own. Called with mu held.
+func (rl *relay) closeCutEvent(msg []byte) []byte {
+	if rl.parser.InLine() {
+		msg = append(msg, '\n')
+	}
+	if rl.parser.InLine() || !rl.parser.AtBoundary() {
+		msg = append(msg, '\n')
+	}
+	return msg
 }
 
 // writeStreamHeaders sets what keeps every hop from buffering a stream.
@@ -670,255 +686,6 @@ func (rl *relay) flushOut() error {
 	return err
 }
 
-// writeEvents relays a read of an event stream event by event where that
-// matters, after the parser was fed it: usage is read from the events that
-// hold it, and with filtering the include_usage chunk is dropped and events
-// are held for deny words. The parser tells where events ended, so a read
-// with no usage in it and no filtering costs no event scanning: one
-// complete-or-not split. Called with mu held.
-func (rl *relay) writeEvents(b []byte) error {
-	filter := rl.filtering()
-	first, last := rl.parser.Ends()
-	if filter && len(rl.pend) == 0 && rl.wroteBody && rl.lastByte == '\r' && b[0] == '\n' {
-		// The LF of a CRLF that the last read split: it ends what was
-		// already written, not the next event.
-		rl.emit(b[:1])
-		b = b[1:]
-		first, last = first-1, last-1 // the parser reports no end at 0 here
-	}
-	if !filter {
-		rl.emit(b)
-	}
-	if rl.pendCR || (len(b) > 0 && b[len(b)-1] == '\r') {
-		return rl.scanEvents(b, filter)
-	}
-	if rl.parser.AtBoundary() {
-		// Everything is complete, comments after the last event included.
-		if first < 0 {
-			first = len(b)
-		}
-		last = len(b)
-	}
-	if first < 0 { // no event ended in this read
-		rl.keepOpen(b, filter)
-		return rl.flushOut()
-	}
-	ev := b[:first]
-	if len(rl.pend) > 0 {
-		rl.extendPend(ev)
-		ev = rl.pend
-	}
-	var err error
-	if rl.pendCut {
-		if filter {
-			rl.emit(ev) // its beginning went out unfiltered
-		}
-	} else {
-		err = rl.passEvent(ev, filter)
-	}
-	mid := b[first:last]
-	switch {
-	case err != nil:
-	case rl.deny != nil || mayHoldUsage(mid):
-		for start := 0; start < len(mid) && err == nil; {
-			end := eventEnd(mid, start)
-			if end < 0 {
-				end = len(mid)
-			}
-			err = rl.passEvent(mid[start:end], filter)
-			start = end
-		}
-	case filter:
-		rl.emit(mid)
-	}
-	rl.keepTail(b[last:])
-	return rl.endEvents(err)
-}
-
-// scanEvents is writeEvents for the reads whose ends the parser cannot
-// place for us: one that ends in a CR (the LF that may follow belongs to
-// the event before it) and the one after it. It splits pend+b into events
-// itself. Called with mu held.
-func (rl *relay) scanEvents(b []byte, filter bool) error {
-	data := b
-	if len(rl.pend) > 0 {
-		rl.extendPend(b)
-		data = rl.pend
-	}
-	start := 0
-	var err error
-	for err == nil {
-		end := eventEnd(data, start)
-		if end < 0 {
-			break
-		}
-		err = rl.passEvent(data[start:end], filter)
-		start = end
-	}
-	rl.keepTail(data[start:])
-	rl.pendCR = len(rl.pend) > 0 && rl.parser.AtBoundary()
-	if err == nil && len(rl.pend) > sse.MaxEventData {
-		rl.keepOpen(nil, filter)
-	}
-	return rl.endEvents(err)
-}
-
-// keepTail keeps t, the start of an event that has not ended, as pend,
-// at the front of pend's storage (where carry expects it). What emit kept
-// back is written first: pend's storage may lie under it.
-func (rl *relay) keepTail(t []byte) {
-	rl.writeRun()
-	rl.pend, rl.pendCut = append(rl.pend[:0], t...), false
-}
-
-// endEvents flushes what a read wrote; an error (a deny-word match) drops
-// what was kept of the stream.
-func (rl *relay) endEvents(err error) error {
-	if err != nil {
-		rl.pend, rl.pendCR = rl.pend[:0], false
-		_ = rl.flushOut()
-		return err
-	}
-	return rl.flushOut()
-}
-
-// keepOpen keeps the bytes of an event that has not ended yet. Called with
-// mu held.
-func (rl *relay) keepOpen(b []byte, filter bool) {
-	rl.extendPend(b)
-	if len(rl.pend) > sse.MaxEventData {
-		if filter {
-			rl.emit(rl.pend) // not an event we would drop: pass it on
-		}
-		rl.pend, rl.pendCut = rl.pend[:0], true
-	}
-}
-
-// passEvent reads usage from one complete event and, with filtering,
-// writes, drops or holds it. Called with mu held.
-func (rl *relay) passEvent(ev []byte, filter bool) error {
-	hint := mayHoldUsage(ev)
-	if hint && rl.usage != nil {
-		name, data := eventFields(ev)
-		rl.usage.readEvent(name, data)
-	}
-	switch {
-	case !filter || rl.discarding:
-	case hint && rl.hideUsage && isUsageChunk(ev):
-		// dropped: the client did not ask for it
-	case rl.deny != nil:
-		if rl.hold(ev) {
-			return errDenied
-		}
-	default:
-		rl.emit(ev)
-	}
-	return nil
-}
-
-// hold queues an event for the deny-word check and writes the held events
-// that no forbidden word can reach any more. It reports a match.
-func (rl *relay) hold(ev []byte) bool {
-	_, data := eventFields(ev)
-	text := deltaText(data)
-	if text != "" {
-		if rl.deny.Feed(&rl.denyState, text) {
-			rl.held = rl.held[:0]
-			return true
-		}
-		rl.denyChars += utf8.RuneCountInString(text)
-	}
-	rl.held = append(rl.held, heldEvent{b: append([]byte(nil), ev...), end: rl.denyChars})
-	done := bytes.Contains(ev, []byte("data: [DONE]"))
-	keep := rl.deny.MaxLen() - 1
-	n := 0
-	for ; n < len(rl.held); n++ {
-		if !done && rl.denyChars-rl.held[n].end < keep {
-			break
-		}
-		rl.emit(rl.held[n].b)
-	}
-	rl.held = append(rl.held[:0], rl.held[n:]...)
-	return false
-}
-
-// releaseHeld writes what is still held at the end of the answer (the
-// matcher has seen all of it). Called with mu held.
-func (rl *relay) releaseHeld() {
-	for _, e := range rl.held {
-		rl.emit(e.b)
-	}
-	_ = rl.flushOut()
-	rl.held = rl.held[:0]
-}
-
-// eventFields returns the name and the joined data lines of a raw event.
-func eventFields(ev []byte) (name, data []byte) {
-	for len(ev) > 0 {
-		end := sse.LineEnd(ev)
-		line := ev
-		if end >= 0 {
-			line = ev[:end]
-		}
-		if v, ok := bytes.CutPrefix(line, []byte("data:")); ok {
-			if data != nil {
-				data = append(data, '\n')
-			}
-			data = append(data, bytes.TrimPrefix(v, []byte(" "))...)
-		} else if v, ok := bytes.CutPrefix(line, []byte("event:")); ok {
-			name = bytes.TrimPrefix(v, []byte(" "))
-		}
-		if end < 0 {
-			break
-		}
-		ev = ev[end+1:]
-	}
-	return name, data
-}
-
-// eventEnd returns the index after the blank line that ends the event
-// starting at from, or -1. from is at the start of a line: a line ending
-// there is itself the blank line (one that ends comments, or the first
-// half of a CRLF whose other half came in a read of its own).
-func eventEnd(b []byte, from int) int {
-	if from < len(b) && (b[from] == '\n' || b[from] == '\r') {
-		k := from + 1
-		if b[from] == '\r' {
-			if k == len(b) {
-				return -1 // "\r" may still be followed by "\n"
-			}
-			if b[k] == '\n' {
-				k++
-			}
-		}
-		return k
-	}
-	for i := from; i < len(b); i++ {
-		if b[i] != '\n' && b[i] != '\r' {
-			j := sse.LineEnd(b[i:])
-			if j < 0 {
-				return -1
-			}
-			i += j
-		}
-		// a line ends at i; a blank line follows when the next line is empty
-		j := i + 1
-		if b[i] == '\r' && j < len(b) && b[j] == '\n' {
-			j++
-		}
-		if j < len(b) && (b[j] == '\n' || b[j] == '\r') {
-			k := j + 1
-			if b[j] == '\r' && k < len(b) && b[k] == '\n' {
-				k++
-			} else if b[j] == '\r' && k == len(b) {
-				return -1 // "\r" may still be followed by "\n"
-			}
-			return k
-		}
-	}
-	return -1
-}
-
 // fail ends a started answer whose upstream broke: a final error event for
 // event streams, a final error line for NDJSON. It reports false when the
 // framing has no way to say so, and the connection must be aborted.
@@ -931,12 +698,7 @@ func (rl *relay) fail(e *apiError) bool {
 	var msg []byte
 	switch rl.frame {
 	case frameSSE:
-		if rl.parser.InLine() {
-			msg = append(msg, '\n')
-		}
-		if rl.parser.InLine() || !rl.parser.AtBoundary() {
-			msg = append(msg, '\n') // close the cut event before ours
-		}
+		msg = rl.closeCutEvent(msg) // before ours
 		msg = append(msg, "data: "...)
 		msg = append(msg, e.body()...)
 		msg = append(msg, "\n\n"...)
@@ -1011,56 +773,77 @@ func (rl *relay) failDenied() int {
 	return e.Status
 }
 
-// holdPlainAnswer keeps a read of a whole answer held for the deny-word
-// check. One longer than maxUsageBody is passed on unchecked from then on
-// (logged by the caller through the metric). Called with mu held.
-func (rl *relay) holdPlainAnswer(b []byte) error {
-	if len(rl.jsonBuf)+len(b) <= maxUsageBody {
-		rl.jsonBuf = append(rl.jsonBuf, b...)
-		return nil
+// writeStored writes a stored answer in one go: a plain JSON body, or an
+// event stream whose include_usage chunk was located when it was stored
+// (dropped here unless the client asked for it; usage is read from it).
+// Called after begin, instead of copyBody.
+func (rl *relay) writeStored(e *cache.Entry) attemptResult {
+	rl.mu.Lock()
+	defer rl.mu.Unlock()
+	rl.lastRead = time.Now()
+	rl.firstToken = rl.lastRead
+	body := e.Body
+	switch {
+	case rl.frame == frameSSE:
+		ev := body[e.UsageFrom:e.UsageTo]
+		if rl.usage != nil {
+			name, data := sse.Fields(ev)
+			rl.usage.readEvent(name, data)
+		}
+		if rl.hideUsage {
+			rl.emit(body[:e.UsageFrom])
+			rl.emit(body[e.UsageTo:])
+		} else {
+			rl.emit(body)
+		}
+	default:
+		if rl.usage != nil {
+			rl.usage.readJSON(body)
+		}
+		rl.emit(body)
 	}
-	rl.heldOverrun = true
-	if err := rl.commitHeld(); err != nil {
-		return err
+	if err := rl.flushOut(); err != nil {
+		metrics.disconnects.Inc()
+		return attemptResult{done: true, code: 499, cached: true}
 	}
-	return rl.writeOut(b)
+	return attemptResult{done: true, complete: true, code: http.StatusOK, cached: true}
 }
 
-// releasePlain ends the hold of a whole answer at its end: a forbidden word
-// makes it errDenied, else it leaves as it came. Called with mu held.
-func (rl *relay) releasePlain() error {
-	if !rl.heldOverrun && rl.deny != nil && rl.deny.Contains(answerText(rl.jsonBuf)) {
-		rl.holdPlain = false
-		return errDenied
+// endStopped ends the answer of a stopped generation: an event stream gets
+// the clean end its format has (`data: [DONE]`, or Anthropic's
+// message_stop), so clients finish as after a complete answer. A request
+// stopped before its answer started gets that end alone when it asked for
+// a stream, and a 499 error otherwise.
+func (rl *relay) endStopped(path string, stream bool) {
+	rl.mu.Lock()
+	defer rl.mu.Unlock()
+	if rl.clientEnded {
+		return
 	}
-	if !rl.heldOverrun && rl.filterModels != nil && rl.heldStatus == http.StatusOK {
-		rl.jsonBuf = rl.filterModels(rl.jsonBuf)
-		rl.w.Header().Set("Content-Length", strconv.Itoa(len(rl.jsonBuf)))
+	// Nothing more reaches this client; the answer may still be read for a
+	// cache flight's followers.
+	rl.clientEnded, rl.discarding = true, true
+	if !rl.committed {
+		if !stream {
+			(&apiError{Status: 499, Type: typeInvalidRequest, Code: "generation_stopped",
+				Message: "the generation was stopped before its answer"}).write(rl.w)
+			return
+		}
+		rl.commitStream()
 	}
-	return rl.commitHeld()
-}
-
-// commitHeld writes the held headers and body. Called with mu held.
-func (rl *relay) commitHeld() error {
-	rl.holdPlain = false
-	rl.w.WriteHeader(rl.heldStatus)
-	rl.committed = true
-	if rl.discarding || len(rl.jsonBuf) == 0 {
-		return nil
+	if rl.frame != frameSSE {
+		return // NDJSON and plain bodies simply end
 	}
-	return rl.writeOut(rl.jsonBuf)
-}
-
-// brokenStreamError describes why a started answer ended early.
-func brokenStreamError(err error) *apiError {
-	if errors.Is(err, errFirstTokenTimeout) {
-		return &apiError{Status: http.StatusGatewayTimeout, Type: typeTimeout, Code: "upstream_timeout",
-			Message: errFirstTokenTimeout.Error()}
+	msg := rl.closeCutEvent(nil)
+	switch {
+	case strings.HasSuffix(path, "/messages"):
+		msg = append(msg, "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"...)
+	case strings.HasSuffix(path, "/completions"):
+		msg = append(msg, "data: [DONE]\n\n"...)
 	}
-	if errors.Is(err, errIdleTimeout) {
-		return &apiError{Status: http.StatusGatewayTimeout, Type: typeTimeout, Code: "upstream_idle_timeout",
-			Message: errIdleTimeout.Error()}
+	if len(msg) > 0 {
+		if _, err := rl.w.Write(msg); err == nil {
+			_ = rl.rc.Flush()
+		}
 	}
-	return &apiError{Status: http.StatusBadGateway, Type: typeUpstream, Code: "stream_broken",
-		Message: "the upstream stream broke before it was complete"}
 }

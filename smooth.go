@@ -7,9 +7,10 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
+
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/smooth"
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/sse"
-	"github.com/caddyserver/caddy/v2"
 
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/pace"
 )
@@ -100,7 +101,7 @@ func (s *smoothWriter) Write(p []byte) (int, error) {
 	s.buf = append(s.buf, p...)
 	start := 0
 	for {
-		end := eventEnd(s.buf, start)
+		end := sse.EventEnd(s.buf, start)
 		if end < 0 {
 			break
 		}

@@ -7,8 +7,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/caddy-llm-stream/caddy-llm-stream/internal/stop"
 	"go.uber.org/zap"
+
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/stop"
 )
 
 // errStopped is the cause of a generation stopped through stop_endpoint or
@@ -100,51 +101,4 @@ func (h *Handler) serveStop(w http.ResponseWriter, r *http.Request, owner string
 		Stopped bool   `json:"stopped"`
 	}{id, "generation.stop", true})
 	return nil
-}
-
-// endStopped ends the answer of a stopped generation: an event stream gets
-// the clean end its format has (`data: [DONE]`, or Anthropic's
-// message_stop), so clients finish as after a complete answer. A request
-// stopped before its answer started gets that end alone when it asked for
-// a stream, and a 499 error otherwise.
-func (rl *relay) endStopped(path string, stream bool) {
-	rl.mu.Lock()
-	defer rl.mu.Unlock()
-	if rl.clientEnded {
-		return
-	}
-	// Nothing more reaches this client; the answer may still be read for a
-	// cache flight's followers.
-	rl.clientEnded, rl.discarding = true, true
-	if !rl.committed {
-		if !stream {
-			(&apiError{Status: 499, Type: typeInvalidRequest, Code: "generation_stopped",
-				Message: "the generation was stopped before its answer"}).write(rl.w)
-			return
-		}
-		writeStreamHeaders(rl.w.Header(), "text/event-stream")
-		rl.w.WriteHeader(http.StatusOK)
-		rl.committed, rl.frame = true, frameSSE
-	}
-	if rl.frame != frameSSE {
-		return // NDJSON and plain bodies simply end
-	}
-	var msg []byte
-	if rl.parser.InLine() {
-		msg = append(msg, '\n')
-	}
-	if rl.parser.InLine() || !rl.parser.AtBoundary() {
-		msg = append(msg, '\n') // close the cut event
-	}
-	switch {
-	case strings.HasSuffix(path, "/messages"):
-		msg = append(msg, "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"...)
-	case strings.HasSuffix(path, "/completions"):
-		msg = append(msg, "data: [DONE]\n\n"...)
-	}
-	if len(msg) > 0 {
-		if _, err := rl.w.Write(msg); err == nil {
-			_ = rl.rc.Flush()
-		}
-	}
 }
