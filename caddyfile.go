@@ -2,10 +2,11 @@ package llmstream
 
 import (
 	"encoding/json"
-	"github.com/caddy-llm-stream/caddy-llm-stream/internal/redact"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/redact"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -650,8 +651,8 @@ func parseUpstream(d *caddyfile.Dispenser) (*Upstream, bool, error) {
 				return nil, false, d.ArgErr()
 			}
 			u.Provider = d.Val()
-			if !providers[u.Provider] {
-				return nil, false, d.Errf("unknown provider '%s' (want openai, azure, anthropic or gemini)", u.Provider)
+			if _, ok := dialects[u.Provider]; !ok {
+				return nil, false, d.Errf("unknown provider '%s' (want %s)", u.Provider, providerNames())
 			}
 		case "api_key":
 			keys := d.RemainingArgs()

@@ -834,13 +834,7 @@ func (rl *relay) endStopped(path string, stream bool) {
 	if rl.frame != frameSSE {
 		return // NDJSON and plain bodies simply end
 	}
-	msg := rl.closeCutEvent(nil)
-	switch {
-	case strings.HasSuffix(path, "/messages"):
-		msg = append(msg, "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"...)
-	case strings.HasSuffix(path, "/completions"):
-		msg = append(msg, "data: [DONE]\n\n"...)
-	}
+	msg := append(rl.closeCutEvent(nil), streamFinale(path)...)
 	if len(msg) > 0 {
 		if _, err := rl.w.Write(msg); err == nil {
 			_ = rl.rc.Flush()

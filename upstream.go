@@ -82,8 +82,6 @@ type apiKey struct {
 	stateKey string   // rest's pool key, shared with other instances
 }
 
-var providers = map[string]bool{"openai": true, "azure": true, "anthropic": true, "gemini": true}
-
 // provision resolves keys, indexes models and loads the transport.
 func (u *Upstream) provision(ctx caddy.Context, h *Handler) error {
 	var err error
@@ -93,8 +91,8 @@ func (u *Upstream) provision(ctx caddy.Context, h *Handler) error {
 	if u.Provider == "" {
 		u.Provider = "openai"
 	}
-	if !providers[u.Provider] {
-		return fmt.Errorf("upstream %s: unknown provider %q (want openai, azure, anthropic or gemini)", u.URL, u.Provider)
+	if _, ok := dialects[u.Provider]; !ok {
+		return fmt.Errorf("upstream %s: unknown provider %q (want %s)", u.URL, u.Provider, providerNames())
 	}
 	if u.Weight == 0 {
 		u.Weight = 1
