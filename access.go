@@ -124,7 +124,9 @@ func (h *Handler) loadClientKeys() error {
 			return fmt.Errorf("client_keys: %w", err)
 		}
 		var c clientKey
-		hex.Decode(c.digest[:], []byte(ck.SHA256))
+		if _, err := hex.Decode(c.digest[:], []byte(ck.SHA256)); err != nil {
+			return fmt.Errorf("client_keys: %s: %w", ck.Name, err)
+		}
 		c.name = ck.Name
 		for _, u := range h.ups {
 			for _, uk := range u.keys {

@@ -115,7 +115,7 @@ func TestDemoPageInBrowser(t *testing.T) {
 
 			// Stop mid-answer: the answer stops growing and the server
 			// records a stopped generation.
-			steps, text, status = askInBrowser(t, ctx, mode, "Tell me more", true)
+			_, text, status = askInBrowser(t, ctx, mode, "Tell me more", true)
 			if status != "stopped" {
 				t.Fatalf("after Stop: status %q, answer %q", status, text)
 			}

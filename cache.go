@@ -18,9 +18,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/cache"
-	"github.com/caddy-llm-stream/caddy-llm-stream/internal/sse"
-
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/pace"
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/sse"
 )
 
 // CacheConfig keeps complete answers and replays them to identical

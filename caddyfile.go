@@ -6,8 +6,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/caddy-llm-stream/caddy-llm-stream/internal/redact"
-
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -15,6 +13,8 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/headers"
 	"github.com/dustin/go-humanize"
+
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/redact"
 )
 
 func init() {
@@ -844,11 +844,7 @@ func parseTransport(d *caddyfile.Dispenser) (json.RawMessage, error) {
 	if err != nil {
 		return nil, err
 	}
-	rt, ok := mod.(caddyfile.Unmarshaler)
-	if !ok {
-		return nil, d.Errf("transport module '%s' is not a Caddyfile unmarshaler", name)
-	}
-	return caddyconfig.JSONModuleObject(rt, "protocol", name, nil), nil
+	return caddyconfig.JSONModuleObject(mod, "protocol", name, nil), nil
 }
 
 // Interface guards

@@ -5,25 +5,25 @@
 package llmstream
 
 import (
-	"github.com/caddy-llm-stream/caddy-llm-stream/internal/denyword"
-	"github.com/caddy-llm-stream/caddy-llm-stream/internal/redact"
-	"sync"
-
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/caddy-llm-stream/caddy-llm-stream/internal/cache"
-	"github.com/caddy-llm-stream/caddy-llm-stream/internal/stop"
-	"github.com/caddy-llm-stream/caddy-llm-stream/internal/store"
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/headers"
 	"go.uber.org/zap"
+
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/cache"
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/denyword"
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/redact"
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/stop"
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/store"
 )
 
 func init() {
@@ -270,49 +270,11 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision resolves the key, fills in defaults and sets up the transport.
+// Provision resolves the keys, fills in defaults, sets up the transports
+// and the shared state (the Redis client first, then what uses it).
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
-	if h.DialTimeout == 0 {
-		h.DialTimeout = caddy.Duration(defaultDialTimeout)
-	}
-	if h.FirstByteTimeout == 0 {
-		h.FirstByteTimeout = caddy.Duration(defaultFirstByteTimeout)
-	}
-	if h.IdleTimeout == 0 {
-		h.IdleTimeout = caddy.Duration(defaultIdleTimeout)
-	}
-	if h.Heartbeat == 0 {
-		h.Heartbeat = caddy.Duration(defaultHeartbeat)
-	}
-	if h.MaxRequestBody == 0 {
-		h.MaxRequestBody = defaultMaxRequestBody
-	}
-
-	if h.Retries == nil {
-		two := 2
-		h.Retries = &two
-	}
-	if len(h.RetryOn) == 0 {
-		h.RetryOn = []string{"connect", "timeout", "429", "500", "502", "503", "504"}
-	}
-	h.retryOn = map[string]bool{}
-	for _, o := range h.RetryOn {
-		h.retryOn[o] = true
-	}
-	if h.RetryBackoff == 0 {
-		h.RetryBackoff = caddy.Duration(200 * time.Millisecond)
-	}
-	if h.RetryBackoffMax == 0 {
-		h.RetryBackoffMax = caddy.Duration(5 * time.Second)
-	}
-	if h.UnhealthyAfter == 0 {
-		h.UnhealthyAfter = 3
-	}
-	if h.UnhealthyCooldown == 0 {
-		h.UnhealthyCooldown = caddy.Duration(30 * time.Second)
-	}
-
+	h.applyDefaults()
 	switch {
 	case h.Upstream != "" && len(h.Upstreams) > 0:
 		return errors.New("upstream: use either one upstream URL or upstream blocks, not both")
@@ -384,6 +346,49 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	return h.provisionStop()
+}
+
+// applyDefaults fills in the defaults documented on the fields.
+func (h *Handler) applyDefaults() {
+	if h.DialTimeout == 0 {
+		h.DialTimeout = caddy.Duration(defaultDialTimeout)
+	}
+	if h.FirstByteTimeout == 0 {
+		h.FirstByteTimeout = caddy.Duration(defaultFirstByteTimeout)
+	}
+	if h.IdleTimeout == 0 {
+		h.IdleTimeout = caddy.Duration(defaultIdleTimeout)
+	}
+	if h.Heartbeat == 0 {
+		h.Heartbeat = caddy.Duration(defaultHeartbeat)
+	}
+	if h.MaxRequestBody == 0 {
+		h.MaxRequestBody = defaultMaxRequestBody
+	}
+
+	if h.Retries == nil {
+		two := 2
+		h.Retries = &two
+	}
+	if len(h.RetryOn) == 0 {
+		h.RetryOn = []string{"connect", "timeout", "429", "500", "502", "503", "504"}
+	}
+	h.retryOn = map[string]bool{}
+	for _, o := range h.RetryOn {
+		h.retryOn[o] = true
+	}
+	if h.RetryBackoff == 0 {
+		h.RetryBackoff = caddy.Duration(200 * time.Millisecond)
+	}
+	if h.RetryBackoffMax == 0 {
+		h.RetryBackoffMax = caddy.Duration(5 * time.Second)
+	}
+	if h.UnhealthyAfter == 0 {
+		h.UnhealthyAfter = 3
+	}
+	if h.UnhealthyCooldown == 0 {
+		h.UnhealthyCooldown = caddy.Duration(30 * time.Second)
+	}
 }
 
 // Cleanup releases this configuration's hold on the pooled state (the

@@ -10,9 +10,8 @@ import (
 	"sync"
 	"time"
 
-	"github.com/caddy-llm-stream/caddy-llm-stream/internal/denyword"
-
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/cache"
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/denyword"
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/sse"
 )
 
@@ -783,8 +782,8 @@ func (rl *relay) writeStored(e *cache.Entry) attemptResult {
 	rl.lastRead = time.Now()
 	rl.firstToken = rl.lastRead
 	body := e.Body
-	switch {
-	case rl.frame == frameSSE:
+	switch rl.frame {
+	case frameSSE:
 		ev := body[e.UsageFrom:e.UsageTo]
 		if rl.usage != nil {
 			name, data := sse.Fields(ev)

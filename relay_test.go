@@ -2,13 +2,13 @@ package llmstream
 
 import (
 	"fmt"
-
-	"github.com/caddy-llm-stream/caddy-llm-stream/internal/denyword"
 	"io"
 	"math/rand/v2"
 	"net/http"
 	"strings"
 	"testing"
+
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/denyword"
 )
 
 // discardWriter is a ResponseWriter that drops what it gets and can flush.

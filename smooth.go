@@ -9,10 +9,9 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/pace"
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/smooth"
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/sse"
-
-	"github.com/caddy-llm-stream/caddy-llm-stream/internal/pace"
 )
 
 // SmoothConfig paces streamed text: a burst of events (ten tokens at once,

@@ -146,7 +146,7 @@ func redisKey(o store.RedisOptions, t *StoreTLS) string {
 		hash.Write([]byte{0})
 	}
 	if t != nil {
-		fmt.Fprintf(hash, "tls %s %t", t.CA, t.InsecureSkipVerify)
+		_, _ = fmt.Fprintf(hash, "tls %s %t", t.CA, t.InsecureSkipVerify)
 	}
 	return "sha256:" + hex.EncodeToString(hash.Sum(nil))
 }

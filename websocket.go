@@ -12,11 +12,12 @@ import (
 	"sync"
 	"time"
 
-	"github.com/caddy-llm-stream/caddy-llm-stream/internal/sse"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/coder/websocket"
 	"go.uber.org/zap"
+
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/sse"
 )
 
 // WebSocketConfig turns a WebSocket into a series of requests. The client
@@ -191,7 +192,7 @@ func (h *Handler) serveWebSocket(w http.ResponseWriter, r *http.Request) error {
 			return nil
 		}
 	}
-	c.Close(websocket.StatusNormalClosure, "")
+	_ = c.Close(websocket.StatusNormalClosure, "")
 	return nil
 }
 

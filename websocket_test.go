@@ -18,9 +18,10 @@ import (
 	"testing"
 	"time"
 
-	llmmock "github.com/caddy-llm-stream/caddy-llm-stream/mock"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/coder/websocket"
+
+	llmmock "github.com/caddy-llm-stream/caddy-llm-stream/mock"
 )
 
 // wsURL is the WebSocket address of a test server path.

@@ -167,7 +167,7 @@ func stream(ctx context.Context, url string, started chan<- struct{}) (ttft time
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != 200 {
-		io.Copy(io.Discard, resp.Body)
+		_, _ = io.Copy(io.Discard, resp.Body)
 		return 0, nil, 0, fmt.Errorf("status %d", resp.StatusCode)
 	}
 	br := bufio.NewReaderSize(resp.Body, 4096)

@@ -10,8 +10,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-llm-stream/caddy-llm-stream/internal/redistest"
 	"github.com/redis/go-redis/v9"
+
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/redistest"
 )
 
 func entryOf(n int) *Entry {
