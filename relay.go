@@ -50,44 +50,50 @@ var errClientGone = errors.New("client disconnected")
 type relay struct {
 	w  http.ResponseWriter
 	rc *http.ResponseController
+	mu sync.Mutex // held by the relay loop and the timer for each write
 
+	relayTimers
+	relayState
+	relayPending
+	relayObservers
+	relayFilters
+}
+
+// relayTimers: one timer per stream serves the heartbeat, the idle
+// timeout and the first-token timeout.
+type relayTimers struct {
 	heartbeat         time.Duration // <= 0: off
 	idle              time.Duration
 	firstTokenTimeout time.Duration // <= 0: off
+	timer             *time.Timer
+	cancel            context.CancelCauseFunc // the current attempt's
+	attemptStart      time.Time
+	lastRead          time.Time
+	lastWrite         time.Time
+	paced             bool // writes may wait (smooth): the idle timeout counts from their end
+}
 
-	mu           sync.Mutex
-	cancel       context.CancelCauseFunc // the current attempt's
-	attemptStart time.Time
-	wroteBody    bool // some upstream body bytes reached the client
-	done         bool
-	committed    bool // response headers written
-	frame        framing
-	reading      bool // the body is being read: the idle timeout applies
-	lastRead     time.Time
-	lastWrite    time.Time
-	lastByte     byte
-	parser       sse.Parser
-	timer        *time.Timer
+// relayState is where the answer to the client stands.
+type relayState struct {
+	streamed    bool // the client asked for a stream
+	committed   bool // response headers written
+	frame       framing
+	reading     bool // the body is being read: the idle timeout applies
+	wroteBody   bool // some upstream body bytes reached the client
+	lastByte    byte
+	done        bool
+	discarding  bool // draining: the client left, the answer is read but not written
+	clientEnded bool // the client's answer was ended (a stop): nothing more is written
+	parser      sse.Parser
+}
 
-	usage     *usage // filled from the answer, when set
-	hideUsage bool   // drop the include_usage chunk the client did not ask for
-	jsonBuf   []byte // a plain JSON answer, kept (bounded) to read its usage
-	// a plain answer held whole, headers too, until deny words were checked
-	// on it (deny_words_scope response|both)
-	holdPlain  bool
-	heldStatus int
-	// rewrites a held model list to the models the caller may use
-	filterModels func([]byte) []byte
-	heldOverrun  bool      // longer than maxUsageBody: passed on unchecked
-	firstToken   time.Time // when the first data event reached the client
-	discarding   bool      // draining: the client left, the answer is read but not written
-	clientEnded  bool      // the client's answer was ended (a stop): nothing more is written
-	paced        bool      // writes may wait (smooth): the idle timeout counts from their end
-
-	// event-aware relaying (writeEvents): the start of the event still
-	// open at the end of the last read — not written yet when events are
-	// filtered, a copy kept for reading usage otherwise — and whether its
-	// beginning had to be given up (longer than sse.MaxEventData)
+// relayPending is what one read leaves behind: the start of the event
+// still open at its end (see carry) and the writes not flushed yet.
+type relayPending struct {
+	// the start of the event still open at the end of the last read — not
+	// written yet when events are filtered, a copy kept for reading usage
+	// otherwise — and whether its beginning had to be given up (longer
+	// than sse.MaxEventData)
 	pend    []byte
 	pendCut bool
 	pendCR  bool // pend ends with a CR whose LF may come next: scanEvents
@@ -97,30 +103,44 @@ type relay struct {
 	emitted bool
 	run     []byte
 	werr    error
+}
 
-	model         string    // the model's metrics label
-	gaps          gapCounts // inter-token gaps, merged into the metric at the end
-	lastDataEvent time.Time // for the inter-token gap
-
-	answer *strings.Builder // the assembled answer text, for log_prompts
-
+// relayObservers watch the bytes as they are written, never instead.
+type relayObservers struct {
+	usage         *usage           // filled from the answer, when set
+	jsonBuf       []byte           // a plain JSON answer, kept (bounded) to read its usage
+	firstToken    time.Time        // when the first data event reached the client
+	model         string           // the model's metrics label
+	gaps          gapCounts        // inter-token gaps, merged into the metric at the end
+	lastDataEvent time.Time        // for the inter-token gap
+	answer        *strings.Builder // the assembled answer text, for log_prompts
 	// the provider's id for this answer: its id header, else the first id
 	// in the answer (sniffed from its first bytes)
 	upstreamID string
 	sniffID    bool
-
 	// the response cache's flight this answer is shared through and
 	// stored from: it sees every upstream read
 	tee      *cache.Flight
 	teeStart time.Time
-	streamed bool // the client asked for a stream
+}
 
+// relayFilters change what the client gets, only when asked for
+// (relay_events.go).
+type relayFilters struct {
+	hideUsage bool // drop the include_usage chunk the client did not ask for
 	// deny words in the response: events are held until enough text
 	// followed them that no word can still start in them
 	deny      *denyword.Matcher
 	denyState denyword.State
 	denyChars int // characters of answer text fed so far
 	held      []heldEvent
+	// a plain answer held whole, headers too, until deny words were
+	// checked on it; one longer than maxUsageBody passes unchecked
+	holdPlain   bool
+	heldStatus  int
+	heldOverrun bool
+	// rewrites a held model list to the models the caller may use
+	filterModels func([]byte) []byte
 }
 
 // heldEvent is an event held back for deny words, with the count of
@@ -183,20 +203,19 @@ func (h *Handler) openRelay(x *exchange) {
 func newRelay(w http.ResponseWriter, c relayConfig) *relay {
 	now := time.Now()
 	rl := &relay{
-		w:                 w,
-		rc:                http.NewResponseController(w),
-		heartbeat:         c.heartbeat,
-		idle:              c.idle,
-		firstTokenTimeout: c.firstTokenTimeout,
-		streamed:          c.stream,
-		paced:             c.paced,
-		usage:             c.usage,
-		hideUsage:         c.hideUsage,
-		model:             c.model,
-		deny:              c.deny,
-		filterModels:      c.filterModels,
-		lastRead:          now,
-		lastWrite:         now,
+		w:  w,
+		rc: http.NewResponseController(w),
+		relayTimers: relayTimers{
+			heartbeat:         c.heartbeat,
+			idle:              c.idle,
+			firstTokenTimeout: c.firstTokenTimeout,
+			paced:             c.paced,
+			lastRead:          now,
+			lastWrite:         now,
+		},
+		relayState:     relayState{streamed: c.stream},
+		relayObservers: relayObservers{usage: c.usage, model: c.model},
+		relayFilters:   relayFilters{hideUsage: c.hideUsage, deny: c.deny, filterModels: c.filterModels},
 	}
 	if c.tee != nil {
 		rl.tee, rl.teeStart = c.tee, now

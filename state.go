@@ -84,10 +84,11 @@ func plain[T any](v T) func() (T, func() error, error) {
 	return func() (T, func() error, error) { return v, nil, nil }
 }
 
-// releasePools drops the handler's references.
+// releasePools drops the handler's references, the last taken first: what
+// uses the Redis client goes before the client.
 func (h *Handler) releasePools() {
-	for _, r := range h.held {
-		_, _ = r.pool.Delete(r.key)
+	for i := len(h.held) - 1; i >= 0; i-- {
+		_, _ = h.held[i].pool.Delete(h.held[i].key)
 	}
 	h.held = nil
 }
