@@ -214,7 +214,7 @@ func TestRestsAndHealthSharedThroughRedis(t *testing.T) {
 	if busyCalls.Load() != 1 || brokenCalls.Load() != 1 {
 		t.Fatalf("a called the busy key %d times and the broken upstream %d times, want once each", busyCalls.Load(), brokenCalls.Load())
 	}
-	time.Sleep(200 * time.Millisecond) // the decisions reach b through Redis pub/sub
+	time.Sleep(500 * time.Millisecond) // the decisions reach b through Redis pub/sub
 
 	for i := 0; i < 6; i++ {
 		if resp, got := do(t, "POST", b+"/v1/chat/completions", gpt, nil); resp.StatusCode != 200 {
@@ -233,7 +233,7 @@ func TestRestsAndHealthSharedThroughRedis(t *testing.T) {
 
 	// An instance that starts now learns the rest in force.
 	c := startProcess(t, directives)
-	time.Sleep(200 * time.Millisecond)
+	time.Sleep(500 * time.Millisecond) // it reads the rests in force in the background
 	for i := 0; i < 4; i++ {
 		if resp, got := do(t, "POST", c+"/v1/chat/completions", gpt, nil); resp.StatusCode != 200 {
 			t.Fatalf("c: %d %s", resp.StatusCode, got)
