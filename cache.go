@@ -68,8 +68,8 @@ func (h *Handler) provisionCache() error {
 	if c == nil {
 		return nil
 	}
-	if c.TTL <= 0 {
-		return errors.New("cache: a positive ttl is required")
+	if err := checkCacheTTL(time.Duration(c.TTL)); err != nil {
+		return err
 	}
 	if c.MaxSize == 0 {
 		c.MaxSize = defaultCacheSize

@@ -402,7 +402,7 @@ func TestCacheRedisUnreachable(t *testing.T) {
 func TestCacheCaddyfile(t *testing.T) {
 	for _, tc := range []struct{ in, err string }{
 		{"cache", "wrong argument count"},
-		{"cache 0s", "ttl must be positive"},
+		{"cache 0s", "cache: a positive ttl is required"},
 		{"cache 1m {\n store disk\n}", "store 'disk' is not memory or redis"},
 		{"cache 1m {\n scope everyone\n}", "scope 'everyone' is not global or identity"},
 		{"cache 1m {\n replay slow\n}", "replay 'slow' is not instant or paced"},

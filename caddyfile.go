@@ -191,8 +191,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if d.NextArg() {
 				return d.ArgErr()
 			}
-			if !strings.HasPrefix(h.StopEndpoint, "/") || strings.HasSuffix(h.StopEndpoint, "/") {
-				return d.Errf("stop_endpoint: '%s' must be a path such as /v1/stop, without a trailing slash", h.StopEndpoint)
+			if err := checkStopEndpoint(h.StopEndpoint); err != nil {
+				return d.Err(err.Error())
 			}
 		case "smooth":
 			sc, err := parseSmooth(d)
@@ -394,12 +394,12 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 	switch {
 	case len(ups) == 0:
-		return d.Err("llm_stream: an upstream base URL is required")
+		return d.Err(errNoUpstream.Error())
 	case len(ups) == 1 && !blocks:
 		h.Upstream = ups[0].URL // the single-upstream form
 	default:
 		if h.APIKey != "" {
-			return d.Err("api_key: with upstream blocks or several upstreams, set api_key inside each upstream block")
+			return d.Err(errKeyInBlocks.Error())
 		}
 		h.Upstreams = ups
 	}
@@ -567,8 +567,8 @@ func parseCache(d *caddyfile.Dispenser) (*CacheConfig, error) {
 	if err := parseDuration(d, &cc.TTL); err != nil {
 		return nil, err
 	}
-	if cc.TTL <= 0 {
-		return nil, d.Errf("cache: the ttl must be positive")
+	if err := checkCacheTTL(time.Duration(cc.TTL)); err != nil {
+		return nil, d.Err(err.Error())
 	}
 	seen := map[string]bool{}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
@@ -651,8 +651,8 @@ func parseUpstream(d *caddyfile.Dispenser) (*Upstream, bool, error) {
 				return nil, false, d.ArgErr()
 			}
 			u.Provider = d.Val()
-			if _, ok := dialects[u.Provider]; !ok {
-				return nil, false, d.Errf("unknown provider '%s' (want %s)", u.Provider, providerNames())
+			if err := checkProvider(u.Provider); err != nil {
+				return nil, false, d.Err(err.Error())
 			}
 		case "api_key":
 			keys := d.RemainingArgs()
@@ -738,8 +738,8 @@ func parseSmooth(d *caddyfile.Dispenser) (*SmoothConfig, error) {
 	if err := parseDuration(d, &sc.Interval); err != nil {
 		return nil, err
 	}
-	if sc.Interval <= 0 {
-		return nil, d.Errf("smooth: the interval must be positive")
+	if err := checkSmoothInterval(time.Duration(sc.Interval)); err != nil {
+		return nil, d.Err(err.Error())
 	}
 	return sc, nil
 }
@@ -749,8 +749,8 @@ func parseWebSocket(d *caddyfile.Dispenser) (*WebSocketConfig, error) {
 	wc := new(WebSocketConfig)
 	if d.NextArg() {
 		wc.Path = d.Val()
-		if !strings.HasPrefix(wc.Path, "/") {
-			return nil, d.Errf("websocket: the path '%s' must start with /", wc.Path)
+		if err := checkWebSocketPath(wc.Path); err != nil {
+			return nil, d.Err(err.Error())
 		}
 	}
 	if d.NextArg() {

@@ -137,11 +137,11 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		{name: "bad store option", input: "llm_stream http://a {\n store redis a:1 {\n  pasword x\n }\n}", wantErr: "store: unrecognized option 'pasword'", line: 3},
 		{name: "bad store", input: "llm_stream http://a {\n store etcd x\n}", wantErr: "store: 'etcd' is not memory or redis", line: 2},
 		{name: "bad on_disconnect", input: "llm_stream http://a {\n on_disconnect linger\n}", wantErr: "on_disconnect: 'linger'", line: 2},
-		{name: "top-level key with blocks", input: "llm_stream {\n api_key k\n upstream http://a {\n  weight 2\n }\n}", wantErr: "set api_key inside each upstream block"},
+		{name: "top-level key with blocks", input: "llm_stream {\n api_key k\n upstream http://a {\n  weight 2\n }\n}", wantErr: "api_key: with upstream blocks, set api_key inside each block"},
 		{name: "unknown provider", input: "llm_stream {\n upstream http://a {\n  provider bard\n }\n}", wantErr: "unknown provider 'bard'", line: 3},
 		{name: "bad retry_on", input: "llm_stream http://a {\n retry_on 200\n}", wantErr: "retry_on: '200'"},
 		{name: "bad weight", input: "llm_stream {\n upstream http://a {\n  weight 0\n }\n}", wantErr: "bad weight value '0'"},
-		{name: "missing upstream", input: "llm_stream {\n api_key k\n}", wantErr: "upstream base URL is required"},
+		{name: "missing upstream", input: "llm_stream {\n api_key k\n}", wantErr: "upstream: a base URL is required"},
 		{name: "bad url scheme", input: "llm_stream {\n upstream ftp://x\n}", wantErr: "upstream \"ftp://x\": scheme must be http or https", line: 2},
 		{name: "url without host", input: "llm_stream http://", wantErr: "missing host"},
 		{name: "negative duration", input: "llm_stream http://x {\n\n idle_timeout -5s\n}", wantErr: "duration must not be negative", line: 3},
@@ -162,9 +162,9 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			want: func(h *Handler) bool { return h.WebSocket != nil && h.WebSocket.Path == "" }},
 		{name: "bad smooth chars", input: "llm_stream http://x {\n smooth many 30ms\n}", wantErr: "smooth: max_chars 'many'", line: 2},
 		{name: "smooth without interval", input: "llm_stream http://x {\n smooth 4\n}", wantErr: "wrong argument count", line: 2},
-		{name: "zero smooth interval", input: "llm_stream http://x {\n smooth 4 0s\n}", wantErr: "smooth: the interval must be positive", line: 2},
-		{name: "stop_endpoint not a path", input: "llm_stream http://x {\n stop_endpoint stop/\n}", wantErr: "stop_endpoint: 'stop/' must be a path", line: 2},
-		{name: "websocket path", input: "llm_stream http://x {\n websocket ws\n}", wantErr: "websocket: the path 'ws' must start with /", line: 2},
+		{name: "zero smooth interval", input: "llm_stream http://x {\n smooth 4 0s\n}", wantErr: "smooth: interval must be positive", line: 2},
+		{name: "stop_endpoint not a path", input: "llm_stream http://x {\n stop_endpoint stop/\n}", wantErr: "stop_endpoint: must be a path such as /v1/stop", line: 2},
+		{name: "websocket path", input: "llm_stream http://x {\n websocket ws\n}", wantErr: "websocket: the path must start with /", line: 2},
 		{name: "websocket option", input: "llm_stream http://x {\n websocket {\n  compress on\n }\n}", wantErr: "websocket: unknown option 'compress'", line: 3},
 	}
 	for _, tc := range tests {
@@ -254,5 +254,37 @@ func TestJSONConfigValidation(t *testing.T) {
 				t.Fatalf("the error quotes a secret: %v", err)
 			}
 		})
+	}
+}
+
+// A semantic check is made once: a Caddyfile and the JSON it stands for
+// are refused with the same message (the Caddyfile's with its line).
+func TestCaddyfileAndJSONRefuseAlike(t *testing.T) {
+	for _, tc := range []struct{ caddyfile, json, want string }{
+		{"llm_stream http://a {\n stop_endpoint stop/\n}", `{"upstream":"http://a","stop_endpoint":"stop/"}`, "stop_endpoint: must be a path"},
+		{"llm_stream http://a {\n websocket ws\n}", `{"upstream":"http://a","websocket":{"path":"ws"}}`, "websocket: the path must start with /"},
+		{"llm_stream http://a {\n cache 0s\n}", `{"upstream":"http://a","cache":{"ttl":0}}`, "cache: a positive ttl is required"},
+		{"llm_stream http://a {\n smooth 4 0s\n}", `{"upstream":"http://a","smooth":{"max_chars":4}}`, "smooth: interval must be positive"},
+		{"llm_stream {\n upstream http://a {\n  provider bard\n }\n}", `{"upstreams":[{"url":"http://a","provider":"bard"}]}`, "unknown provider 'bard'"},
+		{"llm_stream {\n api_key k\n upstream http://a {\n  weight 2\n }\n}", `{"api_key":"k","upstreams":[{"url":"http://a","weight":2}]}`, "api_key: with upstream blocks, set api_key inside each block"},
+		{"llm_stream {\n api_key k\n}", `{"api_key":"k"}`, "upstream: a base URL is required"},
+	} {
+		err := new(Handler).UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.caddyfile))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("Caddyfile %q: got %v, want %q", tc.caddyfile, err, tc.want)
+		}
+		ctx, cancel := caddy.NewContext(caddy.Context{Context: t.Context()})
+		var h Handler
+		if err := json.Unmarshal([]byte(tc.json), &h); err != nil {
+			t.Fatal(err)
+		}
+		err = h.Provision(ctx)
+		if err == nil {
+			err = h.Validate()
+		}
+		cancel()
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("JSON %s: got %v, want %q", tc.json, err, tc.want)
+		}
 	}
 }

@@ -286,11 +286,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.ups = []*Upstream{u}
 	case len(h.Upstreams) > 0:
 		if h.APIKey != "" {
-			return errors.New("api_key: with upstream blocks, set api_key inside each block")
+			return errKeyInBlocks
 		}
 		h.ups = h.Upstreams
 	default:
-		return errors.New("upstream: a base URL is required")
+		return errNoUpstream
 	}
 
 	if h.HeaderUp != nil {

@@ -40,10 +40,7 @@ func (h *Handler) provisionSmooth() error {
 	if s.MaxChars <= 0 {
 		return errors.New("smooth: max_chars must be positive")
 	}
-	if s.Interval <= 0 {
-		return errors.New("smooth: interval must be positive")
-	}
-	return nil
+	return checkSmoothInterval(time.Duration(s.Interval))
 }
 
 // smoothing wraps w when smooth is on. The pacing waits end when ctx does

@@ -52,8 +52,8 @@ func (h *Handler) provisionStop() error {
 	if p == "" {
 		return nil
 	}
-	if !strings.HasPrefix(p, "/") || strings.HasSuffix(p, "/") || strings.ContainsAny(p, "*?{}") {
-		return errors.New("stop_endpoint: must be a path such as /v1/stop (no trailing slash, no wildcards)")
+	if err := checkStopEndpoint(p); err != nil {
+		return err
 	}
 	if h.redis != nil {
 		h.stops = stop.NewRedis(h.redis.Client(), h.redisPrefix(), 250*time.Millisecond)

@@ -91,8 +91,8 @@ func (u *Upstream) provision(ctx caddy.Context, h *Handler) error {
 	if u.Provider == "" {
 		u.Provider = "openai"
 	}
-	if _, ok := dialects[u.Provider]; !ok {
-		return fmt.Errorf("upstream %s: unknown provider %q (want %s)", u.URL, u.Provider, providerNames())
+	if err := checkProvider(u.Provider); err != nil {
+		return fmt.Errorf("upstream %s: %w", u.URL, err)
 	}
 	if u.Weight == 0 {
 		u.Weight = 1

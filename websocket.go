@@ -63,8 +63,8 @@ func (h *Handler) provisionWebSocket() error {
 	if c == nil {
 		return nil
 	}
-	if c.Path != "" && !strings.HasPrefix(c.Path, "/") {
-		return errors.New("websocket: the path must start with /")
+	if err := checkWebSocketPath(c.Path); err != nil {
+		return err
 	}
 	if c.APIPath == "" {
 		c.APIPath = "/v1/chat/completions"
