@@ -74,6 +74,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    store memory
 //	    store redis <address|url>... [<db>] {
 //	        sentinel <master_name>
+//	        sentinel_password <secret>
 //	        username <name>
 //	        password <secret>
 //	        tls [{ ca <file>; insecure_skip_verify }]
@@ -511,6 +512,8 @@ func parseStore(d *caddyfile.Dispenser) (*StoreConfig, error) {
 		switch opt {
 		case "sentinel":
 			sc.Sentinel = d.Val()
+		case "sentinel_password":
+			sc.SentinelPassword = d.Val()
 		case "username":
 			sc.Username = d.Val()
 		case "password":

@@ -121,10 +121,10 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		{name: "bad client key digest", input: "llm_stream http://a {\n client_key sha256:abc\n}", wantErr: "client_key: sha256: wants 64 hex digits", line: 2},
 		{name: "limit without window", input: "llm_stream http://a {\n limit {\n  requests 5\n }\n}", wantErr: "wrong argument count", line: 3},
 		{name: "unknown limit", input: "llm_stream http://a {\n limit {\n  bananas 5 1m\n }\n}", wantErr: "unrecognized limit 'bananas'", line: 3},
-		{name: "store forms", input: "llm_stream http://a {\n store redis 10.0.0.1:26379 10.0.0.2:26379 1 {\n  sentinel mymaster\n  username llm\n  password {env.P}\n  tls {\n   ca /etc/ca.pem\n  }\n  prefix x:\n  fail closed\n }\n limit {\n  concurrent 2\n  slot_lease 15s\n }\n}",
+		{name: "store forms", input: "llm_stream http://a {\n store redis 10.0.0.1:26379 10.0.0.2:26379 1 {\n  sentinel mymaster\n  sentinel_password {env.SP}\n  username llm\n  password {env.P}\n  tls {\n   ca /etc/ca.pem\n  }\n  prefix x:\n  fail closed\n }\n limit {\n  concurrent 2\n  slot_lease 15s\n }\n}",
 			want: func(h *Handler) bool {
 				s := h.Store
-				return len(s.Addresses) == 2 && s.Redis == "" && s.DB == 1 && s.Sentinel == "mymaster" && s.Username == "llm" &&
+				return len(s.Addresses) == 2 && s.Redis == "" && s.DB == 1 && s.Sentinel == "mymaster" && s.SentinelPassword == "{env.SP}" && s.Username == "llm" &&
 					s.Password == "{env.P}" && s.TLS != nil && s.TLS.CA == "/etc/ca.pem" && !s.FailOpen &&
 					time.Duration(h.Limit.SlotLease) == 15*time.Second
 			}},

@@ -123,13 +123,18 @@ func TestRedisTLS(t *testing.T) {
 // keeps holding afterwards, nothing panics, and the window in which
 // requests were refused (fail closed) is reported.
 func TestRedisSentinelFailover(t *testing.T) {
-	for _, mode := range []string{"forced failover", "master killed"} {
+	for _, mode := range []string{"forced failover", "master killed", "passwords on master and sentinel"} {
 		t.Run(mode, func(t *testing.T) { sentinelFailover(t, mode) })
 	}
 }
 
 func sentinelFailover(t *testing.T, mode string) {
-	s := redistest.StartSentinel(t)
+	s, auth := redistest.StartSentinel(t), ""
+	if mode == "passwords on master and sentinel" {
+		// A protected set-up: the master's password and the sentinels' own.
+		s = redistest.StartProtectedSentinel(t, "master-pw-9x", "sentinel-pw-7y")
+		auth = "password master-pw-9x\n\t\t\tsentinel_password sentinel-pw-7y"
+	}
 	up := newRecordingUpstream(t)
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		client_key sk-busy busy
@@ -139,6 +144,7 @@ func sentinelFailover(t *testing.T, mode string) {
 		}
 		store redis `+s.Addr+` {
 			sentinel `+s.Name+`
+			`+auth+`
 		}
 	}`)
 	busy := map[string]string{"Authorization": "Bearer sk-busy"}
@@ -222,6 +228,9 @@ func sentinelFailover(t *testing.T, mode string) {
 	}
 	if resp, _ := do(t, "POST", c.base()+"/v1/chat/completions", chatBody, quiet); resp.StatusCode != http.StatusTooManyRequests {
 		t.Fatalf("quiet's 21st request: %d, want 429: the limit did not hold across the failover", resp.StatusCode)
+	}
+	if logs := c.logs(); strings.Contains(logs, "master-pw-9x") || strings.Contains(logs, "sentinel-pw-7y") {
+		t.Error("a Redis password reached the log")
 	}
 }
 

@@ -38,6 +38,11 @@ type StoreConfig struct {
 	// where the current master is.
 	Sentinel string `json:"sentinel,omitempty"`
 
+	// The sentinels' own password (their `requirepass`), when they have
+	// one; placeholders allowed. Default: none, as sentinels usually
+	// protect only the master.
+	SentinelPassword string `json:"sentinel_password,omitempty"`
+
 	// ACL user name. Default: the URL's, else none.
 	Username string `json:"username,omitempty"`
 
@@ -103,6 +108,9 @@ func (h *Handler) provisionStore() error {
 	if opts.Password, err = resolveSecret(sc.Password); err != nil {
 		return fmt.Errorf("store: password: %w", err)
 	}
+	if opts.SentinelPassword, err = resolveSecret(sc.SentinelPassword); err != nil {
+		return fmt.Errorf("store: sentinel_password: %w", err)
+	}
 	if sc.TLS != nil {
 		if opts.TLS, err = sc.TLS.config(); err != nil {
 			return err
@@ -141,7 +149,7 @@ func (h *Handler) provisionStore() error {
 // settings hold a password).
 func redisKey(o store.RedisOptions, t *StoreTLS) string {
 	hash := sha256.New()
-	for _, part := range append(o.Addrs, o.MasterName, strconv.Itoa(o.DB), o.Username, o.Password, o.Prefix) {
+	for _, part := range append(o.Addrs, o.MasterName, o.SentinelPassword, strconv.Itoa(o.DB), o.Username, o.Password, o.Prefix) {
 		hash.Write([]byte(part))
 		hash.Write([]byte{0})
 	}

@@ -151,16 +151,43 @@ type Sentinel struct {
 	Addr            string // the sentinel's
 	Name            string // the master name
 	cli             string
+	// redis-cli arguments that authenticate
+	sentinelAuth, masterAuth []string
+}
+
+func cliAuth(pw string) []string {
+	if pw == "" {
+		return nil
+	}
+	return []string{"--no-auth-warning", "-a", pw}
+}
+
+// sentinelCmd runs redis-cli against the sentinel.
+func (s *Sentinel) sentinelCmd(ctx context.Context, args ...string) *exec.Cmd {
+	_, port, _ := net.SplitHostPort(s.Addr)
+	return exec.CommandContext(ctx, s.cli, append(append([]string{"-p", port}, s.sentinelAuth...), args...)...)
 }
 
 // StartSentinel runs a master, a replica of it and a sentinel that fails
 // over after one second without the master.
 func StartSentinel(t testing.TB) *Sentinel {
 	t.Helper()
+	return StartProtectedSentinel(t, "", "")
+}
+
+// StartProtectedSentinel is StartSentinel with a password on the master and
+// replica (masterPW) and one on the sentinel itself (sentinelPW); either
+// may be empty.
+func StartProtectedSentinel(t testing.TB, masterPW, sentinelPW string) *Sentinel {
+	t.Helper()
 	sentinelBin := binary(t, "redis-sentinel")
 	cli := binary(t, "redis-cli")
-	master := StartArgs(t)
-	replica := StartArgs(t, "--replicaof", "127.0.0.1", strconv.Itoa(master.Port()))
+	var auth []string
+	if masterPW != "" {
+		auth = []string{"--requirepass", masterPW, "--masterauth", masterPW}
+	}
+	master := StartArgs(t, auth...)
+	replica := StartArgs(t, append(auth, "--replicaof", "127.0.0.1", strconv.Itoa(master.Port()))...)
 	port := freePort(t)
 	dir := t.TempDir()
 	conf := filepath.Join(dir, "sentinel.conf")
@@ -168,18 +195,25 @@ func StartSentinel(t testing.TB) *Sentinel {
 		"sentinel monitor llm 127.0.0.1 " + strconv.Itoa(master.Port()) + " 1\n" +
 		"sentinel down-after-milliseconds llm 1000\n" +
 		"sentinel failover-timeout llm 5000\n"
+	if masterPW != "" {
+		cfg += "sentinel auth-pass llm " + masterPW + "\n"
+	}
+	if sentinelPW != "" {
+		cfg += "requirepass " + sentinelPW + "\n"
+	}
 	if err := os.WriteFile(conf, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	run(t, sentinelBin, conf)
-	s := &Sentinel{Master: master, Replica: replica, Addr: "127.0.0.1:" + strconv.Itoa(port), Name: "llm", cli: cli}
+	s := &Sentinel{Master: master, Replica: replica, Addr: "127.0.0.1:" + strconv.Itoa(port), Name: "llm", cli: cli,
+		sentinelAuth: cliAuth(sentinelPW), masterAuth: cliAuth(masterPW)}
 	waitPort(t, s.Addr)
 	// Wait until the replica is in sync and the sentinel knows it.
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
-		out, _ := exec.Command(cli, "-p", strconv.Itoa(port), "sentinel", "replicas", "llm").Output()
+		out, _ := s.sentinelCmd(context.Background(), "sentinel", "replicas", "llm").Output()
 		if strings.Contains(string(out), strconv.Itoa(replica.Port())) && strings.Contains(string(out), "slave") {
-			info, _ := exec.Command(cli, "-p", strconv.Itoa(replica.Port()), "info", "replication").Output()
+			info, _ := exec.Command(cli, append(append([]string{"-p", strconv.Itoa(replica.Port())}, s.masterAuth...), "info", "replication")...).Output()
 			if strings.Contains(string(info), "master_link_status:up") {
 				return s
 			}
@@ -194,8 +228,7 @@ func StartSentinel(t testing.TB) *Sentinel {
 // reports the replica as master.
 func (s *Sentinel) Failover(t testing.TB, ctx context.Context) {
 	t.Helper()
-	_, port, _ := net.SplitHostPort(s.Addr)
-	if out, err := exec.CommandContext(ctx, s.cli, "-p", port, "sentinel", "failover", s.Name).CombinedOutput(); err != nil || !strings.Contains(string(out), "OK") {
+	if out, err := s.sentinelCmd(ctx, "sentinel", "failover", s.Name).CombinedOutput(); err != nil || !strings.Contains(string(out), "OK") {
 		t.Fatalf("sentinel failover: %v %s", err, out)
 	}
 	s.waitPromoted(t, ctx)
@@ -212,9 +245,8 @@ func (s *Sentinel) KillMaster(t testing.TB, ctx context.Context) {
 // waitPromoted waits until the sentinel reports the replica as master.
 func (s *Sentinel) waitPromoted(t testing.TB, ctx context.Context) {
 	t.Helper()
-	_, port, _ := net.SplitHostPort(s.Addr)
 	for ctx.Err() == nil {
-		out, _ := exec.Command(s.cli, "-p", port, "sentinel", "get-master-addr-by-name", s.Name).Output()
+		out, _ := s.sentinelCmd(ctx, "sentinel", "get-master-addr-by-name", s.Name).Output()
 		if strings.Contains(string(out), strconv.Itoa(s.Replica.Port())) {
 			return
 		}

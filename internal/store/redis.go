@@ -29,8 +29,11 @@ type RedisOptions struct {
 	// `rediss://…` (TLS) URLs. One address is a single server; several
 	// are a Cluster's nodes, or sentinels when MasterName is set.
 	Addrs []string
-	// MasterName is the Sentinel master name.
-	MasterName string
+	// MasterName is the Sentinel master name; SentinelPassword the
+	// sentinels' own password, when they require one (most set-ups
+	// protect only the master).
+	MasterName       string
+	SentinelPassword string
 	// DB, Username and Password override what a URL says when set.
 	DB       int
 	Username string
@@ -92,10 +95,7 @@ func NewRedis(o RedisOptions) (*Redis, error) {
 	if len(u.Addrs) > 1 && u.MasterName == "" && u.DB != 0 {
 		return nil, errors.New("a Redis Cluster has only database 0")
 	}
-	if u.MasterName != "" {
-		// Sentinels usually share the master's credentials.
-		u.SentinelUsername, u.SentinelPassword = u.Username, u.Password
-	}
+	u.SentinelPassword = o.SentinelPassword
 	return &Redis{client: redis.NewUniversalClient(u), prefix: o.Prefix}, nil
 }
 
