@@ -161,6 +161,8 @@ func (h *Handler) admitLimits(ctx context.Context, identity string, reserve int6
 // crashed instance's slots expire within one lease.
 func (h *Handler) renewLease(ad *admission) {
 	lease := h.limits.SlotTTL
+	ad.mu.Lock() // the callback reads ad.lease under it
+	defer ad.mu.Unlock()
 	ad.lease = time.AfterFunc(lease/3, func() {
 		ctx, cancel := context.WithTimeout(context.Background(), lease/3)
 		err := h.store.Renew(ctx, h.limits, ad.a, time.Now().Add(lease))
