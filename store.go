@@ -1,6 +1,7 @@
 package llmstream
 
 import (
+	"context"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
@@ -10,7 +11,10 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 
+	"github.com/caddyserver/caddy/v2"
+	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/store"
@@ -72,6 +76,17 @@ type StoreTLS struct {
 	InsecureSkipVerify bool `json:"insecure_skip_verify,omitempty"`
 }
 
+// redisLog carries go-redis's own messages (a pool that cannot dial, a
+// sentinel switching masters) into Caddy's log instead of stderr. They
+// name addresses, never passwords.
+type redisLog struct{}
+
+func (redisLog) Printf(_ context.Context, format string, v ...any) {
+	caddy.Log().Named("http.handlers.llm_stream.redis").Warn(strings.TrimPrefix(fmt.Sprintf(format, v...), "redis: "))
+}
+
+var setRedisLogger sync.Once
+
 // usesRedis reports whether anything configured keeps state in Redis.
 func (h *Handler) usesRedis() bool {
 	return h.Store != nil && (h.Store.Redis != "" || len(h.Store.Addresses) > 0)
@@ -85,6 +100,7 @@ func (h *Handler) provisionStore() error {
 	if !h.usesRedis() {
 		return nil
 	}
+	setRedisLogger.Do(func() { redis.SetLogger(redisLog{}) })
 	sc := h.Store
 	if sc.Redis != "" && len(sc.Addresses) > 0 {
 		return errors.New("store: use either one address or several, not both")
