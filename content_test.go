@@ -211,4 +211,47 @@ func TestDenyWordsInJSONAnswers(t *testing.T) {
 		t.Errorf("the held answer lost its headers: %v", resp.Header)
 	}
 	c.waitLog(`"usage_status":"exact"`, `"total_tokens":9`)
+
+	// A body with no text to check (audio) is not held: it streams as it
+	// comes, the first part before the upstream writes the second.
+	ack := make(chan struct{})
+	audio := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "audio/mpeg")
+		flushWrite(w, "ID3-first-part")
+		select {
+		case <-ack:
+		case <-time.After(3 * time.Second):
+		}
+		flushWrite(w, "-second-part")
+	}))
+	defer audio.Close()
+	c.load(`llm_stream ` + audio.URL + ` {
+		allow_paths /v1/audio/*
+		deny_words verboten
+		deny_words_scope response
+	}`)
+	first := make([]byte, len("ID3-first-part"))
+	got := make(chan *http.Response, 1)
+	go func() {
+		// The headers too must come before the upstream is done.
+		resp := postBody(t, c.base()+"/v1/audio/speech", `{"model":"tts-1","input":"hallo"}`, nil)
+		_, _ = io.ReadFull(resp.Body, first)
+		got <- resp
+	}()
+	select {
+	case resp = <-got:
+		if string(first) != "ID3-first-part" {
+			t.Fatalf("first part: %q", first)
+		}
+	case <-time.After(2 * time.Second):
+		close(ack)
+		t.Fatal("an audio answer was held back for the deny-word check")
+	}
+	defer resp.Body.Close()
+	close(ack)
+	rest, _ := io.ReadAll(resp.Body)
+	if string(rest) != "-second-part" {
+		t.Errorf("rest of the audio: %q", rest)
+	}
 }

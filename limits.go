@@ -75,8 +75,8 @@ func (h *Handler) provisionLimits() error {
 		h.store = h.redis
 		return nil
 	}
-	// In memory: counters per limit definition and the process's slots
-	// outlive a reload (state.go).
+	// In memory: counters (per limit definition) and slots (per upstream
+	// set) outlive a reload (state.go).
 	set := h.upstreamSet()
 	slots, err := share(h, slotPool, set, plain(store.NewSlots()))
 	if err != nil {

@@ -432,6 +432,11 @@ func framingOf(contentType string) framing {
 	return framePlain
 }
 
+// isJSONAnswer reports whether an answer is JSON (what has text to check).
+func isJSONAnswer(h http.Header) bool {
+	return strings.HasPrefix(strings.ToLower(h.Get("Content-Type")), "application/json")
+}
+
 // outcome is how a relayed body ended.
 type outcome struct {
 	err        error // nil: the upstream finished the body
@@ -449,10 +454,11 @@ func (rl *relay) begin(resp *http.Response, streaming bool) {
 	case rl.committed:
 		// Headers are out as an event stream; keep that framing.
 		f = frameSSE
-	case (rl.deny != nil || rl.filterModels != nil) && f == framePlain && !streaming:
-		// A whole answer is checked for deny words before any of it,
-		// headers included, leaves: a forbidden word turns it into an
-		// error.
+	case (rl.deny != nil || rl.filterModels != nil) && f == framePlain && !streaming && isJSONAnswer(resp.Header):
+		// A whole JSON answer is checked for deny words (or a model list
+		// filtered) before any of it, headers included, leaves. Other
+		// bodies (audio, files) have no text to check: they pass as they
+		// come.
 		copyResponseHeaders(rl.w.Header(), resp.Header)
 		rl.holdPlain, rl.heldStatus = true, resp.StatusCode
 	default:
