@@ -2,72 +2,26 @@ package llmstream
 
 import (
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/hex"
 	"fmt"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"golang.org/x/crypto/bcrypt"
 )
 
-// recordingUpstream answers like a chat model and remembers what it got.
-type recordingUpstream struct {
-	*httptest.Server
-	calls atomic.Int32
-	mu    sync.Mutex
-	auth  []string
-	paths []string
-	body  []string
-}
-
-func newRecordingUpstream(t *testing.T) *recordingUpstream {
-	u := &recordingUpstream{}
-	u.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		b, _ := io.ReadAll(r.Body)
-		u.calls.Add(1)
-		u.mu.Lock()
-		u.auth = append(u.auth, r.Header.Get("Authorization"))
-		u.paths = append(u.paths, r.URL.Path)
-		u.body = append(u.body, string(b))
-		u.mu.Unlock()
-		w.Header().Set("Content-Type", "application/json")
-		io.WriteString(w, `{"object":"chat.completion","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}`)
-	}))
-	t.Cleanup(u.Close)
-	return u
-}
-
-func do(t *testing.T, method, url, body string, hdr map[string]string) (*http.Response, string) {
-	t.Helper()
-	req, _ := http.NewRequest(method, url, strings.NewReader(body))
-	if body != "" {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	for k, v := range hdr {
-		req.Header.Set(k, v)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	return resp, string(b)
-}
-
 const chatBody = `{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}`
 
 func TestClientKeys(t *testing.T) {
-	up := newRecordingUpstream(t)
+	up := newUpstream(t)
 	hashed := sha256.Sum256([]byte("sk-client-hashed"))
 	dir := t.TempDir()
 	keysFile := filepath.Join(dir, "keys")
@@ -106,13 +60,11 @@ func TestClientKeys(t *testing.T) {
 			}
 		})
 	}
-	up.mu.Lock()
-	for _, a := range up.auth {
-		if a != "Bearer "+testKey {
+	for _, r := range up.requests() {
+		if a := r.Header.Get("Authorization"); a != "Bearer "+testKey {
 			t.Errorf("upstream got Authorization %q", a)
 		}
 	}
-	up.mu.Unlock()
 
 	// The keys file is read again on reload.
 	os.WriteFile(keysFile, []byte("sk-file-key-2 alice\n"), 0o600)
@@ -130,7 +82,7 @@ func TestClientKeys(t *testing.T) {
 }
 
 func TestIdentityFromBasicAuth(t *testing.T) {
-	up := newRecordingUpstream(t)
+	up := newUpstream(t)
 	hash, _ := bcrypt.GenerateFromPassword([]byte("secret"), bcrypt.MinCost)
 	c := startCaddy(t, `
 	basic_auth {
@@ -142,28 +94,20 @@ func TestIdentityFromBasicAuth(t *testing.T) {
 			requests 1 1m
 		}
 	}`)
-	req, _ := http.NewRequest("POST", c.base()+"/v1/chat/completions", strings.NewReader(chatBody))
-	req.SetBasicAuth("dora", "secret")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
+	dora := map[string]string{"Authorization": "Basic " + base64.StdEncoding.EncodeToString([]byte("dora:secret"))}
+	resp, _ := do(t, "POST", c.base()+"/v1/chat/completions", chatBody, dora)
 	if resp.StatusCode != 200 {
 		t.Fatalf("got %d", resp.StatusCode)
 	}
 	c.waitLog(`"identity":"dora"`)
-	req, _ = http.NewRequest("POST", c.base()+"/v1/chat/completions", strings.NewReader(chatBody))
-	req.SetBasicAuth("dora", "secret")
-	resp, _ = http.DefaultClient.Do(req)
-	resp.Body.Close()
+	resp, _ = do(t, "POST", c.base()+"/v1/chat/completions", chatBody, dora)
 	if resp.StatusCode != 429 {
 		t.Fatalf("second request of dora: %d, want 429 (limit per identity)", resp.StatusCode)
 	}
 }
 
 func TestAllowedPathsAndModels(t *testing.T) {
-	up := newRecordingUpstream(t)
+	up := newUpstream(t)
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		allow_models gpt-4o* claude-3-haiku
 	}`)
@@ -194,8 +138,8 @@ func TestAllowedPathsAndModels(t *testing.T) {
 }
 
 // usageStream serves an OpenAI stream with the usage chunk when asked.
-func usageStream(t *testing.T, bodies *[]string, mu *sync.Mutex) *httptest.Server {
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+func usageStream(t *testing.T, bodies *[]string, mu *sync.Mutex) *fakeUpstream {
+	srv := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		b, _ := io.ReadAll(r.Body)
 		mu.Lock()
 		*bodies = append(*bodies, string(b))
@@ -214,7 +158,6 @@ func usageStream(t *testing.T, bodies *[]string, mu *sync.Mutex) *httptest.Serve
 		}
 		flushWrite(w, "data: [DONE]\n\n")
 	}))
-	t.Cleanup(srv.Close)
 	return srv
 }
 
@@ -292,7 +235,7 @@ http://127.0.0.1:%d {
 // GET /v1/models lists only what allow_models lets callers use: the
 // handler's own list, and an upstream's list passed through.
 func TestModelListUnderAllowModels(t *testing.T) {
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	up := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		body := `{"object":"list","data":[{"id":"gpt-4o","object":"model"},{"id":"gpt-4o-mini","object":"model"},{"id":"o1-pro","object":"model"},{"id":"dall-e-3","object":"model"}]}`
 		if strings.HasPrefix(r.URL.Path, "/v1beta") {
@@ -303,7 +246,6 @@ func TestModelListUnderAllowModels(t *testing.T) {
 		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 		io.WriteString(w, body)
 	}))
-	t.Cleanup(up.Close)
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		allow_paths /v1/models /v1beta/models
 		allow_models gpt-4o* gemini-2.5-flash

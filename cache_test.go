@@ -5,86 +5,34 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"net/http"
-	"net/http/httptest"
 	"regexp"
 	"sort"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/cache"
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/redistest"
-	llmmock "github.com/caddy-llm-stream/caddy-llm-stream/mock"
 )
 
-// mockUpstream is llm_mock on a plain test server, counting the model
-// calls it answers (and how many of them ran to the end).
-type mockUpstream struct {
-	*httptest.Server
-	calls     atomic.Int64
-	finished  atomic.Int64
-	cancelled atomic.Int64
-	// when each cancelled call noticed that its request was cancelled
-	cancelledAt chan time.Time
-}
-
-func newMockUpstream(t testing.TB, tokens int, interval time.Duration) *mockUpstream {
-	m := &llmmock.Mock{Tokens: tokens, Interval: caddy.Duration(interval)}
-	if interval == 0 {
-		m.Interval = -1
-	}
-	if err := m.Provision(caddy.Context{}); err != nil {
-		t.Fatal(err)
-	}
-	u := &mockUpstream{cancelledAt: make(chan time.Time, 256)}
-	u.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method == http.MethodPost {
-			u.calls.Add(1)
-		}
-		_ = m.ServeHTTP(w, r, nil)
-		if r.Context().Err() == nil {
-			u.finished.Add(1)
-		} else {
-			u.cancelled.Add(1)
-			select {
-			case u.cancelledAt <- time.Now():
-			default:
-			}
-		}
-	}))
-	t.Cleanup(u.Close)
-	return u
-}
-
-// ask posts body to url with the headers given as name, value pairs and
-// returns the X-Cache header and the body.
+// ask posts body to url's chat completions with the headers given as
+// name, value pairs, requires a 200 and returns the X-Cache header and the
+// body.
 func ask(t testing.TB, url, body string, hdr ...string) (string, string) {
 	t.Helper()
-	req, _ := http.NewRequest(http.MethodPost, url+"/v1/chat/completions", strings.NewReader(body))
-	req.Header.Set("Content-Type", "application/json")
+	h := map[string]string{}
 	for i := 0; i+1 < len(hdr); i += 2 {
-		req.Header.Set(hdr[i], hdr[i+1])
+		h[hdr[i]] = hdr[i+1]
 	}
-	resp, err := noCompressClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
+	resp, b := do(t, "POST", url+"/v1/chat/completions", body, h)
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("status %d: %s", resp.StatusCode, b)
 	}
-	return resp.Header.Get("X-Cache"), string(b)
+	return resp.Header.Get("X-Cache"), b
 }
 
 const (
@@ -102,7 +50,7 @@ func sameAnswer(s string) string {
 }
 
 func TestCacheHitMissConversionAndScope(t *testing.T) {
-	up := newMockUpstream(t, 12, 0)
+	up := newUpstream(t, modelAnswers(t, 12, 0))
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		allow_paths /v1/*
 		client_key sk-client-a a
@@ -140,13 +88,8 @@ func TestCacheHitMissConversionAndScope(t *testing.T) {
 	// the model answers a plain request (but for id and time).
 	plain := strings.Replace(q, `"stream":true`, `"stream":false`, 1)
 	x, assembled := ask(t, c.base(), plain, keyA, tokA)
-	resp, err := http.Post(up.URL+"/v1/chat/completions", "application/json", strings.NewReader(plain))
-	if err != nil {
-		t.Fatal(err)
-	}
-	direct, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if x != "HIT" || sameAnswer(assembled) != sameAnswer(string(direct)) {
+	_, direct := do(t, "POST", up.URL+"/v1/chat/completions", plain, nil)
+	if x != "HIT" || sameAnswer(assembled) != sameAnswer(direct) {
 		t.Fatalf("plain from stream, X-Cache %q:\ngot  %s\nwant %s", x, assembled, direct)
 	}
 	calls := up.calls.Load()
@@ -202,7 +145,7 @@ func TestCacheHitMissConversionAndScope(t *testing.T) {
 }
 
 func TestCacheTTLExpiry(t *testing.T) {
-	up := newMockUpstream(t, 5, 0)
+	up := newUpstream(t, modelAnswers(t, 5, 0))
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		allow_paths /v1/*
 		cache 300ms
@@ -221,7 +164,7 @@ func TestCacheTTLExpiry(t *testing.T) {
 // TestCacheHitsCostNoTokens: a token limit that one answer nearly uses up
 // still admits any number of hits.
 func TestCacheHitsCostNoTokens(t *testing.T) {
-	up := newMockUpstream(t, 40, 0)
+	up := newUpstream(t, modelAnswers(t, 40, 0))
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		allow_paths /v1/*
 		limit {
@@ -238,12 +181,7 @@ func TestCacheHitsCostNoTokens(t *testing.T) {
 	// A second uncached answer is refused: the first one's tokens counted.
 	other := strings.Replace(q, `"hi"`, `"ho"`, 1)
 	ask(t, c.base(), other)
-	req, _ := http.NewRequest(http.MethodPost, c.base()+"/v1/chat/completions", strings.NewReader(strings.Replace(q, `"hi"`, `"hu"`, 1)))
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
+	resp, _ := do(t, "POST", c.base()+"/v1/chat/completions", strings.Replace(q, `"hi"`, `"hu"`, 1), nil)
 	if resp.StatusCode != http.StatusTooManyRequests {
 		t.Fatalf("third distinct answer: status %d, want 429", resp.StatusCode)
 	}
@@ -253,7 +191,7 @@ func TestCacheHitsCostNoTokens(t *testing.T) {
 // one upstream call, every client gets the whole answer as it streams, and
 // clients that leave (the first one among them) do not stop the others.
 func TestCacheSingleFlight(t *testing.T) {
-	up := newMockUpstream(t, 20, 15*time.Millisecond)
+	up := newUpstream(t, modelAnswers(t, 20, 15*time.Millisecond))
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		allow_paths /v1/*
 		cache 1m {
@@ -328,18 +266,14 @@ func TestCacheSingleFlight(t *testing.T) {
 // TestCacheSoleClientLeaving: a leader with no followers that leaves
 // cancels the upstream at once, and nothing is stored.
 func TestCacheSoleClientLeaving(t *testing.T) {
-	up := newMockUpstream(t, 50, 20*time.Millisecond)
+	up := newUpstream(t, modelAnswers(t, 50, 20*time.Millisecond))
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		allow_paths /v1/*
 		cache 1m
 	}`)
 	q := `{"model":"m","temperature":0,"stream":true,"messages":[{"role":"user","content":"bye"}]}`
 	ctx, cancel := context.WithCancel(context.Background())
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, c.base()+"/v1/chat/completions", strings.NewReader(q))
-	resp, err := noCompressClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	resp := sendCtx(t, ctx, "POST", c.base()+"/v1/chat/completions", q, nil)
 	evs := readEvents(bufio.NewReader(resp.Body))
 	<-evs
 	<-evs
@@ -362,7 +296,7 @@ func TestCacheSharedThroughRedis(t *testing.T) {
 		t.Skip("builds and runs a second Caddy process")
 	}
 	rds := redistest.Start(t)
-	up := newMockUpstream(t, 30, 0)
+	up := newUpstream(t, modelAnswers(t, 30, 0))
 	directives := `llm_stream ` + up.URL + ` {
 		allow_paths /v1/*
 		store redis ` + rds.Addr + `
@@ -382,7 +316,7 @@ func TestCacheSharedThroughRedis(t *testing.T) {
 }
 
 func TestCacheRedisUnreachable(t *testing.T) {
-	up := newMockUpstream(t, 5, 0)
+	up := newUpstream(t, modelAnswers(t, 5, 0))
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		allow_paths /v1/*
 		store redis 127.0.0.1:`+fmt.Sprint(freePort(t))+`
@@ -440,7 +374,7 @@ func TestNormalizedBody(t *testing.T) {
 // replay instant, through a real Caddy server on loopback: from sending the
 // request to the last byte read. It reports p50 and p99.
 func BenchmarkCacheHit(b *testing.B) {
-	up := newMockUpstream(b, 2000, 0)
+	up := newUpstream(b, modelAnswers(b, 2000, 0))
 	c := startCaddy(b, `llm_stream `+up.URL+` {
 		allow_paths /v1/*
 		cache 1h
@@ -480,7 +414,7 @@ func BenchmarkCacheHit(b *testing.B) {
 // TestCachePacedReplay: replay paced keeps the upstream's rhythm (each
 // pause capped at 1 s); instant sends it at once.
 func TestCachePacedReplay(t *testing.T) {
-	up := newMockUpstream(t, 6, 40*time.Millisecond)
+	up := newUpstream(t, modelAnswers(t, 6, 40*time.Millisecond))
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		allow_paths /v1/*
 		cache 1m {
@@ -489,7 +423,7 @@ func TestCachePacedReplay(t *testing.T) {
 	}`)
 	q := `{"model":"m","temperature":0,"stream":true,"messages":[{"role":"user","content":"pace"}]}`
 	_, first := ask(t, c.base(), q)
-	resp := postBody(t, c.base()+"/v1/chat/completions", q, nil)
+	resp := send(t, "POST", c.base()+"/v1/chat/completions", q, nil)
 	defer resp.Body.Close()
 	var arrivals []time.Duration
 	var got strings.Builder

@@ -20,7 +20,7 @@ func TestAnonymousLimitsUseCaddysClientIP(t *testing.T) {
 		{"untrusted peer", "10.0.0.0/8", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			up := newRecordingUpstream(t)
+			up := newUpstream(t)
 			c := startCaddyWith(t, `servers {
 		trusted_proxies static `+tc.trusted+`
 	}`, `llm_stream `+up.URL+` {

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -54,7 +53,7 @@ func TestPromptLogsAreRedacted(t *testing.T) {
 }
 
 func TestDenyWordsInRequests(t *testing.T) {
-	up := newRecordingUpstream(t)
+	up := newUpstream(t)
 	dir := t.TempDir()
 	file := filepath.Join(dir, "words")
 	os.WriteFile(file, []byte("# list\nforbidden phrase\n违禁词\n"), 0o600)
@@ -87,7 +86,7 @@ func TestDenyWordsInRequests(t *testing.T) {
 func TestDenyWordsInStreamedAnswers(t *testing.T) {
 	cancelled := make(chan struct{}, 1)
 	ack := make(chan struct{})
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	up := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/event-stream")
 		ev := func(s string) string { return `data: {"choices":[{"delta":{"content":"` + s + `"}}]}` + "\n\n" }
 		switch r.URL.Path {
@@ -113,7 +112,6 @@ func TestDenyWordsInStreamedAnswers(t *testing.T) {
 			flushWrite(w, "data: [DONE]\n\n")
 		}
 	}))
-	defer up.Close()
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		allow_paths /v1/*
 		deny_words 违禁词
@@ -145,7 +143,7 @@ func TestDenyWordsInStreamedAnswers(t *testing.T) {
 		}
 	})
 	t.Run("held back by at most the word's length", func(t *testing.T) {
-		resp := postStream(t, c.base()+"/v1/held/chat/completions", nil)
+		resp := send(t, "POST", c.base()+"/v1/held/chat/completions", streamBody, nil)
 		defer resp.Body.Close()
 		got := make(chan string, 1)
 		go func() {
@@ -180,7 +178,7 @@ func TestDenyWordsInJSONAnswers(t *testing.T) {
 		"/v1beta/models/g:generateContent": `{"candidates":[{"content":{"parts":[{"text":"ein verboten wort"}],"role":"model"}}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":4,"totalTokenCount":7}}`,
 		"/v1/clean/chat/completions":       `{"id":"chatcmpl-2","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"没有问题。"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":4,"total_tokens":9}}`,
 	}
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	up := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		io.Copy(io.Discard, r.Body)
 		w.Header().Set("Content-Type", "application/json")
 		w.Header().Set("x-request-id", "req_json")
@@ -188,7 +186,6 @@ func TestDenyWordsInJSONAnswers(t *testing.T) {
 		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 		io.WriteString(w, body)
 	}))
-	defer up.Close()
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		allow_paths /v1/* /v1beta/*
 		deny_words 违禁词 verboten
@@ -215,7 +212,7 @@ func TestDenyWordsInJSONAnswers(t *testing.T) {
 	// A body with no text to check (audio) is not held: it streams as it
 	// comes, the first part before the upstream writes the second.
 	ack := make(chan struct{})
-	audio := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	audio := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		io.Copy(io.Discard, r.Body)
 		w.Header().Set("Content-Type", "audio/mpeg")
 		flushWrite(w, "ID3-first-part")
@@ -225,7 +222,6 @@ func TestDenyWordsInJSONAnswers(t *testing.T) {
 		}
 		flushWrite(w, "-second-part")
 	}))
-	defer audio.Close()
 	c.load(`llm_stream ` + audio.URL + ` {
 		allow_paths /v1/audio/*
 		deny_words verboten
@@ -235,7 +231,7 @@ func TestDenyWordsInJSONAnswers(t *testing.T) {
 	got := make(chan *http.Response, 1)
 	go func() {
 		// The headers too must come before the upstream is done.
-		resp := postBody(t, c.base()+"/v1/audio/speech", `{"model":"tts-1","input":"hallo"}`, nil)
+		resp := send(t, "POST", c.base()+"/v1/audio/speech", `{"model":"tts-1","input":"hallo"}`, nil)
 		_, _ = io.ReadFull(resp.Body, first)
 		got <- resp
 	}()

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -18,7 +17,7 @@ func failingUpstream(t *testing.T, mode string, calls *atomic.Int32) string {
 	if mode == "refused" {
 		return "http://127.0.0.1:1"
 	}
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	srv := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		calls.Add(1)
 		switch mode {
 		case "429":
@@ -40,7 +39,6 @@ func failingUpstream(t *testing.T, mode string, calls *atomic.Int32) string {
 			conn.Close()
 		}
 	}))
-	t.Cleanup(srv.Close)
 	return srv.URL
 }
 
@@ -65,7 +63,7 @@ func TestFailoverBeforeTheFirstByte(t *testing.T) {
 		heartbeat 50ms
 		retry_backoff 10ms 50ms
 	}`)
-			resp := postStream(t, c.base()+"/v1/chat/completions", nil)
+			resp := send(t, "POST", c.base()+"/v1/chat/completions", streamBody, nil)
 			defer resp.Body.Close()
 			if resp.StatusCode != 200 {
 				b, _ := io.ReadAll(resp.Body)
@@ -113,7 +111,7 @@ func TestNoRetryAfterTheAnswerStarted(t *testing.T) {
 			priority 1
 		}
 	}`)
-	resp := postStream(t, c.base()+"/v1/chat/completions", nil)
+	resp := send(t, "POST", c.base()+"/v1/chat/completions", streamBody, nil)
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	if !strings.HasPrefix(string(body), "data: {\"k\":0}\n\ndata: {\"error\":") || !strings.Contains(string(body), `"code":"stream_broken"`) {
@@ -134,7 +132,7 @@ func TestFinalFailureKeepsUpstreamStatus(t *testing.T) {
 		retries 2
 		retry_backoff 1ms 5ms
 	}`)
-	resp := postStream(t, c.base()+"/v1/chat/completions", nil)
+	resp := send(t, "POST", c.base()+"/v1/chat/completions", streamBody, nil)
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	if resp.StatusCode != 500 || !strings.Contains(string(body), "boom") {
@@ -153,7 +151,7 @@ func TestRenameAndProviderStyles(t *testing.T) {
 	}
 	var mu sync.Mutex
 	got := map[string]seen{}
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	up := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		b, _ := io.ReadAll(r.Body)
 		mu.Lock()
 		got[strings.Split(r.URL.Path, "/")[1]] = seen{r.Header.Clone(), r.URL.RawQuery, string(b)}
@@ -161,7 +159,6 @@ func TestRenameAndProviderStyles(t *testing.T) {
 		w.Header().Set("Content-Type", "application/json")
 		io.WriteString(w, `{}`)
 	}))
-	defer up.Close()
 	c := startCaddy(t, `llm_stream {
 		upstream `+up.URL+`/openai {
 			models gpt-4o
@@ -185,27 +182,19 @@ func TestRenameAndProviderStyles(t *testing.T) {
 		}
 		allow_paths /v1/* /v1beta/models*
 	}`)
-	send := func(path, body string, hdr map[string]string) {
-		req, _ := http.NewRequest(http.MethodPost, c.base()+path, strings.NewReader(body))
-		req.Header.Set("Content-Type", "application/json")
-		req.Header.Set("Authorization", "Bearer client")
-		req.Header.Set("X-Api-Key", "client")
+	post := func(path, body string, hdr map[string]string) {
+		h := map[string]string{"Authorization": "Bearer client", "X-Api-Key": "client"}
 		for k, v := range hdr {
-			req.Header.Set(k, v)
+			h[k] = v
 		}
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
+		do(t, "POST", c.base()+path, body, h)
 	}
 	renamed := "{\"model\" :\"gpt-4o-fast\",\"messages\":[{\"role\":\"user\",\"content\":\"say gpt-4o-fast\"}],  \"temperature\":0.0}"
-	send("/v1/chat/completions", renamed, nil)
-	send("/v1/chat/completions?api-version=2025-01-01", `{"model":"azure-gpt4"}`, nil)
-	send("/v1/messages", `{"model":"claude-3-haiku"}`, nil)
-	send("/v1beta/models", `{"model":"gemini-2.0-flash"}`, nil)
-	send("/v1/chat/completions", `{"model":"azure-other"}`, nil) // default api-version
+	post("/v1/chat/completions", renamed, nil)
+	post("/v1/chat/completions?api-version=2025-01-01", `{"model":"azure-gpt4"}`, nil)
+	post("/v1/messages", `{"model":"claude-3-haiku"}`, nil)
+	post("/v1beta/models", `{"model":"gemini-2.0-flash"}`, nil)
+	post("/v1/chat/completions", `{"model":"azure-other"}`, nil) // default api-version
 
 	want := map[string]struct{ header, value string }{
 		"openai":    {"Authorization", "Bearer sk-openai-key-1"},
@@ -235,14 +224,12 @@ func TestRenameAndProviderStyles(t *testing.T) {
 	}
 
 	t.Run("unknown model is 404", func(t *testing.T) {
-		resp, _ := http.Post(c.base()+"/v1/chat/completions", "application/json", strings.NewReader(`{"model":"llama-3"}`))
+		resp := send(t, "POST", c.base()+"/v1/chat/completions", `{"model":"llama-3"}`, nil)
 		checkErrorShape(t, resp, 404, "model_not_found")
 	})
 	t.Run("models list", func(t *testing.T) {
-		resp, _ := http.Get(c.base() + "/v1/models")
-		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if !strings.Contains(string(b), `"id":"gpt-4o"`) || !strings.Contains(string(b), `"id":"gpt-4o-fast"`) || strings.Contains(string(b), "key") {
+		_, b := do(t, "GET", c.base()+"/v1/models", "", nil)
+		if !strings.Contains(b, `"id":"gpt-4o"`) || !strings.Contains(b, `"id":"gpt-4o-fast"`) || strings.Contains(b, "key") {
 			t.Errorf("got %s", b)
 		}
 	})
@@ -251,7 +238,7 @@ func TestRenameAndProviderStyles(t *testing.T) {
 func TestKeyRestsAfter429(t *testing.T) {
 	var mu sync.Mutex
 	used := map[string]int{}
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	up := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		k := r.Header.Get("Authorization")
 		mu.Lock()
 		used[k]++
@@ -263,14 +250,13 @@ func TestKeyRestsAfter429(t *testing.T) {
 		}
 		io.WriteString(w, `{}`)
 	}))
-	defer up.Close()
 	c := startCaddy(t, `llm_stream {
 		upstream `+up.URL+` {
 			api_key sk-limited-0001 sk-free-0002
 		}
 	}`)
 	for i := 0; i < 4; i++ {
-		resp := postStream(t, c.base()+"/v1/chat/completions", nil)
+		resp := send(t, "POST", c.base()+"/v1/chat/completions", streamBody, nil)
 		io.Copy(io.Discard, resp.Body)
 		resp.Body.Close()
 		if resp.StatusCode != 200 {

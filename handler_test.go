@@ -8,7 +8,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -21,8 +20,8 @@ const testKey = "sk-test-9f8e7d6c5b4a39281706f5e4d3c2b1a0"
 
 // gatedUpstream sends n events; event k+1 only after the test said the
 // client received event k. Any buffering between the two deadlocks.
-func gatedUpstream(t *testing.T, n int, contentType string, frame func(k int) string, ack <-chan int) *httptest.Server {
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+func gatedUpstream(t *testing.T, n int, contentType string, frame func(k int) string, ack <-chan int) *fakeUpstream {
+	srv := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", contentType)
 		w.WriteHeader(http.StatusOK)
 		for k := 0; k < n; k++ {
@@ -41,7 +40,6 @@ func gatedUpstream(t *testing.T, n int, contentType string, frame func(k int) st
 			}
 		}
 	}))
-	t.Cleanup(srv.Close)
 	return srv
 }
 
@@ -83,7 +81,7 @@ func TestStreamIsNotBuffered(t *testing.T) {
 			if tc.encode != "" {
 				hdr["Accept-Encoding"] = tc.encode
 			}
-			resp := postStream(t, c.base()+"/v1/chat/completions", hdr)
+			resp := send(t, "POST", c.base()+"/v1/chat/completions", streamBody, hdr)
 			defer resp.Body.Close()
 			if got := resp.Header.Get("Content-Encoding"); got != tc.wantEnc {
 				t.Fatalf("Content-Encoding: got %q, want %q", got, tc.wantEnc)
@@ -128,15 +126,14 @@ func TestStreamIsNotBuffered(t *testing.T) {
 
 // splitUpstream sends the pieces as separate flushed writes, with a pause
 // between them so each arrives in its own read.
-func splitUpstream(t *testing.T, contentType string, pieces []string) *httptest.Server {
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+func splitUpstream(t *testing.T, contentType string, pieces []string) *fakeUpstream {
+	srv := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", contentType)
 		for _, p := range pieces {
 			flushWrite(w, p)
 			time.Sleep(2 * time.Millisecond)
 		}
 	}))
-	t.Cleanup(srv.Close)
 	return srv
 }
 
@@ -158,7 +155,7 @@ func TestRelayIsByteExact(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			up := splitUpstream(t, tc.contentType, tc.pieces)
 			c := startCaddy(t, `llm_stream `+up.URL)
-			resp := postStream(t, c.base()+"/v1/chat/completions", nil)
+			resp := send(t, "POST", c.base()+"/v1/chat/completions", streamBody, nil)
 			got, err := io.ReadAll(resp.Body)
 			resp.Body.Close()
 			if err != nil {
@@ -182,12 +179,11 @@ func firstDiff(a, b string) int {
 
 func TestKeyInjection(t *testing.T) {
 	var got http.Header
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	up := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		got = r.Header.Clone()
 		w.Header().Set("Content-Type", "application/json")
 		_, _ = io.WriteString(w, `{}`)
 	}))
-	defer up.Close()
 	c := startCaddy(t, `llm_stream {
 		upstream `+up.URL+`
 		api_key `+testKey+`
@@ -196,7 +192,7 @@ func TestKeyInjection(t *testing.T) {
 		header_up -X-Debug
 		header_up Authorization "Bearer stolen"
 	}`)
-	resp := postStream(t, c.base()+"/v1/chat/completions", map[string]string{
+	resp := send(t, "POST", c.base()+"/v1/chat/completions", streamBody, map[string]string{
 		"Authorization":  "Bearer client-token",
 		"X-Api-Key":      "client-x-api-key",
 		"Api-Key":        "client-api-key",
@@ -223,19 +219,18 @@ func TestKeyInjection(t *testing.T) {
 
 func TestKeyNeverLeaks(t *testing.T) {
 	masked := testKey[:7] + strings.Repeat("*", 20) + testKey[len(testKey)-4:]
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	up := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		w.Header().Set("Retry-After", "7")
 		w.WriteHeader(http.StatusTooManyRequests)
 		fmt.Fprintf(w, `{"error":{"message":"Rate limit for key %s (%s), fragment %s.","type":"requests","code":"rate_limit_exceeded"}}`,
 			r.Header.Get("Authorization")[7:], masked, testKey[10:22])
 	}))
-	defer up.Close()
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		api_key `+testKey+`
 		retries 0
 	}`)
-	resp := postStream(t, c.base()+"/v1/chat/completions", nil)
+	resp := send(t, "POST", c.base()+"/v1/chat/completions", streamBody, nil)
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusTooManyRequests {
@@ -280,13 +275,12 @@ func checkErrorShape(t *testing.T, resp *http.Response, status int, code string)
 }
 
 func TestClientErrors(t *testing.T) {
-	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	slow := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		select {
 		case <-r.Context().Done():
 		case <-time.After(2 * time.Second):
 		}
 	}))
-	defer slow.Close()
 	c := startCaddy(t, `
 	handle /refused/* {
 		llm_stream http://127.0.0.1:1 {
@@ -341,7 +335,7 @@ func TestClientErrors(t *testing.T) {
 
 func TestHeartbeat(t *testing.T) {
 	release := make(chan struct{})
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	up := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case "/late-headers":
 			<-release // the model thinks before it answers at all
@@ -354,14 +348,13 @@ func TestHeartbeat(t *testing.T) {
 			flushWrite(w, "1}\n\n")
 		}
 	}))
-	defer up.Close()
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		heartbeat 30ms
 		allow_paths /late-headers /mid-event
 	}`)
 	for _, path := range []string{"/late-headers", "/mid-event"} {
 		t.Run(path, func(t *testing.T) {
-			resp := postStream(t, c.base()+path, nil)
+			resp := send(t, "POST", c.base()+path, streamBody, nil)
 			defer resp.Body.Close()
 			if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "text/event-stream" {
 				t.Fatalf("got %d %q, want a 200 event stream", resp.StatusCode, resp.Header.Get("Content-Type"))
@@ -385,17 +378,16 @@ func TestHeartbeat(t *testing.T) {
 }
 
 func TestHeartbeatOff(t *testing.T) {
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	up := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/event-stream")
 		flushWrite(w, ": hello\n\n")
 		time.Sleep(150 * time.Millisecond)
 		flushWrite(w, "data: 1\n\n")
 	}))
-	defer up.Close()
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		heartbeat off
 	}`)
-	resp := postStream(t, c.base()+"/v1/chat/completions", nil)
+	resp := send(t, "POST", c.base()+"/v1/chat/completions", streamBody, nil)
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	if string(body) != ": hello\n\ndata: 1\n\n" {
@@ -404,7 +396,7 @@ func TestHeartbeatOff(t *testing.T) {
 }
 
 func TestBrokenStreamsEndWithAnErrorEvent(t *testing.T) {
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	up := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/event-stream")
 		flushWrite(w, "data: {\"k\":0}\n\ndata: {\"k\"")
 		switch r.URL.Path {
@@ -415,7 +407,6 @@ func TestBrokenStreamsEndWithAnErrorEvent(t *testing.T) {
 			conn.Close()
 		}
 	}))
-	defer up.Close()
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		allow_paths /stall /cut
 		idle_timeout 100ms
@@ -423,7 +414,7 @@ func TestBrokenStreamsEndWithAnErrorEvent(t *testing.T) {
 	}`)
 	for path, code := range map[string]string{"/stall": "upstream_idle_timeout", "/cut": "stream_broken"} {
 		t.Run(path, func(t *testing.T) {
-			resp := postStream(t, c.base()+path, nil)
+			resp := send(t, "POST", c.base()+path, streamBody, nil)
 			body, err := io.ReadAll(resp.Body)
 			resp.Body.Close()
 			if err != nil {
@@ -439,20 +430,15 @@ func TestBrokenStreamsEndWithAnErrorEvent(t *testing.T) {
 
 func TestClientDisconnectCancelsUpstream(t *testing.T) {
 	cancelled := make(chan time.Time, 1)
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	up := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/event-stream")
 		flushWrite(w, "data: {\"k\":0}\n\n")
 		<-r.Context().Done()
 		cancelled <- time.Now()
 	}))
-	defer up.Close()
 	c := startCaddy(t, `llm_stream `+up.URL)
 	ctx, cancel := context.WithCancel(context.Background())
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, c.base()+"/v1/chat/completions", strings.NewReader(streamBody))
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	resp := sendCtx(t, ctx, "POST", c.base()+"/v1/chat/completions", streamBody, nil)
 	br := bufio.NewReader(resp.Body)
 	if line, _ := br.ReadString('\n'); line != "data: {\"k\":0}\n" {
 		t.Fatalf("got %q", line)
@@ -479,8 +465,8 @@ func TestReloadKeepsStreamsInFlight(t *testing.T) {
 		}
 		return sb.String()
 	}
-	upstream := func(tag string) *httptest.Server {
-		return httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	upstream := func(tag string) *fakeUpstream {
+		return newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 			served.Add(1)
 			w.Header().Set("Content-Type", "text/event-stream")
 			for _, ev := range strings.SplitAfter(events(tag, 20), "\n\n") {
@@ -493,7 +479,7 @@ func TestReloadKeepsStreamsInFlight(t *testing.T) {
 	defer oldUp.Close()
 	defer newUp.Close()
 	c := startCaddy(t, `llm_stream `+oldUp.URL)
-	resp := postStream(t, c.base()+"/v1/chat/completions", nil)
+	resp := send(t, "POST", c.base()+"/v1/chat/completions", streamBody, nil)
 	br := bufio.NewReader(resp.Body)
 	first, _ := br.ReadString('\n')
 	c.load(`llm_stream ` + newUp.URL) // reload while the old stream is mid-way
@@ -505,7 +491,7 @@ func TestReloadKeepsStreamsInFlight(t *testing.T) {
 	if got := first + string(rest); got != events("old", 20) {
 		t.Fatalf("old stream: got %q, want all 20 old events", got)
 	}
-	resp = postStream(t, c.base()+"/v1/chat/completions", nil)
+	resp = send(t, "POST", c.base()+"/v1/chat/completions", streamBody, nil)
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	if string(body) != events("new", 20) {
@@ -515,16 +501,11 @@ func TestReloadKeepsStreamsInFlight(t *testing.T) {
 
 func TestUpstreamPathJoin(t *testing.T) {
 	var got string
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	up := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		got = r.URL.RequestURI()
 	}))
-	defer up.Close()
 	c := startCaddy(t, `llm_stream `+up.URL+`/compatible-mode`)
-	resp, err := http.Get(c.base() + "/v1/models?limit=2")
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
+	do(t, "GET", c.base()+"/v1/models?limit=2", "", nil)
 	if got != "/compatible-mode/v1/models?limit=2" {
 		t.Fatalf("upstream got %q, want /compatible-mode/v1/models?limit=2", got)
 	}

@@ -234,37 +234,6 @@ func readEvents(r *bufio.Reader) <-chan string {
 	return ch
 }
 
-// flushWrite writes s and flushes it to the proxy.
-func flushWrite(w http.ResponseWriter, s string) {
-	_, _ = w.Write([]byte(s))
-	_ = http.NewResponseController(w).Flush()
-}
-
-const streamBody = `{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}`
-
-func postStream(t testing.TB, url string, hdr map[string]string) *http.Response {
-	t.Helper()
-	return postBody(t, url, streamBody, hdr)
-}
-
-// postBody posts a JSON body with the given headers, without compression.
-func postBody(t testing.TB, url, body string, hdr map[string]string) *http.Response {
-	t.Helper()
-	req, _ := http.NewRequest(http.MethodPost, url, strings.NewReader(body))
-	req.Header.Set("Content-Type", "application/json")
-	for k, v := range hdr {
-		req.Header.Set(k, v)
-	}
-	resp, err := noCompressClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return resp
-}
-
-// noCompressClient leaves Accept-Encoding and decoding to the test.
-var noCompressClient = &http.Client{Transport: &http.Transport{DisableCompression: true}}
-
 func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }
 
 // waitLog waits until Caddy's log holds every one of the strings (the

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -78,7 +77,7 @@ func TestRequestAndConcurrencyLimits(t *testing.T) {
 		}
 	}
 	// concurrency: the slot is held until the stream really ends
-	held := postStream(t, c.base()+"/v1/hold/chat/completions", two)
+	held := send(t, "POST", c.base()+"/v1/hold/chat/completions", streamBody, two)
 	br := bufio.NewReader(held.Body)
 	if line, _ := br.ReadString('\n'); !strings.HasPrefix(line, "data:") {
 		t.Fatalf("held stream: %q", line)
@@ -98,8 +97,8 @@ func TestRequestAndConcurrencyLimits(t *testing.T) {
 
 // holdUpstream sends one event, and on paths containing "hold" waits for
 // release before it ends the stream.
-func holdUpstream(t *testing.T, release <-chan struct{}) *httptest.Server {
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+func holdUpstream(t *testing.T, release <-chan struct{}) *fakeUpstream {
+	srv := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/event-stream")
 		flushWrite(w, "data: {\"k\":0}\n\n")
 		if strings.Contains(r.URL.Path, "hold") {
@@ -107,14 +106,13 @@ func holdUpstream(t *testing.T, release <-chan struct{}) *httptest.Server {
 		}
 		flushWrite(w, "data: [DONE]\n\n")
 	}))
-	t.Cleanup(srv.Close)
 	return srv
 }
 
 // slowUsageUpstream streams 10 chunks 30 ms apart, then usage, and says
 // whether it was cancelled or ran to the end.
-func slowUsageUpstream(t *testing.T, ended chan<- string) *httptest.Server {
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+func slowUsageUpstream(t *testing.T, ended chan<- string) *fakeUpstream {
+	srv := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/event-stream")
 		for i := 0; i < 10; i++ {
 			flushWrite(w, "data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}],\"usage\":null}\n\n")
@@ -128,7 +126,6 @@ func slowUsageUpstream(t *testing.T, ended chan<- string) *httptest.Server {
 		flushWrite(w, "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":10,\"total_tokens\":17}}\n\ndata: [DONE]\n\n")
 		ended <- "completed"
 	}))
-	t.Cleanup(srv.Close)
 	return srv
 }
 
@@ -141,11 +138,7 @@ func TestOnDisconnectDrainAndCancel(t *testing.T) {
 		on_disconnect `+mode+`
 	}`)
 			ctx, cancel := context.WithCancel(context.Background())
-			req, _ := http.NewRequestWithContext(ctx, "POST", c.base()+"/v1/chat/completions", strings.NewReader(streamBody))
-			resp, err := http.DefaultClient.Do(req)
-			if err != nil {
-				t.Fatal(err)
-			}
+			resp := sendCtx(t, ctx, "POST", c.base()+"/v1/chat/completions", streamBody, nil)
 			bufio.NewReader(resp.Body).ReadString('\n')
 			cancel() // the user closed the tab
 			want, status := "cancelled", `"usage_status":"absent"`
@@ -263,7 +256,7 @@ func TestLimitsSharedThroughRedis(t *testing.T) {
 		t.Fatalf("%d of 16 requests passed across two instances, want exactly 10", ok)
 	}
 
-	held := postStream(t, a+"/v1/hold/chat/completions", teamB)
+	held := send(t, "POST", a+"/v1/hold/chat/completions", streamBody, teamB)
 	br := bufio.NewReader(held.Body)
 	br.ReadString('\n')
 	if resp, got := do(t, "POST", b+"/v1/chat/completions", chatBody, teamB); resp.StatusCode != 429 || !strings.Contains(got, "concurrent") {
@@ -282,7 +275,7 @@ func TestRedisDownAndBack(t *testing.T) {
 	rds := redistest.Start(t)
 	addr := rds.Addr
 	rds.Stop()
-	up := newRecordingUpstream(t)
+	up := newUpstream(t)
 	cfg := func(fail string) string {
 		return `llm_stream ` + up.URL + ` {
 		limit {

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -164,8 +163,8 @@ func (c *instance) waitMetric(t *testing.T, name string, labels map[string]strin
 func TestRetryLimitHeartbeatAndDisconnectMetrics(t *testing.T) {
 	var calls atomic.Int32
 	bad := failingUpstream(t, "500", &calls)
-	good := newRecordingUpstream(t)
-	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	good := newUpstream(t)
+	slow := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/event-stream")
 		flushWrite(w, "data: {}\n\n")
 		select {
@@ -175,7 +174,6 @@ func TestRetryLimitHeartbeatAndDisconnectMetrics(t *testing.T) {
 		}
 		flushWrite(w, "data: [DONE]\n\n")
 	}))
-	defer slow.Close()
 	c := startCaddy(t, `
 	handle /v1/slow/* {
 		llm_stream `+slow.URL+` {
@@ -206,11 +204,7 @@ func TestRetryLimitHeartbeatAndDisconnectMetrics(t *testing.T) {
 	do(t, "POST", c.base()+"/v1/chat/completions", chatBody, nil) // over the limit
 	do(t, "POST", c.base()+"/v1/slow/chat/completions", streamBody, nil)
 	ctx, cancel := context.WithCancel(context.Background())
-	req, _ := http.NewRequestWithContext(ctx, "POST", c.base()+"/v1/slow/chat/completions", strings.NewReader(streamBody))
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	resp := sendCtx(t, ctx, "POST", c.base()+"/v1/slow/chat/completions", streamBody, nil)
 	bufio.NewReader(resp.Body).ReadString('\n')
 	cancel()
 	time.Sleep(100 * time.Millisecond)

@@ -25,11 +25,7 @@ http://127.0.0.1:`+strconv.Itoa(mockPort)+` {
 		models mock-1 mock-2
 	}`)
 	post := func(path, body string) *http.Response {
-		resp, err := http.Post(c.base()+path, "application/json", strings.NewReader(body))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return resp
+		return send(t, "POST", c.base()+path, body, nil)
 	}
 
 	t.Run("openai stream with usage", func(t *testing.T) {

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -37,7 +36,7 @@ func TestKilledInstanceFreesItsSlotWithinTheLease(t *testing.T) {
 	a, proc := startProcessCmd(t, directives)
 	c := startCaddy(t, directives)
 
-	held := postStream(t, a+"/v1/hold/chat/completions", nil)
+	held := send(t, "POST", a+"/v1/hold/chat/completions", streamBody, nil)
 	defer held.Body.Close()
 	if held.StatusCode != http.StatusOK {
 		t.Fatalf("the stream on the first instance: %d", held.StatusCode)
@@ -83,14 +82,13 @@ func TestThreeInstancesShareExactLimits(t *testing.T) {
 	// so no settlement refunds a reservation while admissions race.
 	var calls atomic.Int32
 	gate := make(chan struct{})
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	up := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		io.Copy(io.Discard, r.Body)
 		calls.Add(1)
 		<-gate
 		w.Header().Set("Content-Type", "application/json")
 		io.WriteString(w, `{"object":"chat.completion","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}`)
 	}))
-	t.Cleanup(up.Close)
 	var gateOnce sync.Once
 	t.Cleanup(func() { gateOnce.Do(func() { close(gate) }) })
 	body := `{"model":"m","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}`
@@ -175,11 +173,10 @@ func TestRestsAndHealthSharedThroughRedis(t *testing.T) {
 	var brokenCalls atomic.Int32
 	up := newBusyKeyUpstream(t)
 	busyCalls := &up.busyCalls
-	broken := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	broken := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		brokenCalls.Add(1)
 		w.WriteHeader(http.StatusBadGateway)
 	}))
-	t.Cleanup(broken.Close)
 	directives := `llm_stream {
 		upstream ` + up.URL + ` {
 			api_key sk-busy sk-free

@@ -5,7 +5,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"strconv"
 	"strings"
 	"sync"
@@ -41,14 +40,13 @@ func rawRequest(t *testing.T, port int, method, target, body string) (int, strin
 func TestRawPathsCannotLeaveAllowedPrefix(t *testing.T) {
 	var mu sync.Mutex
 	var got []string
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	up := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		mu.Lock()
 		got = append(got, r.RequestURI)
 		mu.Unlock()
 		w.Header().Set("Content-Type", "application/json")
 		io.WriteString(w, `{"object":"chat.completion","choices":[]}`)
 	}))
-	t.Cleanup(up.Close)
 	c := startCaddy(t, `llm_stream `+up.URL+`/compatible-mode {
 		allow_paths /v1/chat/*
 	}`)

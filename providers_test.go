@@ -4,16 +4,11 @@ import (
 	"bufio"
 	"compress/gzip"
 	"crypto/tls"
-	"encoding/pem"
 	"io"
 	"net/http"
-	"net/http/httptest"
-	"os"
-	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 )
@@ -170,77 +165,63 @@ func providerStreams(silence time.Duration) []*providerStream {
 	}
 }
 
-// providerServer serves the fixtures over TLS with HTTP/2, as every hosted
-// model API does, and records the protocol each request came in with.
-type providerServer struct {
-	*httptest.Server
-	caFile string
-	mu     sync.Mutex
-	protos []string
-	encs   []string
-}
-
-func newProviderServer(t *testing.T, streams []*providerStream) *providerServer {
-	ps := &providerServer{}
+// newProviderServer serves the fixtures over TLS with HTTP/2, as every
+// hosted model API does.
+func newProviderServer(t *testing.T, streams []*providerStream) *fakeUpstream {
 	byKey := map[string]*providerStream{}
 	for _, s := range streams {
 		byKey[s.body] = s
 	}
-	ps.Server = httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return newUpstream(t, overTLS(), answering(func(w http.ResponseWriter, r *http.Request) {
 		b, _ := io.ReadAll(r.Body)
-		ps.mu.Lock()
-		ps.protos = append(ps.protos, r.Proto)
-		ps.encs = append(ps.encs, r.Header.Get("Accept-Encoding"))
-		ps.mu.Unlock()
 		s := byKey[string(b)]
 		if s == nil || r.URL.RequestURI() != s.path {
 			w.WriteHeader(http.StatusNotFound)
 			return
 		}
-		if s.headersLate > 0 {
+		s.serve(w, r)
+	}))
+}
+
+// serve writes the fixture as the provider does: headers (late, when
+// headersLate), then the pieces with their pauses, gzip-compressed when
+// the fixture says so.
+func (s *providerStream) serve(w http.ResponseWriter, r *http.Request) {
+	if s.headersLate > 0 {
+		select {
+		case <-time.After(s.headersLate):
+		case <-r.Context().Done():
+			return
+		}
+	}
+	for k, v := range s.header {
+		w.Header().Set(k, v)
+	}
+	w.Header().Set("Content-Type", s.contentType)
+	var out io.Writer = w
+	if s.gzip && strings.Contains(r.Header.Get("Accept-Encoding"), "gzip") || s.gzip && r.Header.Get("Accept-Encoding") == "identity" {
+		// Some providers compress a whole answer even when asked for
+		// identity; the handler decodes it.
+		w.Header().Set("Content-Encoding", "gzip")
+		zw := gzip.NewWriter(w)
+		defer zw.Close()
+		out = zw
+	}
+	w.WriteHeader(http.StatusOK)
+	for i, p := range s.pieces {
+		if d := s.pause[i]; d > 0 {
+			_ = http.NewResponseController(w).Flush()
 			select {
-			case <-time.After(s.headersLate):
+			case <-time.After(d):
 			case <-r.Context().Done():
 				return
 			}
 		}
-		for k, v := range s.header {
-			w.Header().Set(k, v)
+		io.WriteString(out, p)
+		if out == io.Writer(w) {
+			_ = http.NewResponseController(w).Flush()
 		}
-		w.Header().Set("Content-Type", s.contentType)
-		var out io.Writer = w
-		if s.gzip && strings.Contains(r.Header.Get("Accept-Encoding"), "gzip") || s.gzip && r.Header.Get("Accept-Encoding") == "identity" {
-			// Some providers compress a whole answer even when asked for
-			// identity; the handler decodes it.
-			w.Header().Set("Content-Encoding", "gzip")
-			zw := gzip.NewWriter(w)
-			defer zw.Close()
-			out = zw
-		}
-		w.WriteHeader(http.StatusOK)
-		for i, p := range s.pieces {
-			if d := s.pause[i]; d > 0 {
-				_ = http.NewResponseController(w).Flush()
-				select {
-				case <-time.After(d):
-				case <-r.Context().Done():
-					return
-				}
-			}
-			io.WriteString(out, p)
-			if out == io.Writer(w) {
-				_ = http.NewResponseController(w).Flush()
-			}
-		}
-	}))
-	ps.EnableHTTP2 = true
-	ps.StartTLS()
-	t.Cleanup(ps.Close)
-	ps.caFile = filepath.Join(t.TempDir(), "provider-ca.pem")
-	if err := os.WriteFile(ps.caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ps.Certificate().Raw}), 0o600); err != nil {
-		t.Fatal(err)
 	}
-	return ps
 }
 
 // Every fixture is relayed byte-exact (heartbeats only between events)
@@ -317,14 +298,12 @@ func TestProviderStreamsRelayedExactly(t *testing.T) {
 			}
 		})
 	}
-	up.mu.Lock()
-	defer up.mu.Unlock()
-	for i, p := range up.protos {
-		if p != "HTTP/2.0" {
-			t.Errorf("request %d reached the provider over %s, want HTTP/2.0 (TLS, ALPN h2)", i, p)
+	for i, r := range up.requests() {
+		if r.Proto != "HTTP/2.0" {
+			t.Errorf("request %d reached the provider over %s, want HTTP/2.0 (TLS, ALPN h2)", i, r.Proto)
 		}
-		if up.encs[i] != "identity" {
-			t.Errorf("request %d asked the provider for %q, want identity", i, up.encs[i])
+		if enc := r.Header.Get("Accept-Encoding"); enc != "identity" {
+			t.Errorf("request %d asked the provider for %q, want identity", i, enc)
 		}
 	}
 }

@@ -27,7 +27,7 @@ func limitHolds(t *testing.T, base string) {
 func TestRedisACLUserAndPassword(t *testing.T) {
 	const userPW, adminPW = "s3cret-llm-user-pw", "s3cret-admin-pw"
 	rds := redistest.StartArgs(t, "--requirepass", adminPW, "--user", "llm", "on", ">"+userPW, "~*", "&*", "+@all")
-	up := newRecordingUpstream(t)
+	up := newUpstream(t)
 	t.Setenv("TEST_REDIS_URL", "redis://llm:"+userPW+"@"+rds.Addr+"/0")
 	t.Setenv("TEST_REDIS_PW", userPW)
 	for _, tc := range []struct{ name, store string }{
@@ -82,7 +82,7 @@ func TestRedisACLUserAndPassword(t *testing.T) {
 
 func TestRedisTLS(t *testing.T) {
 	rds := redistest.StartTLS(t)
-	up := newRecordingUpstream(t)
+	up := newUpstream(t)
 	for _, tc := range []struct{ name, store string }{
 		{"rediss url with ca", `store redis rediss://` + rds.Addr + ` {
 			tls {
@@ -135,7 +135,7 @@ func sentinelFailover(t *testing.T, mode string) {
 		s = redistest.StartProtectedSentinel(t, "master-pw-9x", "sentinel-pw-7y")
 		auth = "password master-pw-9x\n\t\t\tsentinel_password sentinel-pw-7y"
 	}
-	up := newRecordingUpstream(t)
+	up := newUpstream(t)
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		client_key sk-busy busy
 		client_key sk-quiet quiet
@@ -241,7 +241,7 @@ func TestRedisClusterSharedLimit(t *testing.T) {
 		t.Skip("builds and runs a second Caddy process")
 	}
 	cl := redistest.StartCluster(t)
-	up := newRecordingUpstream(t)
+	up := newUpstream(t)
 	directives := `llm_stream ` + up.URL + ` {
 		client_key sk-a a
 		client_key sk-b b

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -35,7 +34,7 @@ func TestReloadKeepsState(t *testing.T) {
 	c := startCaddyAdmin(t, config("requests 4 1m", ""))
 	body := `{"model":"m","temperature":0,"messages":[{"role":"user","content":"cache me"}]}`
 	post := func() *http.Response {
-		resp := postBody(t, c.base()+"/v1/chat/completions", body, nil)
+		resp := send(t, "POST", c.base()+"/v1/chat/completions", body, nil)
 		io.Copy(io.Discard, resp.Body)
 		resp.Body.Close()
 		return resp
@@ -91,7 +90,7 @@ func TestReloadKeepsState(t *testing.T) {
 // released only after the socket closed), counted with the new config's.
 func TestWebSocketAcrossReloadWithRedis(t *testing.T) {
 	rds := redistest.Start(t)
-	up := newMockUpstream(t, 3, time.Millisecond)
+	up := newUpstream(t, modelAnswers(t, 3, time.Millisecond))
 	config := func(extra string) string {
 		return `llm_stream ` + up.URL + ` {
 		websocket
@@ -130,13 +129,13 @@ func TestWebSocketAcrossReloadWithRedis(t *testing.T) {
 // busyKeyUpstream answers like OpenAI: 429 with Retry-After 600 for the key
 // sk-busy, a chat completion for any other key.
 type busyKeyUpstream struct {
-	*httptest.Server
+	*fakeUpstream
 	busyCalls, otherCalls atomic.Int32
 }
 
 func newBusyKeyUpstream(t *testing.T) *busyKeyUpstream {
 	u := &busyKeyUpstream{}
-	u.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	u.fakeUpstream = newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		io.Copy(io.Discard, r.Body)
 		w.Header().Set("x-request-id", "req_"+newID())
 		w.Header().Set("Content-Type", "application/json")
@@ -150,7 +149,6 @@ func newBusyKeyUpstream(t *testing.T) *busyKeyUpstream {
 		u.otherCalls.Add(1)
 		io.WriteString(w, `{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}`)
 	}))
-	t.Cleanup(u.Close)
 	return u
 }
 
@@ -170,7 +168,7 @@ func TestSlotsOutliveAReload(t *testing.T) {
 	}`
 	}
 	c := startCaddyAdmin(t, config("100"))
-	held := postStream(t, c.base()+"/v1/hold/chat/completions", nil)
+	held := send(t, "POST", c.base()+"/v1/hold/chat/completions", streamBody, nil)
 	defer held.Body.Close()
 	br := bufio.NewReader(held.Body)
 	br.ReadString('\n')

@@ -3,7 +3,6 @@ package llmstream
 import (
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"regexp"
 	"strings"
 	"testing"
@@ -15,7 +14,7 @@ import (
 // handler's id, the one stop_endpoint knows, and the provider's id beside
 // it.
 func TestClientGetsTheHandlersRequestID(t *testing.T) {
-	up := newMockUpstream(t, 500, 10*time.Millisecond)
+	up := newUpstream(t, modelAnswers(t, 500, 10*time.Millisecond))
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		stop_endpoint /v1/stop
 	}`)
@@ -46,7 +45,7 @@ func TestClientGetsTheHandlersRequestID(t *testing.T) {
 }
 
 func TestUpstreamRequestIDFromAnswerAndErrors(t *testing.T) {
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	up := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		io.Copy(io.Discard, r.Body)
 		if strings.Contains(r.URL.Path, "busy") {
 			w.Header().Set("x-request-id", "req_busy123")
@@ -59,13 +58,12 @@ func TestUpstreamRequestIDFromAnswerAndErrors(t *testing.T) {
 		w.Header().Set("Content-Type", "application/json")
 		io.WriteString(w, `{"id":"chatcmpl-abc123","object":"chat.completion","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}`)
 	}))
-	t.Cleanup(up.Close)
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		allow_paths /v1/chat/completions /v1/busy/chat/completions
 		retries 0
 	}`)
 
-	resp := postBody(t, c.base()+"/v1/chat/completions", `{"model":"m","messages":[]}`, nil)
+	resp := send(t, "POST", c.base()+"/v1/chat/completions", `{"model":"m","messages":[]}`, nil)
 	io.Copy(io.Discard, resp.Body)
 	resp.Body.Close()
 	id := resp.Header.Get("X-Request-Id")
@@ -77,7 +75,7 @@ func TestUpstreamRequestIDFromAnswerAndErrors(t *testing.T) {
 		t.Errorf("the usage line lacks the answer's id: %s", line)
 	}
 
-	resp = postBody(t, c.base()+"/v1/busy/chat/completions", `{"model":"m","messages":[]}`, nil)
+	resp = send(t, "POST", c.base()+"/v1/busy/chat/completions", `{"model":"m","messages":[]}`, nil)
 	io.Copy(io.Discard, resp.Body)
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusTooManyRequests {

@@ -227,11 +227,10 @@ func BenchmarkRoute(b *testing.B) {
 // and a three-key pool in play: the failover machinery must cost nothing
 // while everything is healthy.
 func BenchmarkHealthyPath(b *testing.B) {
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	up := newUpstream(b, answering(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/event-stream")
 		io.WriteString(w, "data: {\"k\":1}\n\ndata: [DONE]\n\n")
 	}))
-	defer up.Close()
 	b.Setenv("BENCH_KEY", "sk-bench")
 	configs := map[string]string{
 		"single": `{"upstream":"` + up.URL + `","api_key":"{env.BENCH_KEY}"}`,

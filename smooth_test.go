@@ -125,8 +125,8 @@ func TestSmoothKeepsEveryByteProperty(t *testing.T) {
 
 // burstUpstream sends its tokens in bursts: each burst in one write, then
 // a pause, like some providers do.
-func burstUpstream(t testing.TB, bursts [][]string, pause time.Duration) *httptest.Server {
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+func burstUpstream(t testing.TB, bursts [][]string, pause time.Duration) *fakeUpstream {
+	up := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/event-stream")
 		w.WriteHeader(http.StatusOK)
 		rc := http.NewResponseController(w)
@@ -150,7 +150,6 @@ func burstUpstream(t testing.TB, bursts [][]string, pause time.Duration) *httpte
 			_ = rc.Flush()
 		}
 	}))
-	t.Cleanup(up.Close)
 	return up
 }
 
@@ -158,7 +157,7 @@ func burstUpstream(t testing.TB, bursts [][]string, pause time.Duration) *httpte
 // and arrival time, and when the stream ended.
 func arrivals(t testing.TB, url string) (texts []string, at []time.Time, end time.Time) {
 	t.Helper()
-	resp := postBody(t, url, `{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"x"}]}`, nil)
+	resp := send(t, "POST", url, `{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"x"}]}`, nil)
 	defer resp.Body.Close()
 	for ev := range readEvents(bufio.NewReader(resp.Body)) {
 		now := time.Now()

@@ -17,27 +17,18 @@ import (
 // body.
 func stopAt(t testing.TB, url string, hdr map[string]string) (int, string) {
 	t.Helper()
-	req, _ := http.NewRequest(http.MethodPost, url, nil)
-	for k, v := range hdr {
-		req.Header.Set(k, v)
-	}
-	resp, err := noCompressClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
+	resp, b := do(t, "POST", url, "", hdr)
 	if resp.Header.Get("X-Request-Id") == "" {
 		t.Errorf("the stop answer has no X-Request-Id")
 	}
-	return resp.StatusCode, string(b)
+	return resp.StatusCode, b
 }
 
 // startedStream posts a streaming request and waits for n content events.
 // It returns the request id and the rest of the events.
 func startedStream(t testing.TB, url string, hdr map[string]string, n int) (string, *http.Response, <-chan string) {
 	t.Helper()
-	resp := postBody(t, url, `{"model":"mock-1","stream":true,"messages":[{"role":"user","content":"tell me"}]}`, hdr)
+	resp := send(t, "POST", url, `{"model":"mock-1","stream":true,"messages":[{"role":"user","content":"tell me"}]}`, hdr)
 	if resp.StatusCode != http.StatusOK {
 		b, _ := io.ReadAll(resp.Body)
 		t.Fatalf("status %d: %s", resp.StatusCode, b)
@@ -80,7 +71,7 @@ func restOf(t testing.TB, events <-chan string, d time.Duration) []string {
 
 // waitCancelled returns how long after since the upstream noticed its
 // request was cancelled.
-func waitCancelled(t testing.TB, up *mockUpstream, since time.Time) time.Duration {
+func waitCancelled(t testing.TB, up *fakeUpstream, since time.Time) time.Duration {
 	t.Helper()
 	select {
 	case at := <-up.cancelledAt:
@@ -92,7 +83,7 @@ func waitCancelled(t testing.TB, up *mockUpstream, since time.Time) time.Duratio
 }
 
 func TestStopEndpointStopsGeneration(t *testing.T) {
-	up := newMockUpstream(t, 500, 10*time.Millisecond)
+	up := newUpstream(t, modelAnswers(t, 500, 10*time.Millisecond))
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		stop_endpoint /v1/stop
 	}`)
@@ -149,7 +140,7 @@ func TestStopEndpointStopsGeneration(t *testing.T) {
 }
 
 func TestStopEndpointErrorsAndOwnership(t *testing.T) {
-	up := newMockUpstream(t, 500, 10*time.Millisecond)
+	up := newUpstream(t, modelAnswers(t, 500, 10*time.Millisecond))
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		stop_endpoint /v1/stop
 		client_key sk-alice alice
@@ -168,16 +159,14 @@ func TestStopEndpointErrorsAndOwnership(t *testing.T) {
 		{"no key", nil, "/v1/chat/completions", 401},
 		{"unknown path", alice, "/v1/files", 404},
 	} {
-		resp := postBody(t, c.base()+tc.path, streamBody, tc.hdr)
+		resp := send(t, "POST", c.base()+tc.path, streamBody, tc.hdr)
 		resp.Body.Close()
 		if resp.StatusCode != tc.code || len(resp.Header.Get("X-Request-Id")) < 16 {
 			t.Errorf("%s: status %d, X-Request-Id %q", tc.name, resp.StatusCode, resp.Header.Get("X-Request-Id"))
 		}
 	}
-	req, _ := http.NewRequest(http.MethodGet, c.base()+"/v1/stop/x", nil)
-	req.Header.Set("Authorization", "Bearer sk-alice")
-	if resp, err := noCompressClient.Do(req); err != nil || resp.StatusCode != http.StatusMethodNotAllowed {
-		t.Errorf("GET on the stop endpoint: %v %v", resp.StatusCode, err)
+	if resp, _ := do(t, "GET", c.base()+"/v1/stop/x", "", map[string]string{"Authorization": "Bearer sk-alice"}); resp.StatusCode != http.StatusMethodNotAllowed {
+		t.Errorf("GET on the stop endpoint: %d", resp.StatusCode)
 	}
 	if status, _ := stopAt(t, c.base()+"/v1/stop/", alice); status != http.StatusBadRequest {
 		t.Errorf("stop without an id: %d", status)
@@ -202,7 +191,7 @@ func TestStopEndpointErrorsAndOwnership(t *testing.T) {
 // With on_disconnect drain, a client that leaves does not stop the upstream
 // (its usage is read to the end); a stop does.
 func TestStopWhileDrainConfigured(t *testing.T) {
-	up := newMockUpstream(t, 500, 10*time.Millisecond)
+	up := newUpstream(t, modelAnswers(t, 500, 10*time.Millisecond))
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		stop_endpoint /v1/stop
 		on_disconnect drain
@@ -226,7 +215,7 @@ func TestStopAcrossInstancesThroughRedis(t *testing.T) {
 		t.Skip("builds and runs a second Caddy process")
 	}
 	rds := redistest.Start(t)
-	up := newMockUpstream(t, 500, 10*time.Millisecond)
+	up := newUpstream(t, modelAnswers(t, 500, 10*time.Millisecond))
 	directives := `llm_stream ` + up.URL + ` {
 		stop_endpoint /v1/stop
 		store redis ` + rds.Addr + `
@@ -261,7 +250,7 @@ func TestStopAcrossInstancesThroughRedis(t *testing.T) {
 // cache flight keep receiving their answer, whole, and the upstream is not
 // cancelled for them.
 func TestStopOnOneOfTwoJoinedCacheRequests(t *testing.T) {
-	up := newMockUpstream(t, 40, 15*time.Millisecond)
+	up := newUpstream(t, modelAnswers(t, 40, 15*time.Millisecond))
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		stop_endpoint /v1/stop
 		cache 1m {
@@ -269,11 +258,11 @@ func TestStopOnOneOfTwoJoinedCacheRequests(t *testing.T) {
 		}
 	}`)
 	q := `{"model":"mock-1","temperature":0,"stream":true,"messages":[{"role":"user","content":"tell me"}]}`
-	leader := postBody(t, c.base()+"/v1/chat/completions", q, nil)
+	leader := send(t, "POST", c.base()+"/v1/chat/completions", q, nil)
 	defer leader.Body.Close()
 	leaderEvents := readEvents(bufio.NewReader(leader.Body))
 	<-leaderEvents // the answer started: a request now joins the flight
-	follower := postBody(t, c.base()+"/v1/chat/completions", q, nil)
+	follower := send(t, "POST", c.base()+"/v1/chat/completions", q, nil)
 	defer follower.Body.Close()
 	followerEvents := readEvents(bufio.NewReader(follower.Body))
 	<-followerEvents

@@ -10,7 +10,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"runtime"
 	"strings"
 	"sync"
@@ -95,7 +94,7 @@ func chunkContent(t testing.TB, msg string) string {
 }
 
 func TestWebSocketAnswersAsDeltas(t *testing.T) {
-	up := newMockUpstream(t, 30, time.Millisecond)
+	up := newUpstream(t, modelAnswers(t, 30, time.Millisecond))
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		websocket
 	}`)
@@ -129,7 +128,7 @@ func TestWebSocketAnswersAsDeltas(t *testing.T) {
 // messages.
 func askBothWays(t testing.TB, c *instance) (string, *websocket.Conn, []string) {
 	t.Helper()
-	want := assembleSSE(t, postBody(t, c.base()+"/v1/chat/completions",
+	want := assembleSSE(t, send(t, "POST", c.base()+"/v1/chat/completions",
 		`{"model":"mock-1","stream":true,"messages":[{"role":"user","content":"hi"}]}`, nil))
 	conn := dialWS(t, wsURL(c, "/v1/chat/completions"), nil)
 	return want, conn, wsAsk(t, conn, `{"model":"mock-1","messages":[{"role":"user","content":"hi"}]}`)
@@ -163,7 +162,7 @@ func assembleSSE(t testing.TB, resp *http.Response) string {
 }
 
 func TestWebSocketPlainTextPathAndErrors(t *testing.T) {
-	up := newMockUpstream(t, 5, time.Millisecond)
+	up := newUpstream(t, modelAnswers(t, 5, time.Millisecond))
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		websocket /v1/ws {
 			default_model mock-1
@@ -223,7 +222,7 @@ func TestWebSocketPlainTextPathAndErrors(t *testing.T) {
 }
 
 func TestWebSocketAuthAndLimits(t *testing.T) {
-	up := newMockUpstream(t, 3, time.Millisecond)
+	up := newUpstream(t, modelAnswers(t, 3, time.Millisecond))
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		websocket
 		api_key sk-upstream-secret
@@ -261,7 +260,7 @@ func TestWebSocketAuthAndLimits(t *testing.T) {
 }
 
 func TestWebSocketStop(t *testing.T) {
-	up := newMockUpstream(t, 1000, 10*time.Millisecond)
+	up := newUpstream(t, modelAnswers(t, 1000, 10*time.Millisecond))
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		websocket
 	}`)
@@ -319,7 +318,7 @@ func TestWebSocketStop(t *testing.T) {
 func TestWebSocketStopBeforeFirstByte(t *testing.T) {
 	waiting := make(chan struct{}, 1)
 	cancelled := make(chan time.Time, 1)
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	up := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		_, _ = io.Copy(io.Discard, r.Body) // the server notices a cancel only once the body is read
 		waiting <- struct{}{}
 		select {
@@ -328,7 +327,6 @@ func TestWebSocketStopBeforeFirstByte(t *testing.T) {
 		case <-time.After(10 * time.Second):
 		}
 	}))
-	defer up.Close()
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		websocket
 	}`)
@@ -358,7 +356,7 @@ func TestWebSocketStopBeforeFirstByte(t *testing.T) {
 
 // The server pings an idle socket, and closes one that stops answering.
 func TestWebSocketPing(t *testing.T) {
-	up := newMockUpstream(t, 3, time.Millisecond)
+	up := newUpstream(t, modelAnswers(t, 3, time.Millisecond))
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		websocket {
 			ping_interval 100ms
@@ -438,10 +436,9 @@ func TestWebSocketSlowReaderMemory(t *testing.T) {
 		t.Fatal(err)
 	}
 	var produced atomic.Int64
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	up := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		_ = m.ServeHTTP(countingWriter{w, &produced}, r, nil)
 	}))
-	defer up.Close()
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		websocket
 	}`)
@@ -519,7 +516,7 @@ func TestWebSocketSlowReaderMemory(t *testing.T) {
 
 // smooth applies to WebSocket clients: each message carries a piece.
 func TestWebSocketSmoothed(t *testing.T) {
-	up := newMockUpstream(t, 8, time.Millisecond)
+	up := newUpstream(t, modelAnswers(t, 8, time.Millisecond))
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		websocket
 		smooth 2 1ms
