@@ -49,7 +49,9 @@ func sameAnswer(s string) string {
 	return idAndCreated.ReplaceAllString(s, `"id":"X","object":"$1","created":0`)
 }
 
-func TestCacheHitMissConversionAndScope(t *testing.T) {
+// cachingProxy is llm_stream with a one-minute cache and two client keys
+// (identities a and b) in front of llm_mock answering 12 words.
+func cachingProxy(t *testing.T) (*fakeUpstream, *instance) {
 	up := newUpstream(t, modelAnswers(t, 12, 0))
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		allow_paths /v1/*
@@ -57,7 +59,17 @@ func TestCacheHitMissConversionAndScope(t *testing.T) {
 		client_key sk-client-b b
 		cache 1m
 	}`)
-	const q = `{"model":"gpt-4o","temperature":0,"stream":true,"messages":[{"role":"user","content":"What is Caddy?"}]}`
+	return up, c
+}
+
+const cachedQuestion = `{"model":"gpt-4o","temperature":0,"stream":true,"messages":[{"role":"user","content":"What is Caddy?"}]}`
+
+// A repeated request, also written differently, is a hit with the bytes
+// of the miss; a client asking for usage gets the usage chunk the first
+// call asked the upstream for on its behalf.
+func TestCacheHitRepeatsTheMissBytes(t *testing.T) {
+	up, c := cachingProxy(t)
+	q := cachedQuestion
 	x, miss := ask(t, c.base(), q, keyA, tokA)
 	if x != "MISS" || up.calls.Load() != 1 {
 		t.Fatalf("first request: X-Cache %q, %d upstream calls", x, up.calls.Load())
@@ -65,9 +77,6 @@ func TestCacheHitMissConversionAndScope(t *testing.T) {
 	if strings.Contains(miss, `"choices":[]`) || !strings.HasSuffix(miss, "data: [DONE]\n\n") {
 		t.Fatalf("miss answered %q", miss)
 	}
-
-	// The same request, and the same request written differently, are
-	// hits with the same bytes.
 	for _, body := range []string{
 		q,
 		`{ "messages": [ {"content":"What is Caddy?", "role":"user"} ], "stream": true, "temperature": 0, "model": "gpt-4o", "user": "u-17" }`,
@@ -77,32 +86,60 @@ func TestCacheHitMissConversionAndScope(t *testing.T) {
 			t.Fatalf("X-Cache %q for %s\ngot  %q\nwant %q", x, body, hit, miss)
 		}
 	}
-	// A client that asks for usage gets the usage chunk the first call
-	// asked the upstream for on its behalf.
 	x, withUsage := ask(t, c.base(), strings.Replace(q, `"stream":true`, `"stream":true,"stream_options":{"include_usage":true}`, 1), keyA, tokA)
 	usageChunk := regexp.MustCompile(`data: \{[^\n]*"choices":\[\],"usage":\{"prompt_tokens":\d+,"completion_tokens":12,"total_tokens":\d+\}\}\n\n`)
 	if x != "HIT" || !usageChunk.MatchString(withUsage) || usageChunk.ReplaceAllString(withUsage, "") != strings.ReplaceAll(miss, `}]}`, `}],"usage":null}`) {
 		t.Fatalf("include_usage hit %q: %q", x, withUsage)
 	}
-	// A plain request is served from the stored stream, byte for byte what
-	// the model answers a plain request (but for id and time).
-	plain := strings.Replace(q, `"stream":true`, `"stream":false`, 1)
+	if n := up.calls.Load(); n != 1 {
+		t.Fatalf("%d upstream calls, want 1", n)
+	}
+	// The usage line says the answer came from the cache.
+	c.waitLog(`"upstream":"cache"`, `"usage_status":"cached"`, `"cache":"hit"`)
+}
+
+// A plain request is served from a stored stream, byte for byte what the
+// model answers a plain request (but for id and time), and a plain answer
+// serves a streaming request as chunks that assemble back to it.
+func TestCacheConvertsBetweenStreamAndPlain(t *testing.T) {
+	up, c := cachingProxy(t)
+	ask(t, c.base(), cachedQuestion, keyA, tokA)
+	plain := strings.Replace(cachedQuestion, `"stream":true`, `"stream":false`, 1)
 	x, assembled := ask(t, c.base(), plain, keyA, tokA)
 	_, direct := do(t, "POST", up.URL+"/v1/chat/completions", plain, nil)
 	if x != "HIT" || sameAnswer(assembled) != sameAnswer(direct) {
 		t.Fatalf("plain from stream, X-Cache %q:\ngot  %s\nwant %s", x, assembled, direct)
 	}
-	calls := up.calls.Load()
-	if calls != 2 { // the direct call above
+	if calls := up.calls.Load(); calls != 2 { // the direct call above
 		t.Fatalf("%d upstream calls, want 2", calls)
 	}
 
-	// Another identity never gets a's answer.
-	if x, _ := ask(t, c.base(), q, keyA, tokB); x != "MISS" || up.calls.Load() != 3 {
+	plain2 := strings.Replace(plain, "Caddy?", "Go?", 1)
+	_, stored := ask(t, c.base(), plain2, keyA, tokA)
+	x, chunks := ask(t, c.base(), strings.Replace(plain2, `"stream":false`, `"stream":true,"stream_options":{"include_usage":true}`, 1), keyA, tokA)
+	back, ok := cache.StreamToJSON([]byte(chunks))
+	if x != "HIT" || !ok || string(back) != stored {
+		t.Fatalf("stream from plain, X-Cache %q:\n%s\nassembles to %s\nwant %s", x, chunks, back, stored)
+	}
+}
+
+// Another identity never gets a's answer.
+func TestCacheIsPerIdentity(t *testing.T) {
+	up, c := cachingProxy(t)
+	ask(t, c.base(), cachedQuestion, keyA, tokA)
+	if x, _ := ask(t, c.base(), cachedQuestion, keyA, tokB); x != "MISS" || up.calls.Load() != 2 {
 		t.Fatalf("identity b: X-Cache %q, %d calls", x, up.calls.Load())
 	}
-	// Not deterministic: not cached; a seed makes it so.
-	hot := strings.Replace(q, `"temperature":0`, `"temperature":0.7`, 1)
+	if x, _ := ask(t, c.base(), cachedQuestion, keyA, tokB); x != "HIT" {
+		t.Fatalf("identity b again: X-Cache %q", x)
+	}
+}
+
+// Only deterministic requests are cached: temperature above 0 is not,
+// unless a seed makes it so.
+func TestCacheOnlyDeterministicRequests(t *testing.T) {
+	up, c := cachingProxy(t)
+	hot := strings.Replace(cachedQuestion, `"temperature":0`, `"temperature":0.7`, 1)
 	for range 2 {
 		if x, _ := ask(t, c.base(), hot, keyA, tokA); x != "MISS" {
 			t.Fatalf("temperature 0.7: X-Cache %q", x)
@@ -113,35 +150,31 @@ func TestCacheHitMissConversionAndScope(t *testing.T) {
 	if x, _ := ask(t, c.base(), seeded, keyA, tokA); x != "HIT" {
 		t.Fatalf("seeded request: X-Cache %q", x)
 	}
-	if got := up.calls.Load(); got != 6 {
-		t.Fatalf("%d upstream calls, want 6", got)
+	if got := up.calls.Load(); got != 3 {
+		t.Fatalf("%d upstream calls, want 3", got)
 	}
-	// no-cache skips the read (and stores again); no-store skips both.
-	if x, _ := ask(t, c.base(), q, keyA, tokA, "Cache-Control", "no-cache"); x != "MISS" || up.calls.Load() != 7 {
+}
+
+// Cache-Control: no-cache skips the read (and stores again); no-store
+// skips both.
+func TestCacheControlFromTheClient(t *testing.T) {
+	up, c := cachingProxy(t)
+	q := cachedQuestion
+	ask(t, c.base(), q, keyA, tokA)
+	if x, _ := ask(t, c.base(), q, keyA, tokA, "Cache-Control", "no-cache"); x != "MISS" || up.calls.Load() != 2 {
 		t.Fatalf("no-cache: X-Cache %q", x)
 	}
 	fresh := strings.Replace(q, "Caddy?", "nginx?", 1)
 	ask(t, c.base(), fresh, keyA, tokA, "Cache-Control", "no-store")
-	if x, _ := ask(t, c.base(), fresh, keyA, tokA); x != "MISS" || up.calls.Load() != 9 {
+	if x, _ := ask(t, c.base(), fresh, keyA, tokA); x != "MISS" || up.calls.Load() != 4 {
 		t.Fatalf("after no-store: X-Cache %q, %d calls", x, up.calls.Load())
 	}
 	renewed := strings.Replace(q, "Caddy?", "HTTP/3?", 1)
 	ask(t, c.base(), renewed, keyA, tokA, "Cache-Control", "no-cache")
-	if x, _ := ask(t, c.base(), renewed, keyA, tokA); x != "HIT" || up.calls.Load() != 10 {
+	if x, _ := ask(t, c.base(), renewed, keyA, tokA); x != "HIT" || up.calls.Load() != 5 {
 		t.Fatalf("a no-cache answer was not stored: X-Cache %q, %d calls", x, up.calls.Load())
 	}
-
-	// A plain answer serves a streaming request as chunks that assemble
-	// back to the same object.
-	plain2 := strings.Replace(plain, "Caddy?", "Go?", 1)
-	_, stored := ask(t, c.base(), plain2, keyA, tokA)
-	x, chunks := ask(t, c.base(), strings.Replace(plain2, `"stream":false`, `"stream":true,"stream_options":{"include_usage":true}`, 1), keyA, tokA)
-	back, ok := cache.StreamToJSON([]byte(chunks))
-	if x != "HIT" || !ok || string(back) != stored {
-		t.Fatalf("stream from plain, X-Cache %q:\n%s\nassembles to %s\nwant %s", x, chunks, back, stored)
-	}
-	// The usage line says the answer came from the cache.
-	c.waitLog(`"upstream":"cache"`, `"usage_status":"cached"`, `"cache":"hit"`, `"cache":"bypass"`)
+	c.waitLog(`"cache":"bypass"`)
 }
 
 func TestCacheTTLExpiry(t *testing.T) {

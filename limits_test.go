@@ -50,10 +50,12 @@ func TestTokenLimitFromStreamedUsage(t *testing.T) {
 	}
 }
 
-func TestRequestAndConcurrencyLimits(t *testing.T) {
-	release := make(chan struct{})
+// limitedProxy is llm_stream with two client keys limited to 2 requests
+// a minute and one stream at a time, before an upstream that holds paths
+// with "hold" until release is closed.
+func limitedProxy(t *testing.T, release <-chan struct{}) *instance {
 	up := holdUpstream(t, release)
-	c := startCaddy(t, `llm_stream `+up.URL+` {
+	return startCaddy(t, `llm_stream `+up.URL+` {
 		allow_paths /v1/*
 		client_key sk-one one
 		client_key sk-two two
@@ -62,8 +64,12 @@ func TestRequestAndConcurrencyLimits(t *testing.T) {
 			concurrent 1
 		}
 	}`)
+}
+
+// The request past the window's count gets a 429 with Retry-After.
+func TestRequestLimit(t *testing.T) {
+	c := limitedProxy(t, nil)
 	one := map[string]string{"Authorization": "Bearer sk-one"}
-	two := map[string]string{"Authorization": "Bearer sk-two"}
 	for i, want := range []int{200, 200, 429} {
 		resp, got := do(t, "POST", c.base()+"/v1/chat/completions", chatBody, one)
 		if resp.StatusCode != want {
@@ -76,7 +82,13 @@ func TestRequestAndConcurrencyLimits(t *testing.T) {
 			}
 		}
 	}
-	// concurrency: the slot is held until the stream really ends
+}
+
+// A stream's slot is held until the stream really ends.
+func TestConcurrencyLimit(t *testing.T) {
+	release := make(chan struct{})
+	c := limitedProxy(t, release)
+	two := map[string]string{"Authorization": "Bearer sk-two"}
 	held := send(t, "POST", c.base()+"/v1/hold/chat/completions", streamBody, two)
 	br := bufio.NewReader(held.Body)
 	if line, _ := br.ReadString('\n'); !strings.HasPrefix(line, "data:") {

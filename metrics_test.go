@@ -160,7 +160,10 @@ func (c *instance) waitMetric(t *testing.T, name string, labels map[string]strin
 	}
 }
 
-func TestRetryLimitHeartbeatAndDisconnectMetrics(t *testing.T) {
+// Each event the operator watches for moves its counter by exactly one:
+// a retry and failover, a limit refusal, a client gone mid-stream, and
+// the heartbeats sent during a silence.
+func TestEventCountersAfterKnownWorkload(t *testing.T) {
 	var calls atomic.Int32
 	bad := failingUpstream(t, "500", &calls)
 	good := newUpstream(t)

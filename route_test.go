@@ -147,9 +147,14 @@ func TestHealthCooldownAndRecovery(t *testing.T) {
 	}
 }
 
-func TestKeyRotationRestAndAffinity(t *testing.T) {
-	u := testUpstream("u", nil, nil, 1, 0, "k1", "k2", "k3")
-	h := &Handler{state: newMemoryState(3, time.Minute)}
+// keyPool is one upstream with three keys and a fresh handler state.
+func keyPool() (*Upstream, *Handler) {
+	return testUpstream("u", nil, nil, 1, 0, "k1", "k2", "k3"), &Handler{state: newMemoryState(3, time.Minute)}
+}
+
+// Requests rotate evenly over an upstream's keys.
+func TestKeysRotate(t *testing.T) {
+	u, h := keyPool()
 	count := map[string]int{}
 	for i := 0; i < 300; i++ {
 		at := h.newPlan([]*Upstream{u}, "").next(false)
@@ -158,20 +163,29 @@ func TestKeyRotationRestAndAffinity(t *testing.T) {
 	if count["k1"] != 100 || count["k2"] != 100 || count["k3"] != 100 {
 		t.Fatalf("rotation: got %v, want 100 each", count)
 	}
+}
+
+// A resting key is skipped while others are free, and after a 429 the
+// plan moves to another key of the same upstream.
+func TestRestingKeysAreSkipped(t *testing.T) {
+	u, h := keyPool()
 	h.state.rest(u.keys[1], time.Now().Add(time.Minute))
 	for i := 0; i < 30; i++ {
 		if at := h.newPlan([]*Upstream{u}, "").next(false); at.key.secret == "k2" {
 			t.Fatal("a resting key was used while others were free")
 		}
 	}
-	// After a 429 the plan moves to another key of the same upstream.
 	p := h.newPlan([]*Upstream{u}, "")
 	a1 := p.next(false)
 	a2 := p.next(true)
 	if a1.key == a2.key || a2.up != u {
 		t.Fatalf("429 retry used %s then %s", a1.key.secret, a2.key.secret)
 	}
-	// Affinity keeps a conversation on one key.
+}
+
+// Affinity keeps a conversation on one key.
+func TestAffinityKeepsAConversationOnOneKey(t *testing.T) {
+	u, h := keyPool()
 	k := h.newPlan([]*Upstream{u}, "conversation-42").next(false).key
 	for i := 0; i < 20; i++ {
 		if got := h.newPlan([]*Upstream{u}, "conversation-42").next(false).key; got != k {

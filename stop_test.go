@@ -139,7 +139,7 @@ func TestStopEndpointStopsGeneration(t *testing.T) {
 	}
 }
 
-func TestStopEndpointErrorsAndOwnership(t *testing.T) {
+func TestStopEndpointAnswers(t *testing.T) {
 	up := newUpstream(t, modelAnswers(t, 500, 10*time.Millisecond))
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		stop_endpoint /v1/stop
@@ -149,43 +149,48 @@ func TestStopEndpointErrorsAndOwnership(t *testing.T) {
 	alice := map[string]string{"Authorization": "Bearer sk-alice"}
 	bob := map[string]string{"Authorization": "Bearer sk-bob"}
 
-	// Every answer carries an id, errors included.
-	for _, tc := range []struct {
-		name string
-		hdr  map[string]string
-		path string
-		code int
-	}{
-		{"no key", nil, "/v1/chat/completions", 401},
-		{"unknown path", alice, "/v1/files", 404},
-	} {
-		resp := send(t, "POST", c.base()+tc.path, streamBody, tc.hdr)
-		resp.Body.Close()
-		if resp.StatusCode != tc.code || len(resp.Header.Get("X-Request-Id")) < 16 {
-			t.Errorf("%s: status %d, X-Request-Id %q", tc.name, resp.StatusCode, resp.Header.Get("X-Request-Id"))
+	t.Run("every answer carries an id, errors included", func(t *testing.T) {
+		for _, tc := range []struct {
+			name string
+			hdr  map[string]string
+			path string
+			code int
+		}{
+			{"no key", nil, "/v1/chat/completions", 401},
+			{"unknown path", alice, "/v1/files", 404},
+		} {
+			resp := send(t, "POST", c.base()+tc.path, streamBody, tc.hdr)
+			resp.Body.Close()
+			if resp.StatusCode != tc.code || len(resp.Header.Get("X-Request-Id")) < 16 {
+				t.Errorf("%s: status %d, X-Request-Id %q", tc.name, resp.StatusCode, resp.Header.Get("X-Request-Id"))
+			}
 		}
-	}
-	if resp, _ := do(t, "GET", c.base()+"/v1/stop/x", "", map[string]string{"Authorization": "Bearer sk-alice"}); resp.StatusCode != http.StatusMethodNotAllowed {
-		t.Errorf("GET on the stop endpoint: %d", resp.StatusCode)
-	}
-	if status, _ := stopAt(t, c.base()+"/v1/stop/", alice); status != http.StatusBadRequest {
-		t.Errorf("stop without an id: %d", status)
-	}
+	})
+	t.Run("bad stop requests are refused", func(t *testing.T) {
+		if resp, _ := do(t, "GET", c.base()+"/v1/stop/x", "", map[string]string{"Authorization": "Bearer sk-alice"}); resp.StatusCode != http.StatusMethodNotAllowed {
+			t.Errorf("GET on the stop endpoint: %d", resp.StatusCode)
+		}
+		if status, _ := stopAt(t, c.base()+"/v1/stop/", alice); status != http.StatusBadRequest {
+			t.Errorf("stop without an id: %d", status)
+		}
+	})
 
-	id, resp, events := startedStream(t, c.base()+"/v1/chat/completions", alice, 2)
-	defer resp.Body.Close()
-	if status, body := stopAt(t, c.base()+"/v1/stop/"+id, nil); status != http.StatusUnauthorized {
-		t.Errorf("stop without a key: %d %s", status, body)
-	}
-	if status, body := stopAt(t, c.base()+"/v1/stop/"+id, bob); status != http.StatusNotFound {
-		t.Errorf("bob stopped alice's generation: %d %s", status, body)
-	}
-	if status, body := stopAt(t, c.base()+"/v1/stop/"+id, alice); status != http.StatusOK {
-		t.Fatalf("alice could not stop her generation: %d %s", status, body)
-	}
-	if rest := restOf(t, events, 2*time.Second); rest[len(rest)-1] != "data: [DONE]\n\n" {
-		t.Errorf("stream end: %q", rest)
-	}
+	t.Run("only the owner stops a generation", func(t *testing.T) {
+		id, resp, events := startedStream(t, c.base()+"/v1/chat/completions", alice, 2)
+		defer resp.Body.Close()
+		if status, body := stopAt(t, c.base()+"/v1/stop/"+id, nil); status != http.StatusUnauthorized {
+			t.Errorf("stop without a key: %d %s", status, body)
+		}
+		if status, body := stopAt(t, c.base()+"/v1/stop/"+id, bob); status != http.StatusNotFound {
+			t.Errorf("bob stopped alice's generation: %d %s", status, body)
+		}
+		if status, body := stopAt(t, c.base()+"/v1/stop/"+id, alice); status != http.StatusOK {
+			t.Fatalf("alice could not stop her generation: %d %s", status, body)
+		}
+		if rest := restOf(t, events, 2*time.Second); rest[len(rest)-1] != "data: [DONE]\n\n" {
+			t.Errorf("stream end: %q", rest)
+		}
+	})
 }
 
 // With on_disconnect drain, a client that leaves does not stop the upstream

@@ -161,7 +161,7 @@ func assembleSSE(t testing.TB, resp *http.Response) string {
 	return sb.String()
 }
 
-func TestWebSocketPlainTextPathAndErrors(t *testing.T) {
+func TestWebSocketPlainTextAndErrors(t *testing.T) {
 	up := newUpstream(t, modelAnswers(t, 5, time.Millisecond))
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		websocket /v1/ws {
@@ -169,22 +169,20 @@ func TestWebSocketPlainTextPathAndErrors(t *testing.T) {
 		}
 		allow_models mock-*
 	}`)
-	// The socket's path answers nothing but upgrades.
-	resp, err := http.Get(c.base() + "/v1/ws")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusUpgradeRequired || !strings.Contains(string(b), `"code":"websocket_required"`) {
-		t.Errorf("GET /v1/ws: %d %s", resp.StatusCode, b)
-	}
+	t.Run("the socket's path answers nothing but upgrades", func(t *testing.T) {
+		resp, b := do(t, "GET", c.base()+"/v1/ws", "", nil)
+		if resp.StatusCode != http.StatusUpgradeRequired || !strings.Contains(b, `"code":"websocket_required"`) {
+			t.Errorf("GET /v1/ws: %d %s", resp.StatusCode, b)
+		}
+	})
 
 	conn := dialWS(t, wsURL(c, "/v1/ws"), nil)
-	msgs := wsAsk(t, conn, "Hello there")
-	if len(msgs) != 8 || chunkContent(t, msgs[1]) == "" {
-		t.Fatalf("plain text answer: %q", msgs)
-	}
+	t.Run("a plain text message is asked of the default model", func(t *testing.T) {
+		msgs := wsAsk(t, conn, "Hello there")
+		if len(msgs) != 8 || chunkContent(t, msgs[1]) == "" {
+			t.Fatalf("plain text answer: %q", msgs)
+		}
+	})
 
 	// Bad messages get an error in the OpenAI shape, then [DONE]; the
 	// socket stays open.
@@ -221,7 +219,7 @@ func TestWebSocketPlainTextPathAndErrors(t *testing.T) {
 	}
 }
 
-func TestWebSocketAuthAndLimits(t *testing.T) {
+func TestWebSocketAccessRules(t *testing.T) {
 	up := newUpstream(t, modelAnswers(t, 3, time.Millisecond))
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		websocket
@@ -233,13 +231,19 @@ func TestWebSocketAuthAndLimits(t *testing.T) {
 	}`)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if _, resp, err := websocket.Dial(ctx, wsURL(c, "/v1/chat/completions"), nil); err == nil || resp == nil || resp.StatusCode != http.StatusUnauthorized {
-		t.Fatalf("upgrade without a key: %v %v", resp, err)
-	}
-	key := http.Header{"Authorization": {"Bearer sk-client-1"}}
-	if _, resp, err := websocket.Dial(ctx, wsURL(c, "/v1/files"), &websocket.DialOptions{HTTPHeader: key}); err == nil || resp == nil || resp.StatusCode != http.StatusNotFound {
-		t.Fatalf("upgrade on a path outside allow_paths: %v %v", resp, err)
-	}
+	t.Run("the upgrade needs a client key", func(t *testing.T) {
+		if _, resp, err := websocket.Dial(ctx, wsURL(c, "/v1/chat/completions"), nil); err == nil || resp == nil || resp.StatusCode != http.StatusUnauthorized {
+			t.Fatalf("upgrade without a key: %v %v", resp, err)
+		}
+	})
+	t.Run("the upgrade is refused outside allow_paths", func(t *testing.T) {
+		key := http.Header{"Authorization": {"Bearer sk-client-1"}}
+		if _, resp, err := websocket.Dial(ctx, wsURL(c, "/v1/files"), &websocket.DialOptions{HTTPHeader: key}); err == nil || resp == nil || resp.StatusCode != http.StatusNotFound {
+			t.Fatalf("upgrade on a path outside allow_paths: %v %v", resp, err)
+		}
+	})
+	// Every message counts against the caller's limits; no key reaches
+	// the client.
 	conn := dialWS(t, wsURL(c, "/v1/chat/completions"), http.Header{"Authorization": {"Bearer sk-client-1"}})
 	for i := 0; i < 2; i++ {
 		msgs := wsAsk(t, conn, `{"model":"mock-1","messages":[{"role":"user","content":"x"}]}`)
