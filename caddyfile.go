@@ -119,278 +119,24 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	seen := map[string]bool{}
 	for d.NextBlock(0) {
 		opt := d.Val()
-		if seen[opt] && opt != "header_up" && opt != "upstream" && opt != "client_key" && opt != "allow_models" && opt != "allow_paths" && opt != "deny_words" {
+		if seen[opt] && opt != "upstream" && !subdirectives[opt].repeatable {
 			return d.Errf("%s already specified", opt)
 		}
 		seen[opt] = true
-		switch opt {
-		case "upstream":
+		switch sub, ok := subdirectives[opt]; {
+		case opt == "upstream":
 			u, block, err := parseUpstream(d)
 			if err != nil {
 				return err
 			}
 			blocks = blocks || block
 			ups = append(ups, u)
-		case "client_key":
-			args := d.RemainingArgs()
-			if len(args) < 1 || len(args) > 2 {
-				return d.ArgErr()
-			}
-			name := ""
-			if len(args) == 2 {
-				name = args[1]
-			}
-			// Only the digest goes into the JSON config, never the key.
-			k, err := parseClientKey(args[0], name)
-			if err != nil {
-				return d.Errf("client_key: %v", err)
-			}
-			h.ClientKeys = append(h.ClientKeys, k)
-		case "client_keys_file":
-			if !d.NextArg() {
-				return d.ArgErr()
-			}
-			h.ClientKeysFile = d.Val()
-		case "identity":
-			if !d.NextArg() {
-				return d.ArgErr()
-			}
-			h.Identity = d.Val()
-		case "allow_models", "allow_paths":
-			args := d.RemainingArgs()
-			if len(args) == 0 {
-				return d.ArgErr()
-			}
-			if opt == "allow_models" {
-				h.AllowModels = append(h.AllowModels, args...)
-			} else {
-				h.AllowPaths = append(h.AllowPaths, args...)
-			}
-		case "limit":
-			l, err := parseLimit(d)
-			if err != nil {
-				return err
-			}
-			h.Limit = l
-		case "store":
-			sc, err := parseStore(d)
-			if err != nil {
-				return err
-			}
-			h.Store = sc
-		case "cache":
-			cc, err := parseCache(d)
-			if err != nil {
-				return err
-			}
-			h.Cache = cc
-		case "stop_endpoint":
-			if !d.NextArg() {
-				return d.ArgErr()
-			}
-			h.StopEndpoint = d.Val()
-			if d.NextArg() {
-				return d.ArgErr()
-			}
-			if err := checkStopEndpoint(h.StopEndpoint); err != nil {
-				return d.Err(err.Error())
-			}
-		case "smooth":
-			sc, err := parseSmooth(d)
-			if err != nil {
-				return err
-			}
-			h.Smooth = sc
-		case "websocket":
-			wc, err := parseWebSocket(d)
-			if err != nil {
-				return err
-			}
-			h.WebSocket = wc
-		case "on_disconnect":
-			if !d.NextArg() {
-				return d.ArgErr()
-			}
-			switch d.Val() {
-			case "cancel":
-				h.OnDisconnect = "cancel"
-				if d.NextArg() {
-					return d.ArgErr()
-				}
-			case "drain":
-				h.OnDisconnect = "drain"
-				if d.NextArg() {
-					d.Prev()
-					if err := parseDuration(d, &h.DrainMax); err != nil {
-						return err
-					}
-				}
-			default:
-				return d.Errf("on_disconnect: '%s' is not cancel or drain", d.Val())
-			}
-		case "log_prompts":
-			if !d.NextArg() {
-				return d.ArgErr()
-			}
-			switch v := d.Val(); v {
-			case "off", "redacted", "full":
-				h.LogPrompts = v
-			default:
-				return d.Errf("log_prompts: '%s' is not off, redacted or full", v)
-			}
-		case "redact":
-			h.Redact = d.RemainingArgs()
-			if len(h.Redact) == 0 {
-				return d.ArgErr()
-			}
-			for _, k := range h.Redact {
-				if !redact.Valid(k) {
-					return d.Errf("redact: '%s' is not phone, id_card, email or api_key", k)
-				}
-			}
-		case "deny_words":
-			words := d.RemainingArgs()
-			if len(words) == 0 {
-				return d.ArgErr()
-			}
-			h.DenyWords = append(h.DenyWords, words...)
-		case "deny_words_file":
-			if !d.NextArg() {
-				return d.ArgErr()
-			}
-			h.DenyWordsFile = d.Val()
-		case "deny_words_scope":
-			if !d.NextArg() {
-				return d.ArgErr()
-			}
-			switch v := d.Val(); v {
-			case "request", "response", "both":
-				h.DenyWordsScope = v
-			default:
-				return d.Errf("deny_words_scope: '%s' is not request, response or both", v)
-			}
-		case "retries":
-			if !d.NextArg() {
-				return d.ArgErr()
-			}
-			n, err := strconv.Atoi(d.Val())
-			if err != nil || n < 0 {
-				return d.Errf("bad retries value '%s'", d.Val())
-			}
-			h.Retries = &n
-		case "retry_on":
-			h.RetryOn = d.RemainingArgs()
-			if len(h.RetryOn) == 0 {
-				return d.ArgErr()
-			}
-			for _, o := range h.RetryOn {
-				if c, err := strconv.Atoi(o); o != "connect" && o != "timeout" && (err != nil || c < 400 || c > 599) {
-					return d.Errf("retry_on: '%s' is not connect, timeout or a 4xx/5xx status", o)
-				}
-			}
-		case "retry_backoff":
-			if err := parseDurationArg(d, &h.RetryBackoff); err != nil {
-				return err
-			}
-			if err := parseDuration(d, &h.RetryBackoffMax); err != nil {
-				return err
-			}
-			if h.RetryBackoffMax < h.RetryBackoff {
-				return d.Err("retry_backoff: the maximum is below the base")
-			}
-		case "unhealthy_after":
-			if !d.NextArg() {
-				return d.ArgErr()
-			}
-			n, err := strconv.Atoi(d.Val())
-			if err != nil || n <= 0 {
-				return d.Errf("bad unhealthy_after count '%s'", d.Val())
-			}
-			h.UnhealthyAfter = n
-			if err := parseDuration(d, &h.UnhealthyCooldown); err != nil {
-				return err
-			}
-		case "first_token_timeout":
-			if err := parseDuration(d, &h.FirstTokenTimeout); err != nil {
-				return err
-			}
-		case "key_affinity":
-			args := d.RemainingArgs()
-			switch {
-			case len(args) == 1 && args[0] == "off":
-				h.KeyAffinity = ""
-			case len(args) == 1 && args[0] == "user":
-				h.KeyAffinity = "user"
-			case len(args) == 2 && args[0] == "header":
-				h.KeyAffinity = "header:" + args[1]
-			default:
-				return d.Err("key_affinity: want 'header <name>', 'user' or 'off'")
-			}
-		case "api_key":
-			if !d.NextArg() {
-				return d.ArgErr()
-			}
-			h.APIKey = d.Val()
-			if d.NextArg() {
-				return d.ArgErr()
-			}
-		case "header_up":
-			if h.HeaderUp == nil {
-				h.HeaderUp = new(headers.HeaderOps)
-			}
-			if err := parseHeaderOp(d, h.HeaderUp); err != nil {
-				return err
-			}
-		case "dial_timeout":
-			if err := parseDuration(d, &h.DialTimeout); err != nil {
-				return err
-			}
-		case "first_byte_timeout":
-			if err := parseDuration(d, &h.FirstByteTimeout); err != nil {
-				return err
-			}
-		case "idle_timeout":
-			if err := parseDuration(d, &h.IdleTimeout); err != nil {
-				return err
-			}
-		case "heartbeat":
-			if !d.NextArg() {
-				return d.ArgErr()
-			}
-			if d.Val() == "off" {
-				h.Heartbeat = -1
-				if d.NextArg() {
-					return d.ArgErr()
-				}
-				break
-			}
-			d.Prev()
-			if err := parseDuration(d, &h.Heartbeat); err != nil {
-				return err
-			}
-			if h.Heartbeat == 0 {
-				return d.Err("heartbeat: use 'off' to turn heartbeats off")
-			}
-		case "max_request_body":
-			if !d.NextArg() {
-				return d.ArgErr()
-			}
-			size, err := humanize.ParseBytes(d.Val())
-			if err != nil || size == 0 {
-				return d.Errf("bad size value '%s'", d.Val())
-			}
-			h.MaxRequestBody = int64(size)
-			if d.NextArg() {
-				return d.ArgErr()
-			}
-		case "transport":
-			raw, err := parseTransport(d)
-			if err != nil {
-				return err
-			}
-			h.TransportRaw = raw
-		default:
+		case !ok:
 			return d.Errf("unrecognized subdirective '%s'", opt)
+		default:
+			if err := sub.parse(h, d); err != nil {
+				return err
+			}
 		}
 	}
 	switch {
@@ -404,6 +150,403 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 		h.Upstreams = ups
 	}
+	return nil
+}
+
+// subdirective parses one line (or block) of the llm_stream directive into
+// the handler's config: syntax only; what the values mean is checked once,
+// in Provision and Validate, for Caddyfile and JSON alike.
+type subdirective struct {
+	parse      func(h *Handler, d *caddyfile.Dispenser) error
+	repeatable bool // may be given more than once; each adds to the list
+}
+
+// subdirectives are the llm_stream options but upstream, which shapes the
+// topology and is read by UnmarshalCaddyfile itself.
+var subdirectives = map[string]subdirective{
+	"client_key":          {parse: parseClientKeyOption, repeatable: true},
+	"client_keys_file":    {parse: parseClientKeysFileOption},
+	"identity":            {parse: parseIdentityOption},
+	"allow_models":        {parse: parseAllowModels, repeatable: true},
+	"allow_paths":         {parse: parseAllowPaths, repeatable: true},
+	"limit":               {parse: parseLimitOption},
+	"store":               {parse: parseStoreOption},
+	"cache":               {parse: parseCacheOption},
+	"stop_endpoint":       {parse: parseStopEndpointOption},
+	"smooth":              {parse: parseSmoothOption},
+	"websocket":           {parse: parseWebSocketOption},
+	"on_disconnect":       {parse: parseOnDisconnectOption},
+	"log_prompts":         {parse: parseLogPromptsOption},
+	"redact":              {parse: parseRedactOption},
+	"deny_words":          {parse: parseDenyWordsOption, repeatable: true},
+	"deny_words_file":     {parse: parseDenyWordsFileOption},
+	"deny_words_scope":    {parse: parseDenyWordsScopeOption},
+	"retries":             {parse: parseRetriesOption},
+	"retry_on":            {parse: parseRetryOnOption},
+	"retry_backoff":       {parse: parseRetryBackoffOption},
+	"unhealthy_after":     {parse: parseUnhealthyAfterOption},
+	"first_token_timeout": {parse: parseFirstTokenTimeoutOption},
+	"key_affinity":        {parse: parseKeyAffinityOption},
+	"api_key":             {parse: parseAPIKeyOption},
+	"header_up":           {parse: parseHeaderUpOption, repeatable: true},
+	"dial_timeout":        {parse: parseDialTimeoutOption},
+	"first_byte_timeout":  {parse: parseFirstByteTimeoutOption},
+	"idle_timeout":        {parse: parseIdleTimeoutOption},
+	"heartbeat":           {parse: parseHeartbeatOption},
+	"max_request_body":    {parse: parseMaxRequestBodyOption},
+	"transport":           {parse: parseTransportOption},
+}
+
+func parseClientKeyOption(h *Handler, d *caddyfile.Dispenser) error {
+	args := d.RemainingArgs()
+	if len(args) < 1 || len(args) > 2 {
+		return d.ArgErr()
+	}
+	name := ""
+	if len(args) == 2 {
+		name = args[1]
+	}
+	// Only the digest goes into the JSON config, never the key.
+	k, err := parseClientKey(args[0], name)
+	if err != nil {
+		return d.Errf("client_key: %v", err)
+	}
+	h.ClientKeys = append(h.ClientKeys, k)
+	return nil
+}
+
+func parseClientKeysFileOption(h *Handler, d *caddyfile.Dispenser) error {
+	if !d.NextArg() {
+		return d.ArgErr()
+	}
+	h.ClientKeysFile = d.Val()
+	return nil
+}
+
+func parseIdentityOption(h *Handler, d *caddyfile.Dispenser) error {
+	if !d.NextArg() {
+		return d.ArgErr()
+	}
+	h.Identity = d.Val()
+	return nil
+}
+
+func parseAllowModels(h *Handler, d *caddyfile.Dispenser) error {
+	args := d.RemainingArgs()
+	if len(args) == 0 {
+		return d.ArgErr()
+	}
+	h.AllowModels = append(h.AllowModels, args...)
+	return nil
+}
+
+func parseAllowPaths(h *Handler, d *caddyfile.Dispenser) error {
+	args := d.RemainingArgs()
+	if len(args) == 0 {
+		return d.ArgErr()
+	}
+	h.AllowPaths = append(h.AllowPaths, args...)
+	return nil
+}
+
+func parseLimitOption(h *Handler, d *caddyfile.Dispenser) error {
+	l, err := parseLimit(d)
+	if err != nil {
+		return err
+	}
+	h.Limit = l
+	return nil
+}
+
+func parseStoreOption(h *Handler, d *caddyfile.Dispenser) error {
+	sc, err := parseStore(d)
+	if err != nil {
+		return err
+	}
+	h.Store = sc
+	return nil
+}
+
+func parseCacheOption(h *Handler, d *caddyfile.Dispenser) error {
+	cc, err := parseCache(d)
+	if err != nil {
+		return err
+	}
+	h.Cache = cc
+	return nil
+}
+
+func parseStopEndpointOption(h *Handler, d *caddyfile.Dispenser) error {
+	if !d.NextArg() {
+		return d.ArgErr()
+	}
+	h.StopEndpoint = d.Val()
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	if err := checkStopEndpoint(h.StopEndpoint); err != nil {
+		return d.Err(err.Error())
+	}
+	return nil
+}
+
+func parseSmoothOption(h *Handler, d *caddyfile.Dispenser) error {
+	sc, err := parseSmooth(d)
+	if err != nil {
+		return err
+	}
+	h.Smooth = sc
+	return nil
+}
+
+func parseWebSocketOption(h *Handler, d *caddyfile.Dispenser) error {
+	wc, err := parseWebSocket(d)
+	if err != nil {
+		return err
+	}
+	h.WebSocket = wc
+	return nil
+}
+
+func parseOnDisconnectOption(h *Handler, d *caddyfile.Dispenser) error {
+	if !d.NextArg() {
+		return d.ArgErr()
+	}
+	switch d.Val() {
+	case "cancel":
+		h.OnDisconnect = "cancel"
+		if d.NextArg() {
+			return d.ArgErr()
+		}
+	case "drain":
+		h.OnDisconnect = "drain"
+		if d.NextArg() {
+			d.Prev()
+			if err := parseDuration(d, &h.DrainMax); err != nil {
+				return err
+			}
+		}
+	default:
+		return d.Errf("on_disconnect: '%s' is not cancel or drain", d.Val())
+	}
+	return nil
+}
+
+func parseLogPromptsOption(h *Handler, d *caddyfile.Dispenser) error {
+	if !d.NextArg() {
+		return d.ArgErr()
+	}
+	switch v := d.Val(); v {
+	case "off", "redacted", "full":
+		h.LogPrompts = v
+	default:
+		return d.Errf("log_prompts: '%s' is not off, redacted or full", v)
+	}
+	return nil
+}
+
+func parseRedactOption(h *Handler, d *caddyfile.Dispenser) error {
+	h.Redact = d.RemainingArgs()
+	if len(h.Redact) == 0 {
+		return d.ArgErr()
+	}
+	for _, k := range h.Redact {
+		if !redact.Valid(k) {
+			return d.Errf("redact: '%s' is not phone, id_card, email or api_key", k)
+		}
+	}
+	return nil
+}
+
+func parseDenyWordsOption(h *Handler, d *caddyfile.Dispenser) error {
+	words := d.RemainingArgs()
+	if len(words) == 0 {
+		return d.ArgErr()
+	}
+	h.DenyWords = append(h.DenyWords, words...)
+	return nil
+}
+
+func parseDenyWordsFileOption(h *Handler, d *caddyfile.Dispenser) error {
+	if !d.NextArg() {
+		return d.ArgErr()
+	}
+	h.DenyWordsFile = d.Val()
+	return nil
+}
+
+func parseDenyWordsScopeOption(h *Handler, d *caddyfile.Dispenser) error {
+	if !d.NextArg() {
+		return d.ArgErr()
+	}
+	switch v := d.Val(); v {
+	case "request", "response", "both":
+		h.DenyWordsScope = v
+	default:
+		return d.Errf("deny_words_scope: '%s' is not request, response or both", v)
+	}
+	return nil
+}
+
+func parseRetriesOption(h *Handler, d *caddyfile.Dispenser) error {
+	if !d.NextArg() {
+		return d.ArgErr()
+	}
+	n, err := strconv.Atoi(d.Val())
+	if err != nil || n < 0 {
+		return d.Errf("bad retries value '%s'", d.Val())
+	}
+	h.Retries = &n
+	return nil
+}
+
+func parseRetryOnOption(h *Handler, d *caddyfile.Dispenser) error {
+	h.RetryOn = d.RemainingArgs()
+	if len(h.RetryOn) == 0 {
+		return d.ArgErr()
+	}
+	for _, o := range h.RetryOn {
+		if c, err := strconv.Atoi(o); o != "connect" && o != "timeout" && (err != nil || c < 400 || c > 599) {
+			return d.Errf("retry_on: '%s' is not connect, timeout or a 4xx/5xx status", o)
+		}
+	}
+	return nil
+}
+
+func parseRetryBackoffOption(h *Handler, d *caddyfile.Dispenser) error {
+	if err := parseDurationArg(d, &h.RetryBackoff); err != nil {
+		return err
+	}
+	if err := parseDuration(d, &h.RetryBackoffMax); err != nil {
+		return err
+	}
+	if h.RetryBackoffMax < h.RetryBackoff {
+		return d.Err("retry_backoff: the maximum is below the base")
+	}
+	return nil
+}
+
+func parseUnhealthyAfterOption(h *Handler, d *caddyfile.Dispenser) error {
+	if !d.NextArg() {
+		return d.ArgErr()
+	}
+	n, err := strconv.Atoi(d.Val())
+	if err != nil || n <= 0 {
+		return d.Errf("bad unhealthy_after count '%s'", d.Val())
+	}
+	h.UnhealthyAfter = n
+	if err := parseDuration(d, &h.UnhealthyCooldown); err != nil {
+		return err
+	}
+	return nil
+}
+
+func parseFirstTokenTimeoutOption(h *Handler, d *caddyfile.Dispenser) error {
+	if err := parseDuration(d, &h.FirstTokenTimeout); err != nil {
+		return err
+	}
+	return nil
+}
+
+func parseKeyAffinityOption(h *Handler, d *caddyfile.Dispenser) error {
+	args := d.RemainingArgs()
+	switch {
+	case len(args) == 1 && args[0] == "off":
+		h.KeyAffinity = ""
+	case len(args) == 1 && args[0] == "user":
+		h.KeyAffinity = "user"
+	case len(args) == 2 && args[0] == "header":
+		h.KeyAffinity = "header:" + args[1]
+	default:
+		return d.Err("key_affinity: want 'header <name>', 'user' or 'off'")
+	}
+	return nil
+}
+
+func parseAPIKeyOption(h *Handler, d *caddyfile.Dispenser) error {
+	if !d.NextArg() {
+		return d.ArgErr()
+	}
+	h.APIKey = d.Val()
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	return nil
+}
+
+func parseHeaderUpOption(h *Handler, d *caddyfile.Dispenser) error {
+	if h.HeaderUp == nil {
+		h.HeaderUp = new(headers.HeaderOps)
+	}
+	if err := parseHeaderOp(d, h.HeaderUp); err != nil {
+		return err
+	}
+	return nil
+}
+
+func parseDialTimeoutOption(h *Handler, d *caddyfile.Dispenser) error {
+	if err := parseDuration(d, &h.DialTimeout); err != nil {
+		return err
+	}
+	return nil
+}
+
+func parseFirstByteTimeoutOption(h *Handler, d *caddyfile.Dispenser) error {
+	if err := parseDuration(d, &h.FirstByteTimeout); err != nil {
+		return err
+	}
+	return nil
+}
+
+func parseIdleTimeoutOption(h *Handler, d *caddyfile.Dispenser) error {
+	if err := parseDuration(d, &h.IdleTimeout); err != nil {
+		return err
+	}
+	return nil
+}
+
+func parseHeartbeatOption(h *Handler, d *caddyfile.Dispenser) error {
+	if !d.NextArg() {
+		return d.ArgErr()
+	}
+	if d.Val() == "off" {
+		h.Heartbeat = -1
+		if d.NextArg() {
+			return d.ArgErr()
+		}
+		return nil
+	}
+	d.Prev()
+	if err := parseDuration(d, &h.Heartbeat); err != nil {
+		return err
+	}
+	if h.Heartbeat == 0 {
+		return d.Err("heartbeat: use 'off' to turn heartbeats off")
+	}
+	return nil
+}
+
+func parseMaxRequestBodyOption(h *Handler, d *caddyfile.Dispenser) error {
+	if !d.NextArg() {
+		return d.ArgErr()
+	}
+	size, err := humanize.ParseBytes(d.Val())
+	if err != nil || size == 0 {
+		return d.Errf("bad size value '%s'", d.Val())
+	}
+	h.MaxRequestBody = int64(size)
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	return nil
+}
+
+func parseTransportOption(h *Handler, d *caddyfile.Dispenser) error {
+	raw, err := parseTransport(d)
+	if err != nil {
+		return err
+	}
+	h.TransportRaw = raw
 	return nil
 }
 
@@ -648,71 +791,79 @@ func parseUpstream(d *caddyfile.Dispenser) (*Upstream, bool, error) {
 			return nil, false, d.Errf("%s already specified", opt)
 		}
 		seen[opt] = true
-		switch opt {
-		case "provider":
-			if !d.NextArg() {
-				return nil, false, d.ArgErr()
-			}
-			u.Provider = d.Val()
-			if err := checkProvider(u.Provider); err != nil {
-				return nil, false, d.Err(err.Error())
-			}
-		case "api_key":
-			keys := d.RemainingArgs()
-			if len(keys) == 0 {
-				return nil, false, d.ArgErr()
-			}
-			u.APIKeys = append(u.APIKeys, keys...)
-		case "api_version":
-			if !d.NextArg() {
-				return nil, false, d.ArgErr()
-			}
-			u.APIVersion = d.Val()
-		case "models":
-			ms := d.RemainingArgs()
-			if len(ms) == 0 {
-				return nil, false, d.ArgErr()
-			}
-			u.Models = append(u.Models, ms...)
-		case "rename":
-			args := d.RemainingArgs()
-			if len(args) != 2 {
-				return nil, false, d.ArgErr()
-			}
-			if u.Rename == nil {
-				u.Rename = map[string]string{}
-			}
-			u.Rename[args[0]] = args[1]
-		case "weight", "priority":
-			if !d.NextArg() {
-				return nil, false, d.ArgErr()
-			}
-			n, err := strconv.Atoi(d.Val())
-			if err != nil || (opt == "weight" && n <= 0) {
-				return nil, false, d.Errf("bad %s value '%s'", opt, d.Val())
-			}
-			if opt == "weight" {
-				u.Weight = n
-			} else {
-				u.Priority = n
-			}
-		case "header_up":
-			if u.HeaderUp == nil {
-				u.HeaderUp = new(headers.HeaderOps)
-			}
-			if err := parseHeaderOp(d, u.HeaderUp); err != nil {
-				return nil, false, err
-			}
-		case "forward_proxy":
-			if !d.NextArg() {
-				return nil, false, d.ArgErr()
-			}
-			u.ForwardProxy = d.Val()
-		default:
-			return nil, false, d.Errf("unrecognized upstream subdirective '%s'", opt)
+		if err := parseUpstreamOption(d, u, opt); err != nil {
+			return nil, false, err
 		}
 	}
 	return u, block, nil
+}
+
+// parseUpstreamOption reads one subdirective of an upstream block.
+func parseUpstreamOption(d *caddyfile.Dispenser, u *Upstream, opt string) error {
+	switch opt {
+	case "provider":
+		if !d.NextArg() {
+			return d.ArgErr()
+		}
+		u.Provider = d.Val()
+		if err := checkProvider(u.Provider); err != nil {
+			return d.Err(err.Error())
+		}
+	case "api_key":
+		keys := d.RemainingArgs()
+		if len(keys) == 0 {
+			return d.ArgErr()
+		}
+		u.APIKeys = append(u.APIKeys, keys...)
+	case "api_version":
+		if !d.NextArg() {
+			return d.ArgErr()
+		}
+		u.APIVersion = d.Val()
+	case "models":
+		ms := d.RemainingArgs()
+		if len(ms) == 0 {
+			return d.ArgErr()
+		}
+		u.Models = append(u.Models, ms...)
+	case "rename":
+		args := d.RemainingArgs()
+		if len(args) != 2 {
+			return d.ArgErr()
+		}
+		if u.Rename == nil {
+			u.Rename = map[string]string{}
+		}
+		u.Rename[args[0]] = args[1]
+	case "weight", "priority":
+		if !d.NextArg() {
+			return d.ArgErr()
+		}
+		n, err := strconv.Atoi(d.Val())
+		if err != nil || (opt == "weight" && n <= 0) {
+			return d.Errf("bad %s value '%s'", opt, d.Val())
+		}
+		if opt == "weight" {
+			u.Weight = n
+		} else {
+			u.Priority = n
+		}
+	case "header_up":
+		if u.HeaderUp == nil {
+			u.HeaderUp = new(headers.HeaderOps)
+		}
+		if err := parseHeaderOp(d, u.HeaderUp); err != nil {
+			return err
+		}
+	case "forward_proxy":
+		if !d.NextArg() {
+			return d.ArgErr()
+		}
+		u.ForwardProxy = d.Val()
+	default:
+		return d.Errf("unrecognized upstream subdirective '%s'", opt)
+	}
+	return nil
 }
 
 // parseDuration reads a line's last argument: one positive (or zero)
