@@ -49,7 +49,7 @@ func initMetrics() {
 		desc:    prometheus.NewDesc(prometheus.BuildFQName(metricsNS, metricsSub, "inter_token_seconds"), "Gaps between data events of a streamed answer.", []string{"model"}, nil),
 		byModel: map[string]*gapCounts{},
 	}
-	metrics.tokens = prometheus.NewCounterVec(prometheus.CounterOpts(opts("tokens_total", "Tokens by model, identity, kind (prompt or completion) and usage status.")), []string{"model", "identity", "kind", "usage_status"})
+	metrics.tokens = prometheus.NewCounterVec(prometheus.CounterOpts(opts("tokens_total", "Tokens by model, identity, kind and usage status. prompt counts every input token and completion every output token; cached_prompt (read from the provider's prompt cache), cache_write and reasoning are the parts of them providers report.")), []string{"model", "identity", "kind", "usage_status"})
 	metrics.openStreams = prometheus.NewGauge(prometheus.GaugeOpts(opts("open_streams", "Answers being relayed now.")))
 	metrics.disconnects = prometheus.NewCounter(prometheus.CounterOpts(opts("client_disconnects_total", "Clients that left before the answer ended.")))
 	metrics.openSockets = prometheus.NewGauge(prometheus.GaugeOpts(opts("websockets_open", "WebSocket connections open.")))

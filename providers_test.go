@@ -27,7 +27,11 @@ type providerStream struct {
 	headersLate time.Duration         // the headers wait this long too (a reasoning model)
 	gzip        bool                  // compress whenever the request allows it
 
-	prompt, completion, total int64
+	// the usage the handler must read, in its one meaning: prompt counts
+	// every input token (cached and cache writes included), completion
+	// every output token (reasoning included)
+	prompt, completion, total     int64
+	cached, cacheWrite, reasoning int64
 }
 
 func (p *providerStream) answer() string { return strings.Join(p.pieces, "") }
@@ -132,11 +136,49 @@ func providerStreams(silence time.Duration) []*providerStream {
 	cut = append([]string{cut[0], cut[1][:half], cut[1][half:]}, cut[2:]...)
 	cut = append(cut, "data: [DONE]\n\n")
 
+	// Anthropic with prompt caching: input_tokens leaves out the tokens read
+	// from and written to the cache; message_delta repeats the counts.
+	anthropicCached := sseEvents("\n",
+		[2]string{"message_start", `{"type":"message_start","message":{"id":"msg_01Cache7","type":"message","role":"assistant","content":[],"model":"claude-sonnet-4-5-20250929","stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":22,"cache_creation_input_tokens":512,"cache_read_input_tokens":2048,"cache_creation":{"ephemeral_5m_input_tokens":512,"ephemeral_1h_input_tokens":0},"output_tokens":1,"service_tier":"standard"}}}`},
+		[2]string{"content_block_start", `{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}`},
+		[2]string{"content_block_delta", `{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Section 4.2 says the tenant pays."}}`},
+		[2]string{"content_block_stop", `{"type":"content_block_stop","index":0}`},
+		[2]string{"message_delta", `{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"input_tokens":22,"cache_creation_input_tokens":512,"cache_read_input_tokens":2048,"output_tokens":57}}`},
+		[2]string{"message_stop", `{"type":"message_stop"}`},
+	)
+	// Ollama's native chat API: NDJSON, usage in the last line.
+	ollama := []string{
+		`{"model":"llama3.2","created_at":"2026-11-29T10:00:00.1Z","message":{"role":"assistant","content":"Hello"},"done":false}` + "\n",
+		`{"model":"llama3.2","created_at":"2026-11-29T10:00:00.2Z","message":{"role":"assistant","content":" there!"},"done":false}` + "\n",
+		`{"model":"llama3.2","created_at":"2026-11-29T10:00:00.3Z","message":{"role":"assistant","content":""},"done_reason":"stop","done":true,"total_duration":4883583458,"load_duration":1334875,"prompt_eval_count":26,"prompt_eval_duration":342546000,"eval_count":282,"eval_duration":4535599000}` + "\n",
+	}
+
 	return []*providerStream{
+		{name: "anthropic prompt cache", path: "/v1/messages", contentType: "text/event-stream; charset=utf-8", header: anthropicHeaders,
+			body:   `{"model":"claude-sonnet-4-5","max_tokens":1024,"stream":true,"system":[{"type":"text","text":"<contract>…</contract>","cache_control":{"type":"ephemeral"}}],"messages":[{"role":"user","content":"Who pays?"}]}`,
+			pieces: anthropicCached,
+			prompt: 2582, completion: 57, total: 2639, cached: 2048, cacheWrite: 512},
+		{name: "anthropic cached json answer", path: "/v1/messages", contentType: "application/json", header: anthropicHeaders,
+			body:   `{"model":"claude-sonnet-4-5","max_tokens":1024,"messages":[{"role":"user","content":"Who pays, in short?"}]}`,
+			pieces: []string{`{"id":"msg_01Plain","type":"message","role":"assistant","model":"claude-sonnet-4-5-20250929","content":[{"type":"text","text":"The tenant."}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":30,"cache_creation_input_tokens":0,"cache_read_input_tokens":2560,"output_tokens":5}}`},
+			prompt: 2590, completion: 5, total: 2595, cached: 2560},
+		{name: "gemini cached content json answer", path: "/v1beta/models/gemini-2.5-pro:generateContent", contentType: "application/json; charset=UTF-8",
+			header: map[string]string{"x-goog-request-id": "gem-2"},
+			body:   `{"cachedContent":"cachedContents/abc","contents":[{"role":"user","parts":[{"text":"Summarise"}]}]}`,
+			pieces: []string{`{"candidates":[{"content":{"parts":[{"text":"A lease."}],"role":"model"},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":4130,"candidatesTokenCount":3,"totalTokenCount":4161,"cachedContentTokenCount":4096,"thoughtsTokenCount":28},"modelVersion":"gemini-2.5-pro","responseId":"gem2resp"}`},
+			prompt: 4130, completion: 31, total: 4161, cached: 4096, reasoning: 28},
+		{name: "responses api json answer", path: "/v1/responses", contentType: "application/json", header: openAIHeaders,
+			body:   `{"model":"gpt-5","input":"Hi again"}`,
+			pieces: []string{`{"id":"resp_0b1c","object":"response","created_at":1764410000,"status":"completed","model":"gpt-5-2025-08-07","output":[{"id":"msg_0b1c","type":"message","status":"completed","content":[{"type":"output_text","annotations":[],"text":"Hello again."}],"role":"assistant"}],"usage":{"input_tokens":1290,"input_tokens_details":{"cached_tokens":1152},"output_tokens":210,"output_tokens_details":{"reasoning_tokens":192},"total_tokens":1500}}`},
+			prompt: 1290, completion: 210, total: 1500, cached: 1152, reasoning: 192},
+		{name: "ollama native ndjson", path: "/api/chat", contentType: "application/x-ndjson",
+			body:   `{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}`,
+			pieces: ollama, pause: map[int]time.Duration{1: silence / 6},
+			prompt: 26, completion: 282, total: 308},
 		{name: "responses api", path: "/v1/responses", contentType: "text/event-stream; charset=utf-8", header: openAIHeaders,
 			body:   `{"model":"o4-mini","stream":true,"input":"Weather in Paris?","tools":[{"type":"function","name":"get_weather","parameters":{"type":"object","properties":{"city":{"type":"string"}}}}],"reasoning":{"summary":"auto"}}`,
 			pieces: responses, pause: map[int]time.Duration{4: silence / 4, 12: silence / 4},
-			prompt: 81, completion: 138, total: 219},
+			prompt: 81, completion: 138, total: 219, cached: 64, reasoning: 96},
 		{name: "anthropic thinking and tool use", path: "/v1/messages", contentType: "text/event-stream; charset=utf-8", header: anthropicHeaders,
 			body:   `{"model":"claude-sonnet-4-5","max_tokens":2048,"stream":true,"thinking":{"type":"enabled","budget_tokens":1024},"tools":[{"name":"get_weather","input_schema":{"type":"object"}}],"messages":[{"role":"user","content":"Weather in SF?"}]}`,
 			pieces: anthropic, pause: map[int]time.Duration{2: silence / 3},
@@ -145,15 +187,15 @@ func providerStreams(silence time.Duration) []*providerStream {
 			header: map[string]string{"x-goog-request-id": "gem-1", "server-timing": "gfet4t7; dur=412"},
 			body:   `{"contents":[{"role":"user","parts":[{"text":"Sag hallo"}]}]}`,
 			pieces: gemini, pause: map[int]time.Duration{1: silence / 4},
-			prompt: 9, completion: 12, total: 45},
+			prompt: 9, completion: 36, total: 45, reasoning: 24}, // Gemini counts thoughts apart from candidates
 		{name: "reasoning model silent before its first token", path: "/v1/chat/completions", contentType: "text/event-stream; charset=utf-8", header: openAIHeaders,
 			body:   `{"model":"o3","stream":true,"stream_options":{"include_usage":true},"reasoning_effort":"high","messages":[{"role":"user","content":"6*7?"}]}`,
 			pieces: reasoning, pause: map[int]time.Duration{0: silence},
-			prompt: 16, completion: 1811, total: 1827},
+			prompt: 16, completion: 1811, total: 1827, reasoning: 1792},
 		{name: "reasoning model whose headers wait too", path: "/v1/chat/completions", contentType: "text/event-stream; charset=utf-8", header: openAIHeaders,
 			body:   `{"model":"o3","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"6*7?"}]}`,
 			pieces: reasoning, headersLate: silence,
-			prompt: 16, completion: 1811, total: 1827},
+			prompt: 16, completion: 1811, total: 1827, reasoning: 1792},
 		{name: "event cut by a pause", path: "/v1/chat/completions", contentType: "text/event-stream; charset=utf-8", header: openAIHeaders,
 			body:   `{"model":"gpt-4.1","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"salut"}]}`,
 			pieces: cut, pause: map[int]time.Duration{2: silence / 2},
@@ -233,7 +275,7 @@ func TestProviderStreamsRelayedExactly(t *testing.T) {
 	up := newProviderServer(t, streams)
 	directives := `llm_stream ` + up.URL + ` {
 		api_key sk-test-provider-key
-		allow_paths /v1/* /v1beta/*
+		allow_paths /v1/* /v1beta/* /api/*
 		heartbeat 50ms
 		idle_timeout 3s
 		first_byte_timeout 3s
@@ -289,6 +331,9 @@ func TestProviderStreamsRelayedExactly(t *testing.T) {
 						`"prompt_tokens":` + itoa(s.prompt) + `,`,
 						`"completion_tokens":` + itoa(s.completion) + `,`,
 						`"total_tokens":` + itoa(s.total) + `,`,
+						`"cached_tokens":` + itoa(s.cached) + `,`,
+						`"cache_write_tokens":` + itoa(s.cacheWrite) + `,`,
+						`"reasoning_tokens":` + itoa(s.reasoning) + `,`,
 					} {
 						if !strings.Contains(line, want) {
 							t.Errorf("usage line lacks %s: %s", want, line)

@@ -109,6 +109,7 @@ type relayPending struct {
 type relayObservers struct {
 	usage         *usage           // filled from the answer, when set
 	jsonBuf       []byte           // a plain JSON answer, kept (bounded) to read its usage
+	ndjsonLine    []byte           // NDJSON: the line not ended yet, kept (bounded) to read its usage
 	firstToken    time.Time        // when the first data event reached the client
 	model         string           // the model's metrics label
 	gaps          gapCounts        // inter-token gaps, merged into the metric at the end
@@ -562,6 +563,9 @@ func (rl *relay) copyBody(body io.Reader, drain bool) outcome {
 			if rl.usage != nil && len(rl.jsonBuf) > 0 {
 				rl.usage.readJSON(rl.jsonBuf)
 			}
+			if rl.usage != nil && len(rl.ndjsonLine) > 0 {
+				rl.readNDJSONUsage([]byte{'\n'}) // a last line without its newline
+			}
 			if rl.holdPlain {
 				if err := rl.releasePlain(); err != nil {
 					rl.mu.Unlock()
@@ -654,6 +658,10 @@ func (rl *relay) write(b []byte) error {
 		}
 		if rl.usage != nil && len(rl.jsonBuf)+len(b) <= maxUsageBody {
 			rl.jsonBuf = append(rl.jsonBuf, b...)
+		}
+	case frameNDJSON:
+		if rl.usage != nil {
+			rl.readNDJSONUsage(b)
 		}
 	}
 	if rl.discarding {

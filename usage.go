@@ -22,11 +22,21 @@ const (
 	usageEstimated = "estimated"
 )
 
-// usage is what the upstream reported about tokens.
+// usage is what the upstream reported about tokens, in one meaning for
+// every provider: prompt counts every input token, those read from the
+// provider's prompt cache (cached) and those written to it (cacheWrite)
+// included; completion counts every output token, reasoning included.
+// Providers that count them apart (Anthropic's cache tokens, Gemini's
+// thoughts) are added up to it.
 type usage struct {
 	prompt, completion, totalTokens int64
-	seen                            bool
-	status                          string
+	cached, cacheWrite, reasoning   int64
+	// Anthropic reports input_tokens without the cache tokens, in
+	// message_start and again (sometimes) in message_delta.
+	uncached  int64
+	anthropic bool
+	seen      bool
+	status    string
 }
 
 func (u *usage) total() int64 {
@@ -37,27 +47,87 @@ func (u *usage) total() int64 {
 }
 
 // usageFields covers the usage shapes of OpenAI (chat, completions,
-// embeddings), the Responses API, Anthropic and Gemini.
+// embeddings), the Responses API, Anthropic, Gemini (usageMetadata) and
+// Ollama's native API.
 type usageFields struct {
 	PromptTokens     *int64 `json:"prompt_tokens"`
 	CompletionTokens *int64 `json:"completion_tokens"`
 	TotalTokens      *int64 `json:"total_tokens"`
-	InputTokens      *int64 `json:"input_tokens"`
-	OutputTokens     *int64 `json:"output_tokens"`
+	PromptDetails    *struct {
+		CachedTokens *int64 `json:"cached_tokens"`
+	} `json:"prompt_tokens_details"`
+	CompletionDetails *struct {
+		ReasoningTokens *int64 `json:"reasoning_tokens"`
+	} `json:"completion_tokens_details"`
+
+	// Responses API; Anthropic's input_tokens leaves the cache out.
+	InputTokens  *int64 `json:"input_tokens"`
+	OutputTokens *int64 `json:"output_tokens"`
+	InputDetails *struct {
+		CachedTokens *int64 `json:"cached_tokens"`
+	} `json:"input_tokens_details"`
+	OutputDetails *struct {
+		ReasoningTokens *int64 `json:"reasoning_tokens"`
+	} `json:"output_tokens_details"`
+	CacheRead     *int64 `json:"cache_read_input_tokens"`
+	CacheCreation *int64 `json:"cache_creation_input_tokens"`
+}
+
+// geminiUsage is Gemini's usageMetadata: the prompt count includes cached
+// content, the candidates count leaves the thoughts out.
+type geminiUsage struct {
+	Prompt     *int64 `json:"promptTokenCount"`
+	Candidates *int64 `json:"candidatesTokenCount"`
+	Total      *int64 `json:"totalTokenCount"`
+	Cached     *int64 `json:"cachedContentTokenCount"`
+	Thoughts   *int64 `json:"thoughtsTokenCount"`
+}
+
+func (u *usage) set(dst *int64, v *int64) {
+	if v != nil {
+		*dst = *v
+		u.seen = true
+	}
 }
 
 func (u *usage) apply(f *usageFields) {
-	set := func(dst *int64, v *int64) {
-		if v != nil {
-			*dst = *v
-			u.seen = true
-		}
+	u.set(&u.prompt, f.PromptTokens)
+	u.set(&u.completion, f.CompletionTokens)
+	u.set(&u.totalTokens, f.TotalTokens)
+	u.set(&u.completion, f.OutputTokens)
+	if f.PromptDetails != nil {
+		u.set(&u.cached, f.PromptDetails.CachedTokens)
 	}
-	set(&u.prompt, f.PromptTokens)
-	set(&u.completion, f.CompletionTokens)
-	set(&u.totalTokens, f.TotalTokens)
-	set(&u.prompt, f.InputTokens)
-	set(&u.completion, f.OutputTokens)
+	if f.CompletionDetails != nil {
+		u.set(&u.reasoning, f.CompletionDetails.ReasoningTokens)
+	}
+	if f.InputDetails != nil {
+		u.set(&u.cached, f.InputDetails.CachedTokens)
+	}
+	if f.OutputDetails != nil {
+		u.set(&u.reasoning, f.OutputDetails.ReasoningTokens)
+	}
+	if f.CacheRead != nil || f.CacheCreation != nil {
+		u.anthropic = true
+	}
+	u.set(&u.cached, f.CacheRead)
+	u.set(&u.cacheWrite, f.CacheCreation)
+	if u.anthropic {
+		u.set(&u.uncached, f.InputTokens)
+		u.prompt = u.uncached + u.cached + u.cacheWrite
+	} else {
+		u.set(&u.prompt, f.InputTokens)
+	}
+}
+
+func (u *usage) applyGemini(g *geminiUsage) {
+	u.set(&u.prompt, g.Prompt)
+	u.set(&u.totalTokens, g.Total)
+	u.set(&u.cached, g.Cached)
+	u.set(&u.reasoning, g.Thoughts)
+	var candidates int64
+	u.set(&candidates, g.Candidates)
+	u.completion = candidates + u.reasoning
 }
 
 var (
@@ -140,11 +210,10 @@ func (u *usage) readJSON(body []byte) {
 		Response *struct {
 			Usage *usageFields `json:"usage"`
 		} `json:"response"`
-		UsageMetadata *struct {
-			Prompt     *int64 `json:"promptTokenCount"`
-			Candidates *int64 `json:"candidatesTokenCount"`
-			Total      *int64 `json:"totalTokenCount"`
-		} `json:"usageMetadata"`
+		UsageMetadata *geminiUsage `json:"usageMetadata"`
+		// Ollama's native API, in its last NDJSON line (done: true).
+		PromptEvalCount *int64 `json:"prompt_eval_count"`
+		EvalCount       *int64 `json:"eval_count"`
 	}
 	if json.Unmarshal(body, &v) != nil {
 		return
@@ -155,9 +224,39 @@ func (u *usage) readJSON(body []byte) {
 	case v.Response != nil && v.Response.Usage != nil:
 		u.apply(v.Response.Usage)
 	case v.UsageMetadata != nil:
-		u.apply(&usageFields{PromptTokens: v.UsageMetadata.Prompt, CompletionTokens: v.UsageMetadata.Candidates, TotalTokens: v.UsageMetadata.Total})
+		u.applyGemini(v.UsageMetadata)
+	case v.PromptEvalCount != nil || v.EvalCount != nil:
+		u.apply(&usageFields{PromptTokens: v.PromptEvalCount, CompletionTokens: v.EvalCount})
 	}
 }
+
+// readNDJSONUsage reads usage from the lines of an NDJSON answer as they
+// pass: Ollama's last line ({"done":true,…,"prompt_eval_count":…,
+// "eval_count":…}), or any line with a usage object. Only lines that may
+// hold it are parsed. Called with the relay's lock held.
+func (rl *relay) readNDJSONUsage(b []byte) {
+	for len(b) > 0 {
+		i := bytes.IndexByte(b, '\n')
+		if i < 0 {
+			if len(rl.ndjsonLine)+len(b) <= maxUsageBody {
+				rl.ndjsonLine = append(rl.ndjsonLine, b...)
+			}
+			return
+		}
+		line := b[:i]
+		if len(rl.ndjsonLine) > 0 {
+			rl.ndjsonLine = append(rl.ndjsonLine, line...)
+			line = rl.ndjsonLine
+		}
+		if bytes.Contains(line, evalCountKey) || mayHoldUsage(line) && hasUsageObject(line) {
+			rl.usage.readJSON(line)
+		}
+		rl.ndjsonLine = rl.ndjsonLine[:0]
+		b = b[i+1:]
+	}
+}
+
+var evalCountKey = []byte(`eval_count"`)
 
 // finish sets the status once the answer ended.
 func (u *usage) finish(complete bool) {
@@ -287,6 +386,9 @@ func (h *Handler) recordUsage(x *exchange, snap relaySnapshot) {
 		repl.Set("llm.usage.prompt_tokens", u.prompt)
 		repl.Set("llm.usage.completion_tokens", u.completion)
 		repl.Set("llm.usage.total_tokens", u.total())
+		repl.Set("llm.usage.cached_tokens", u.cached)
+		repl.Set("llm.usage.cache_write_tokens", u.cacheWrite)
+		repl.Set("llm.usage.reasoning_tokens", u.reasoning)
 		repl.Set("llm.usage.status", u.status)
 		repl.Set("llm.ttft_ms", ttft.Milliseconds())
 		repl.Set("llm.cache", cacheResult)
@@ -304,8 +406,17 @@ func (h *Handler) recordUsage(x *exchange, snap relaySnapshot) {
 		if len(h.clientKeys) > 0 {
 			idLabel = identity // a configured key name, never a raw key
 		}
-		metrics.tokens.WithLabelValues(model, idLabel, "prompt", u.status).Add(float64(u.prompt))
-		metrics.tokens.WithLabelValues(model, idLabel, "completion", u.status).Add(float64(u.completion))
+		for _, k := range [...]struct {
+			kind string
+			n    int64
+		}{
+			{"prompt", u.prompt}, {"completion", u.completion},
+			{"cached_prompt", u.cached}, {"cache_write", u.cacheWrite}, {"reasoning", u.reasoning},
+		} {
+			if k.n > 0 || k.kind == "prompt" || k.kind == "completion" {
+				metrics.tokens.WithLabelValues(model, idLabel, k.kind, u.status).Add(float64(k.n))
+			}
+		}
 	}
 	h.logger.Info("llm usage",
 		zap.String("identity", identity),
@@ -316,6 +427,9 @@ func (h *Handler) recordUsage(x *exchange, snap relaySnapshot) {
 		zap.Int64("prompt_tokens", u.prompt),
 		zap.Int64("completion_tokens", u.completion),
 		zap.Int64("total_tokens", u.total()),
+		zap.Int64("cached_tokens", u.cached),
+		zap.Int64("cache_write_tokens", u.cacheWrite),
+		zap.Int64("reasoning_tokens", u.reasoning),
 		zap.String("usage_status", u.status),
 		zap.Duration("ttft", ttft),
 		zap.Duration("duration", duration),
