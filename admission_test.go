@@ -34,13 +34,13 @@ func BenchmarkAdmission(b *testing.B) {
 		for b.Loop() {
 			t0 := time.Now()
 			id := h.identify(req)
-			ad, e := h.admitLimits(context.Background(), id, 500)
+			ad, e := h.admitLimits(context.Background(), id, 500, 0)
 			lat = append(lat, time.Since(t0))
 			if id == "" || e != nil {
 				b.Fatalf("identity %q, %v", id, e)
 			}
 			b.StopTimer()
-			h.settle(ad, &usage{status: usageExact, totalTokens: 100})
+			h.settle(ad, &usage{status: usageExact, totalTokens: 100}, 0)
 			b.StartTimer()
 		}
 		sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })

@@ -407,7 +407,7 @@ func TestNormalizedBody(t *testing.T) {
 // replay instant, through a real Caddy server on loopback: from sending the
 // request to the last byte read. It reports p50 and p99.
 func BenchmarkCacheHit(b *testing.B) {
-	up := newUpstream(b, modelAnswers(b, 2000, 0))
+	up := newUpstream(b, unrecorded(), modelAnswers(b, 2000, 0))
 	c := startCaddy(b, `llm_stream `+up.URL+` {
 		allow_paths /v1/*
 		cache 1h

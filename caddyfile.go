@@ -2,6 +2,7 @@ package llmstream
 
 import (
 	"encoding/json"
+	"math"
 	"strconv"
 	"strings"
 	"time"
@@ -164,6 +165,8 @@ type subdirective struct {
 // subdirectives are the llm_stream options but upstream, which shapes the
 // topology and is read by UnmarshalCaddyfile itself.
 var subdirectives = map[string]subdirective{
+	"price":               {parse: parsePriceOption, repeatable: true},
+	"prices_file":         {parse: parsePricesFileOption},
 	"client_key":          {parse: parseClientKeyOption, repeatable: true},
 	"client_keys_file":    {parse: parseClientKeysFileOption},
 	"identity":            {parse: parseIdentityOption},
@@ -246,6 +249,58 @@ func parseAllowPaths(h *Handler, d *caddyfile.Dispenser) error {
 		return d.ArgErr()
 	}
 	h.AllowPaths = append(h.AllowPaths, args...)
+	return nil
+}
+
+// parsePriceOption reads `price <model|glob> input <usd_per_1M> output
+// <usd_per_1M> [cached <usd_per_1M>] [cache_write <usd_per_1M>]`.
+func parsePriceOption(h *Handler, d *caddyfile.Dispenser) error {
+	args := d.RemainingArgs()
+	if len(args) < 5 || len(args)%2 == 0 {
+		return d.ArgErr()
+	}
+	p := Price{Model: args[0]}
+	seen := map[string]bool{}
+	for i := 1; i+1 < len(args); i += 2 {
+		v, err := strconv.ParseFloat(strings.TrimPrefix(args[i+1], "$"), 64)
+		if err != nil {
+			return d.Errf("price %s: bad %s price '%s' (US dollars per million tokens)", p.Model, args[i], args[i+1])
+		}
+		if seen[args[i]] {
+			return d.Errf("price %s: %s given twice", p.Model, args[i])
+		}
+		seen[args[i]] = true
+		switch args[i] {
+		case "input":
+			p.Input = v
+		case "output":
+			p.Output = v
+		case "cached":
+			p.Cached = &v
+		case "cache_write":
+			p.CacheWrite = &v
+		default:
+			return d.Errf("price %s: '%s' is not input, output, cached or cache_write", p.Model, args[i])
+		}
+	}
+	if !seen["input"] || !seen["output"] {
+		return d.Errf("price %s: input and output prices are required", p.Model)
+	}
+	if err := checkPrice(p); err != nil {
+		return d.Err(err.Error())
+	}
+	h.Prices = append(h.Prices, p)
+	return nil
+}
+
+func parsePricesFileOption(h *Handler, d *caddyfile.Dispenser) error {
+	if !d.NextArg() {
+		return d.ArgErr()
+	}
+	h.PricesFile = d.Val()
+	if d.NextArg() {
+		return d.ArgErr()
+	}
 	return nil
 }
 
@@ -568,6 +623,17 @@ func parseLimit(d *caddyfile.Dispenser) (*Limits, error) {
 		if !d.NextArg() {
 			return nil, d.ArgErr()
 		}
+		if opt == "spend" {
+			usd, err := strconv.ParseFloat(strings.TrimPrefix(d.Val(), "$"), 64)
+			if err != nil || usd <= 0 || math.IsInf(usd, 0) {
+				return nil, d.Errf("limit spend: bad amount of US dollars '%s'", d.Val())
+			}
+			l.Spend = usd
+			if err := parseDuration(d, &l.SpendWindow); err != nil {
+				return nil, err
+			}
+			continue
+		}
 		n, err := strconv.ParseInt(d.Val(), 10, 64)
 		if err != nil || n <= 0 {
 			return nil, d.Errf("limit %s: bad count '%s'", opt, d.Val())
@@ -591,8 +657,8 @@ func parseLimit(d *caddyfile.Dispenser) (*Limits, error) {
 			return nil, err
 		}
 	}
-	if l.Requests == 0 && l.Tokens == 0 && l.Concurrent == 0 {
-		return nil, d.Err("limit: set requests, tokens or concurrent")
+	if l.Requests == 0 && l.Tokens == 0 && l.Concurrent == 0 && l.Spend == 0 {
+		return nil, d.Err("limit: set requests, tokens, concurrent or spend")
 	}
 	return l, nil
 }

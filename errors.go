@@ -56,3 +56,10 @@ func writeJSON(w http.ResponseWriter, v any) {
 	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
 	_, _ = w.Write(b)
 }
+
+// errNotPriced refuses a request for a model without a price while a
+// spend limit applies: its cost could not be counted.
+func errNotPriced(model string) *apiError {
+	return &apiError{Status: http.StatusForbidden, Type: typeInvalidRequest, Code: "model_not_priced",
+		Message: "the model '" + model + "' has no price, and spending is limited here"}
+}

@@ -53,8 +53,9 @@ type seenRequest struct {
 }
 
 type upstreamConfig struct {
-	answer http.Handler
-	tls    bool
+	answer   http.Handler
+	tls      bool
+	unrecord bool
 }
 
 // upstreamOption configures newUpstream.
@@ -83,6 +84,10 @@ func modelAnswers(t testing.TB, tokens int, interval time.Duration) upstreamOpti
 // does; the certificate is in caFile.
 func overTLS() upstreamOption { return func(c *upstreamConfig) { c.tls = true } }
 
+// unrecorded keeps no record of the requests (their bodies and headers),
+// for benchmarks that measure the handler's allocations.
+func unrecorded() upstreamOption { return func(c *upstreamConfig) { c.unrecord = true } }
+
 // newUpstream starts a fake model API, closed when the test ends. Without
 // an answer it replies like a chat model with a small usage.
 func newUpstream(t testing.TB, opts ...upstreamOption) *fakeUpstream {
@@ -93,15 +98,17 @@ func newUpstream(t testing.TB, opts ...upstreamOption) *fakeUpstream {
 	}
 	u := &fakeUpstream{cancelledAt: make(chan time.Time, 256)}
 	u.Server = httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		b, _ := io.ReadAll(r.Body)
-		r.Body = io.NopCloser(bytes.NewReader(b))
 		if r.Method == http.MethodPost {
 			u.calls.Add(1)
 		}
-		u.mu.Lock()
-		u.seen = append(u.seen, seenRequest{Method: r.Method, Proto: r.Proto, Path: r.URL.Path,
-			URI: r.RequestURI, Header: r.Header.Clone(), Body: string(b)})
-		u.mu.Unlock()
+		if !cfg.unrecord {
+			b, _ := io.ReadAll(r.Body)
+			r.Body = io.NopCloser(bytes.NewReader(b))
+			u.mu.Lock()
+			u.seen = append(u.seen, seenRequest{Method: r.Method, Proto: r.Proto, Path: r.URL.Path,
+				URI: r.RequestURI, Header: r.Header.Clone(), Body: string(b)})
+			u.mu.Unlock()
+		}
 		cfg.answer.ServeHTTP(w, r)
 		if r.Context().Err() == nil {
 			u.finished.Add(1)

@@ -31,6 +31,10 @@ type exchange struct {
 	admission *admission // the claim on the limits, settled in finish
 	release   func()     // ends the stop_endpoint registration
 
+	// finish
+	cost   int64 // what the answer cost, in nano-dollars
+	priced bool  // its model has a price
+
 	// attempt and relay
 	rl   *relay
 	at   attempt       // the last attempt

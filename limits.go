@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net/http"
 	"strconv"
 	"sync"
@@ -33,10 +34,21 @@ type Limits struct {
 	// really ended.
 	Concurrent int64 `json:"concurrent,omitempty"`
 
-	// The lease of a concurrency slot: the instance holding it renews it
-	// every third of this while the stream lives, so the slot of an
-	// instance that crashed or was killed is free within this time.
-	// Default: 30s.
+	// US dollars per SpendWindow, from what each answer cost at the
+	// configured prices (`price`, `prices_file`). At admission the most a
+	// request may cost is reserved (its prompt at the input price and its
+	// max_tokens, or 4096 tokens, at the output price); a request that
+	// cannot fit gets 402 `spend_limit_exceeded`; the reservation is
+	// replaced by the real cost at the end, and lapses with the request's
+	// lease if its instance dies. A model without a price is refused (403
+	// `model_not_priced`) while a spend limit applies.
+	Spend       float64        `json:"spend,omitempty"`
+	SpendWindow caddy.Duration `json:"spend_window,omitempty"`
+
+	// The lease of a request in flight (its concurrency slot and spend
+	// reservation): the instance holding it renews it every third of this
+	// while the stream lives, so what an instance that crashed or was
+	// killed held is free within this time. Default: 30s.
 	SlotLease caddy.Duration `json:"slot_lease,omitempty"`
 }
 
@@ -57,8 +69,11 @@ func (h *Handler) provisionLimits() error {
 		return nil
 	}
 	l := h.Limit
-	if (l.Requests > 0 && l.RequestWindow <= 0) || (l.Tokens > 0 && l.TokenWindow <= 0) {
-		return errors.New("limit: a request or token cap needs a window")
+	if (l.Requests > 0 && l.RequestWindow <= 0) || (l.Tokens > 0 && l.TokenWindow <= 0) || (l.Spend > 0 && l.SpendWindow <= 0) {
+		return errors.New("limit: a request, token or spend cap needs a window")
+	}
+	if l.Spend > 0 && h.prices == nil {
+		return errors.New("limit spend: no prices configured (price or prices_file)")
 	}
 	if l.SlotLease == 0 {
 		l.SlotLease = caddy.Duration(defaultSlotLease)
@@ -70,6 +85,7 @@ func (h *Handler) provisionLimits() error {
 		Requests: l.Requests, RequestWindow: time.Duration(l.RequestWindow),
 		Tokens: l.Tokens, TokenWindow: time.Duration(l.TokenWindow),
 		Concurrent: l.Concurrent, SlotTTL: time.Duration(l.SlotLease),
+		Spend: int64(math.Round(l.Spend * nanoUSD)), SpendWindow: time.Duration(l.SpendWindow),
 	}
 	if h.redis != nil {
 		h.store = h.redis
@@ -104,10 +120,19 @@ type admission struct {
 // generation with stop_endpoint.
 func (h *Handler) reserve(x *exchange) bool {
 	tokens := x.in.tokenEstimate()
-	if x.cache.serving() {
-		tokens = 0 // a cached answer costs no tokens
+	var spend int64
+	if h.limits.Spend > 0 {
+		var ok bool
+		if spend, ok = h.spendReserve(x); !ok {
+			h.cacheAbandon(x.cache)
+			_ = h.reject(x.w, x.in.model, errNotPriced(x.in.model))
+			return false
+		}
 	}
-	ad, aerr := h.admitLimits(x.r.Context(), x.identity, tokens)
+	if x.cache.serving() {
+		tokens, spend = 0, 0 // a cached answer costs nothing
+	}
+	ad, aerr := h.admitLimits(x.r.Context(), x.identity, tokens, spend)
 	if aerr != nil {
 		h.cacheAbandon(x.cache)
 		_ = h.reject(x.w, x.in.model, aerr)
@@ -120,13 +145,14 @@ func (h *Handler) reserve(x *exchange) bool {
 
 // admitLimits checks the limits for one request. A refusal is returned as
 // the error to send.
-func (h *Handler) admitLimits(ctx context.Context, identity string, reserve int64) (*admission, *apiError) {
+func (h *Handler) admitLimits(ctx context.Context, identity string, reserve, spend int64) (*admission, *apiError) {
 	if h.store == nil {
 		return &admission{skipped: true}, nil
 	}
 	ad := &admission{a: store.Admission{
 		ID:      identity,
 		Reserve: reserve,
+		Spend:   spend,
 		Slot:    strconv.FormatUint(slotSeq.Add(1), 36) + "-" + strconv.FormatInt(time.Now().UnixNano(), 36),
 		Now:     time.Now(),
 	}}
@@ -146,14 +172,52 @@ func (h *Handler) admitLimits(ctx context.Context, identity string, reserve int6
 			msg = fmt.Sprintf("this request may need %d tokens, more than the limit of %d", reserve, h.limits.Tokens)
 		}
 		e := &apiError{Status: http.StatusTooManyRequests, Type: "rate_limit_exceeded", Code: d.Limit + "_limit_exceeded", Message: msg}
+		if d.Limit == "spend" {
+			e.Status, e.Type = http.StatusPaymentRequired, "insufficient_quota"
+			e.Message = fmt.Sprintf("spend limit of $%g reached for %s", float64(h.limits.Spend)/nanoUSD, identity)
+			if spend > h.limits.Spend {
+				e.Message = fmt.Sprintf("this request may cost up to $%g, more than the spend limit of $%g", float64(spend)/nanoUSD, float64(h.limits.Spend)/nanoUSD)
+			}
+		}
 		e.retryAfter = d.RetryAfter
 		return nil, e
 	}
 	h.inflight.Add(1)
-	if h.limits.Concurrent > 0 {
+	if h.limits.Concurrent > 0 || h.limits.Spend > 0 {
 		h.renewLease(ad)
 	}
 	return ad, nil
+}
+
+// spendReserve is the most a request may cost on any upstream that may
+// answer it: its prompt (size / 3) at the input price, its max_tokens (or
+// defaultAnswerReserve) at the output price. It reports false when one of
+// them has no price.
+func (h *Handler) spendReserve(x *exchange) (int64, bool) {
+	answer := x.in.maxTokens
+	if answer == 0 {
+		answer = defaultAnswerReserve
+	}
+	prompt := int64(len(x.in.body)) / 3
+	r, ok := h.prices.lookup(x.in.model)
+	most := r.estimate(prompt, answer)
+	for _, up := range x.cands {
+		r, ok = h.prices.lookup(up.upstreamModel(x.in.model), x.in.model)
+		if !ok {
+			return 0, false
+		}
+		most = max(most, r.estimate(prompt, answer))
+	}
+	return most, ok
+}
+
+// rateOf is the price of the answer's model: as sent upstream (after a
+// rename), else as asked for.
+func (h *Handler) rateOf(x *exchange) (rate, bool) {
+	if x.at.up != nil {
+		return h.prices.lookup(x.at.up.upstreamModel(x.in.model), x.in.model)
+	}
+	return h.prices.lookup(x.in.model)
 }
 
 // renewLease keeps an admitted request's concurrency slot while it lives:
@@ -178,10 +242,11 @@ func (h *Handler) renewLease(ad *admission) {
 	})
 }
 
-// settle releases the slot and corrects the token reservation with the
-// real usage. Usage that could not be read keeps its reservation: it is
-// never refunded as zero.
-func (h *Handler) settle(ad *admission, u *usage) {
+// settle releases the slot and the spend reservation, corrects the token
+// reservation with the real usage and adds the real cost to the spend.
+// Usage that could not be read keeps its reservation: it is never
+// refunded as zero.
+func (h *Handler) settle(ad *admission, u *usage, cost int64) {
 	if ad == nil || ad.skipped {
 		return
 	}
@@ -193,12 +258,16 @@ func (h *Handler) settle(ad *admission, u *usage) {
 	}
 	ad.mu.Unlock()
 	var delta int64
-	if u.status != usageAbsent && u.status != usageCached {
+	switch u.status {
+	case usageCached:
+	case usageAbsent:
+		cost = ad.a.Spend
+	default:
 		delta = u.total() - ad.a.Reserve
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	if err := h.store.Settle(ctx, h.limits, ad.a, delta); err != nil {
+	if err := h.store.Settle(ctx, h.limits, ad.a, delta, cost); err != nil {
 		h.logger.Error("settling limits failed", zap.String("identity", ad.a.ID), zap.Error(err))
 	}
 }

@@ -18,6 +18,7 @@ var metrics = struct {
 	duration       *prometheus.HistogramVec
 	interToken     *gapHistogram
 	tokens         *prometheus.CounterVec
+	cost           *prometheus.CounterVec
 	openStreams    prometheus.Gauge
 	disconnects    prometheus.Counter
 	stops          prometheus.Counter
@@ -50,6 +51,7 @@ func initMetrics() {
 		byModel: map[string]*gapCounts{},
 	}
 	metrics.tokens = prometheus.NewCounterVec(prometheus.CounterOpts(opts("tokens_total", "Tokens by model, identity, kind and usage status. prompt counts every input token and completion every output token; cached_prompt (read from the provider's prompt cache), cache_write and reasoning are the parts of them providers report.")), []string{"model", "identity", "kind", "usage_status"})
+	metrics.cost = prometheus.NewCounterVec(prometheus.CounterOpts(opts("cost_usd_total", "What answers cost at the configured prices, in US dollars, by model and identity.")), []string{"model", "identity"})
 	metrics.openStreams = prometheus.NewGauge(prometheus.GaugeOpts(opts("open_streams", "Answers being relayed now.")))
 	metrics.disconnects = prometheus.NewCounter(prometheus.CounterOpts(opts("client_disconnects_total", "Clients that left before the answer ended.")))
 	metrics.openSockets = prometheus.NewGauge(prometheus.GaugeOpts(opts("websockets_open", "WebSocket connections open.")))
@@ -69,7 +71,7 @@ func registerMetrics(ctx caddy.Context) error {
 		return nil
 	}
 	for _, c := range []prometheus.Collector{
-		metrics.requests, metrics.ttft, metrics.duration, metrics.interToken, metrics.tokens,
+		metrics.requests, metrics.ttft, metrics.duration, metrics.interToken, metrics.tokens, metrics.cost,
 		metrics.openStreams, metrics.disconnects, metrics.stops, metrics.openSockets, metrics.heartbeats, metrics.retries,
 		metrics.failovers, metrics.limitRejects, metrics.denyWordBlocks, metrics.cache,
 	} {
@@ -104,6 +106,16 @@ func (h *Handler) modelLabel(model string) string {
 	for _, pat := range h.AllowModels {
 		if ok, _ := path.Match(pat, model); ok {
 			return pat
+		}
+	}
+	if h.prices != nil { // priced names are configured names too
+		if _, ok := h.prices.exact[model]; ok {
+			return model
+		}
+		for _, g := range h.prices.globs {
+			if ok, _ := path.Match(g.pattern, model); ok {
+				return g.pattern
+			}
 		}
 	}
 	return "other"

@@ -159,6 +159,20 @@ type Handler struct {
 	// limited per client address.
 	Limit *Limits `json:"limit,omitempty"`
 
+	// What models cost, in US dollars per million tokens: the cost of each
+	// answer goes to the usage line (`cost_usd`), the `{llm.cost_usd}`
+	// placeholder and the cost counter, and counts against `limit spend`.
+	// The first price whose model (or glob) matches applies; these come
+	// before PricesFile.
+	Prices []Price `json:"prices,omitempty"`
+
+	// A price list in the widely used model_prices_and_context_window.json
+	// format (model → input_cost_per_token, output_cost_per_token,
+	// cache_read_input_token_cost, cache_creation_input_token_cost, in
+	// dollars per token). Read when the config loads, so a reload picks up
+	// changes.
+	PricesFile string `json:"prices_file,omitempty"`
+
 	// Models clients may ask for (names or globs); others get 403.
 	// Default: any.
 	AllowModels []string `json:"allow_models,omitempty"`
@@ -243,6 +257,7 @@ type Handler struct {
 	clientKeys    []clientKey
 	allowPaths    []string
 	pathMatcher   caddyhttp.MatchPath
+	prices        *priceList
 	limits        store.Limits
 	store         store.Store
 	redis         *store.Redis    // the `store redis` server
@@ -331,6 +346,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.inflight = new(sync.WaitGroup)
 	if err := h.provisionAccess(); err != nil {
+		return err
+	}
+	if err := h.provisionPrices(); err != nil {
 		return err
 	}
 	if err := h.provisionLimits(); err != nil {

@@ -241,7 +241,7 @@ func BenchmarkRoute(b *testing.B) {
 // and a three-key pool in play: the failover machinery must cost nothing
 // while everything is healthy.
 func BenchmarkHealthyPath(b *testing.B) {
-	up := newUpstream(b, answering(func(w http.ResponseWriter, r *http.Request) {
+	up := newUpstream(b, unrecorded(), answering(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/event-stream")
 		io.WriteString(w, "data: {\"k\":1}\n\ndata: [DONE]\n\n")
 	}))

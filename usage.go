@@ -343,6 +343,17 @@ func splice(b []byte, from, to int, s string) []byte {
 	return append(out, b[to:]...)
 }
 
+// usd converts nano-dollars to US dollars.
+func usd(nano int64) float64 { return float64(nano) / nanoUSD }
+
+// costField is the usage line's cost_usd, when the model has a price.
+func costField(x *exchange) zap.Field {
+	if !x.priced {
+		return zap.Skip()
+	}
+	return zap.Float64("cost_usd", usd(x.cost))
+}
+
 // recordUsage writes the usage record of a request: one `llm usage` log
 // line and the {llm.*} placeholders for access logs and headers.
 func (h *Handler) recordUsage(x *exchange, snap relaySnapshot) {
@@ -389,6 +400,9 @@ func (h *Handler) recordUsage(x *exchange, snap relaySnapshot) {
 		repl.Set("llm.usage.cached_tokens", u.cached)
 		repl.Set("llm.usage.cache_write_tokens", u.cacheWrite)
 		repl.Set("llm.usage.reasoning_tokens", u.reasoning)
+		if x.priced {
+			repl.Set("llm.cost_usd", usd(x.cost))
+		}
 		repl.Set("llm.usage.status", u.status)
 		repl.Set("llm.ttft_ms", ttft.Milliseconds())
 		repl.Set("llm.cache", cacheResult)
@@ -405,6 +419,9 @@ func (h *Handler) recordUsage(x *exchange, snap relaySnapshot) {
 		idLabel := ""
 		if len(h.clientKeys) > 0 {
 			idLabel = identity // a configured key name, never a raw key
+		}
+		if x.priced && x.cost > 0 {
+			metrics.cost.WithLabelValues(model, idLabel).Add(usd(x.cost))
 		}
 		for _, k := range [...]struct {
 			kind string
@@ -427,10 +444,11 @@ func (h *Handler) recordUsage(x *exchange, snap relaySnapshot) {
 		zap.Int64("prompt_tokens", u.prompt),
 		zap.Int64("completion_tokens", u.completion),
 		zap.Int64("total_tokens", u.total()),
+		zap.String("usage_status", u.status),
 		zap.Int64("cached_tokens", u.cached),
 		zap.Int64("cache_write_tokens", u.cacheWrite),
 		zap.Int64("reasoning_tokens", u.reasoning),
-		zap.String("usage_status", u.status),
+		costField(x),
 		zap.Duration("ttft", ttft),
 		zap.Duration("duration", duration),
 		zap.Float64("tokens_per_second", tps),
@@ -439,6 +457,24 @@ func (h *Handler) recordUsage(x *exchange, snap relaySnapshot) {
 		zap.String("upstream_request_id", upstreamID),
 		zap.Bool("stopped", res.stopped),
 	)
+}
+
+// answerCost is what the answer cost at the configured prices, in
+// nano-dollars; false when its model has no price. An answer from the
+// cache costs nothing; usage never read costs nothing here (settle keeps
+// the reservation of such an answer).
+func (h *Handler) answerCost(x *exchange) (int64, bool) {
+	if h.prices == nil {
+		return 0, false
+	}
+	r, ok := h.rateOf(x)
+	if !ok {
+		return 0, false
+	}
+	if x.last.cached || x.usage.status == usageAbsent {
+		return 0, true
+	}
+	return r.cost(x.usage), true
 }
 
 // requestUsage makes usage exact for a streamed chat completion whose
@@ -468,7 +504,8 @@ func (h *Handler) finish(x *exchange) {
 	if x.last.cached && u.status != usageAbsent {
 		u.status = usageCached
 	}
-	h.settle(x.admission, u)
+	x.cost, x.priced = h.answerCost(x)
+	h.settle(x.admission, u, x.cost)
 	h.recordUsage(x, snap)
 	if rl.answer != nil {
 		answer := rl.answer.String()

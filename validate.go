@@ -2,6 +2,9 @@ package llmstream
 
 import (
 	"errors"
+	"fmt"
+	"math"
+	"path"
 	"strings"
 	"time"
 )
@@ -50,3 +53,18 @@ var (
 	errNoUpstream  = errors.New("upstream: a base URL is required")
 	errKeyInBlocks = errors.New("api_key: with upstream blocks, set api_key inside each block")
 )
+
+func checkPrice(p Price) error {
+	if p.Model == "" {
+		return errors.New("price: a model name or glob is required")
+	}
+	if _, err := path.Match(p.Model, ""); err != nil {
+		return fmt.Errorf("price: '%s' is not a valid glob", p.Model)
+	}
+	for _, v := range []*float64{&p.Input, &p.Output, p.Cached, p.CacheWrite} {
+		if v != nil && (*v < 0 || math.IsNaN(*v) || math.IsInf(*v, 0)) {
+			return fmt.Errorf("price %s: prices are US dollars per million tokens, zero or more", p.Model)
+		}
+	}
+	return nil
+}

@@ -14,16 +14,22 @@ type Memory struct {
 	admits   int
 }
 
-// Slots are the concurrency slots held per identity. They may be shared by
-// several Memory stores (one per limit definition), so that streams
-// admitted under one definition count against the next.
+// Slots are the requests in flight per identity: their concurrency slots
+// and spend reservations. They may be shared by several Memory stores (one
+// per limit definition), so that streams admitted under one definition
+// count against the next.
 type Slots struct {
 	mu   sync.Mutex
-	held map[string]map[string]time.Time // identity → slot → expiry
+	held map[string]map[string]slot // identity → slot id → slot
+}
+
+type slot struct {
+	expiry time.Time
+	spend  int64 // nano-dollars reserved
 }
 
 // NewSlots returns an empty set of slots.
-func NewSlots() *Slots { return &Slots{held: map[string]map[string]time.Time{}} }
+func NewSlots() *Slots { return &Slots{held: map[string]map[string]slot{}} }
 
 type counter struct {
 	v   int64
@@ -64,6 +70,7 @@ func (m *Memory) Admit(_ context.Context, l Limits, a Admission) (Decision, erro
 	m.sweep(a.Now)
 	ri, rw, rleft := window(a.Now, l.RequestWindow)
 	ti, tw, tleft := window(a.Now, l.TokenWindow)
+	si, sw, sleft := window(a.Now, l.SpendWindow)
 	if l.Requests > 0 {
 		est := float64(m.get(reqKey("", a.ID, ri), a.Now)) + float64(m.get(reqKey("", a.ID, ri-1), a.Now))*rw
 		if est+1 > float64(l.Requests) {
@@ -76,17 +83,26 @@ func (m *Memory) Admit(_ context.Context, l Limits, a Admission) (Decision, erro
 			return Decision{Limit: "tokens", RetryAfter: retryAfter(tleft)}, nil
 		}
 	}
-	if l.Concurrent > 0 {
+	if l.inFlight() {
 		m.slots.mu.Lock()
 		defer m.slots.mu.Unlock()
 		held := m.slots.held[a.ID]
-		for s, exp := range held {
-			if a.Now.After(exp) {
-				delete(held, s)
+		var reserved int64
+		for id, s := range held {
+			if a.Now.After(s.expiry) {
+				delete(held, id) // its holder is gone
+				continue
 			}
+			reserved += s.spend
 		}
-		if int64(len(held)) >= l.Concurrent {
+		if l.Concurrent > 0 && int64(len(held)) >= l.Concurrent {
 			return Decision{Limit: "concurrent", RetryAfter: time.Second}, nil
+		}
+		if l.Spend > 0 {
+			spent := float64(m.get(spendKey("", a.ID, si), a.Now)) + float64(m.get(spendKey("", a.ID, si-1), a.Now))*sw
+			if spent+float64(reserved+a.Spend) > float64(l.Spend) {
+				return Decision{Limit: "spend", RetryAfter: retryAfter(sleft)}, nil
+			}
 		}
 	}
 	if l.Requests > 0 {
@@ -95,20 +111,28 @@ func (m *Memory) Admit(_ context.Context, l Limits, a Admission) (Decision, erro
 	if l.Tokens > 0 {
 		m.add(tokKey("", a.ID, ti), a.Reserve, a.Now, 2*l.TokenWindow)
 	}
-	if l.Concurrent > 0 {
+	if l.inFlight() {
 		if m.slots.held[a.ID] == nil {
-			m.slots.held[a.ID] = map[string]time.Time{}
+			m.slots.held[a.ID] = map[string]slot{}
 		}
-		m.slots.held[a.ID][a.Slot] = a.Now.Add(l.SlotTTL)
+		s := slot{expiry: a.Now.Add(l.SlotTTL)}
+		if l.Spend > 0 {
+			s.spend = a.Spend
+		}
+		m.slots.held[a.ID][a.Slot] = s
 	}
 	return Decision{Allowed: true}, nil
 }
 
 // Settle implements Store.
-func (m *Memory) Settle(_ context.Context, l Limits, a Admission, delta int64) error {
+func (m *Memory) Settle(_ context.Context, l Limits, a Admission, delta, cost int64) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if l.Concurrent > 0 {
+	if l.Spend > 0 && cost > 0 {
+		si, _, _ := window(a.Now, l.SpendWindow)
+		m.add(spendKey("", a.ID, si), cost, time.Now(), 2*l.SpendWindow)
+	}
+	if l.inFlight() {
 		m.slots.mu.Lock()
 		delete(m.slots.held[a.ID], a.Slot)
 		if len(m.slots.held[a.ID]) == 0 {
@@ -132,8 +156,9 @@ func (m *Memory) Renew(_ context.Context, _ Limits, a Admission, until time.Time
 	m.slots.mu.Lock()
 	defer m.slots.mu.Unlock()
 	if held := m.slots.held[a.ID]; held != nil {
-		if _, ok := held[a.Slot]; ok {
-			held[a.Slot] = until
+		if s, ok := held[a.Slot]; ok {
+			s.expiry = until
+			held[a.Slot] = s
 		}
 	}
 	return nil

@@ -18,9 +18,15 @@ type Limits struct {
 	Tokens        int64
 	TokenWindow   time.Duration
 	Concurrent    int64
-	// SlotTTL is the lease of a concurrency slot: the holder renews it
-	// while its stream lives, so the slot of an instance that died
-	// mid-stream is free within this time.
+	// Spend is the money an identity may spend per SpendWindow, in
+	// nano-dollars: what settled requests cost plus what the requests in
+	// flight reserved.
+	Spend       int64
+	SpendWindow time.Duration
+	// SlotTTL is the lease of a request in flight (its concurrency slot
+	// and its spend reservation): the holder renews it while its stream
+	// lives, so what an instance that died mid-stream held is free within
+	// this time.
 	SlotTTL time.Duration
 }
 
@@ -28,14 +34,15 @@ type Limits struct {
 type Admission struct {
 	ID      string    // the identity
 	Reserve int64     // tokens reserved for the request
-	Slot    string    // a unique id for its concurrency slot
+	Spend   int64     // nano-dollars reserved for the request
+	Slot    string    // a unique id for the request in flight
 	Now     time.Time // the time of the request
 }
 
 // Decision is the answer to an Admission.
 type Decision struct {
 	Allowed    bool
-	Limit      string // "requests", "tokens" or "concurrent" when refused
+	Limit      string // "requests", "tokens", "concurrent" or "spend" when refused
 	RetryAfter time.Duration
 }
 
@@ -43,10 +50,13 @@ type Decision struct {
 // check and records all of them, or records nothing.
 type Store interface {
 	Admit(ctx context.Context, l Limits, a Admission) (Decision, error)
-	// Settle releases the request's slot and corrects its token reservation
-	// by delta (real usage minus reserve) in the window it was made in.
-	Settle(ctx context.Context, l Limits, a Admission, delta int64) error
-	// Renew extends the lease of the request's slot until the given time.
+	// Settle releases the request's slot and spend reservation, corrects
+	// its token reservation by delta (real usage minus reserve) and adds
+	// what it cost (nano-dollars) to the spend, both in the windows the
+	// request was admitted in.
+	Settle(ctx context.Context, l Limits, a Admission, delta, cost int64) error
+	// Renew extends the lease of the request in flight until the given
+	// time.
 	Renew(ctx context.Context, l Limits, a Admission, until time.Time) error
 	Close() error
 }
@@ -79,3 +89,15 @@ func tokKey(prefix, id string, idx int64) string {
 }
 
 func slotKey(prefix, id string) string { return prefix + "{" + id + "}:slots" }
+
+func spendKey(prefix, id string, idx int64) string {
+	return prefix + "{" + id + "}:usd:" + strconv.FormatInt(idx, 10)
+}
+
+// reservedKey holds the spend reservations of the requests in flight,
+// slot → nano-dollars; a reservation lives as long as its slot's lease.
+func reservedKey(prefix, id string) string { return prefix + "{" + id + "}:usdres" }
+
+// inFlight reports whether admitted requests are held as leased slots:
+// for a concurrency cap, or for the spend reservations of a budget.
+func (l Limits) inFlight() bool { return l.Concurrent > 0 || l.Spend > 0 }

@@ -65,7 +65,7 @@ func TestTokensReserveAndSettle(t *testing.T) {
 			t.Fatal("reservation not counted")
 		}
 		// real usage was 20: 60 tokens come back
-		if err := s.Settle(ctx, l, a, 20-80); err != nil {
+		if err := s.Settle(ctx, l, a, 20-80, 0); err != nil {
 			t.Fatal(err)
 		}
 		if d, _ := s.Admit(ctx, l, Admission{ID: "a", Reserve: 30, Now: t0.Add(2 * time.Second)}); !d.Allowed {
@@ -106,7 +106,7 @@ func TestConcurrentSlotsAtomic(t *testing.T) {
 			t.Fatalf("%d of 40 concurrent admissions passed, want exactly 5", len(admitted))
 		}
 		sort.Slice(admitted, func(i, j int) bool { return admitted[i].Slot < admitted[j].Slot })
-		if err := s.Settle(ctx, l, admitted[0], 0); err != nil {
+		if err := s.Settle(ctx, l, admitted[0], 0, 0); err != nil {
 			t.Fatal(err)
 		}
 		if d, _ := s.Admit(ctx, l, Admission{ID: "c", Slot: "new", Now: now}); !d.Allowed {
@@ -115,6 +115,59 @@ func TestConcurrentSlotsAtomic(t *testing.T) {
 		// a slot whose holder died is reclaimed after SlotTTL
 		if d, _ := s.Admit(ctx, l, Admission{ID: "c", Slot: "late", Now: now.Add(2 * time.Hour)}); !d.Allowed {
 			t.Fatal("stale slots were not reclaimed")
+		}
+	})
+}
+
+// A budget counts what settled requests cost plus what the requests in
+// flight reserved; a reservation whose holder died stops counting when
+// its lease runs out; what a request cost counts in its window.
+func TestSpendReservationsAndSettlement(t *testing.T) {
+	stores(t, func(t *testing.T, s Store) {
+		ctx := context.Background()
+		l := Limits{Spend: 1000, SpendWindow: time.Hour, SlotTTL: time.Minute}
+		t0 := time.Unix(36000, 0) // the start of an hour window
+		admit := func(slot string, reserve int64, at time.Duration) (Admission, Decision) {
+			a := Admission{ID: "a", Slot: slot, Spend: reserve, Now: t0.Add(at)}
+			d, err := s.Admit(ctx, l, a)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return a, d
+		}
+		if _, d := admit("big", 1001, 0); d.Allowed || d.Limit != "spend" || d.RetryAfter != time.Hour {
+			t.Fatalf("a reservation over the whole budget: %+v", d)
+		}
+		a1, d := admit("s1", 600, 0)
+		if !d.Allowed {
+			t.Fatalf("first request refused: %+v", d)
+		}
+		if _, d := admit("s2", 500, time.Second); d.Allowed {
+			t.Fatal("the reservation in flight was not counted")
+		}
+		// It cost 250: 750 remain.
+		if err := s.Settle(ctx, l, a1, 0, 250); err != nil {
+			t.Fatal(err)
+		}
+		a2, d := admit("s2", 500, 2*time.Second)
+		if !d.Allowed {
+			t.Fatalf("after settling, 750 left for 500: %+v", d)
+		}
+		if _, d := admit("s3", 300, 3*time.Second); d.Allowed {
+			t.Fatal("spent 250 + held 500 + 300 > 1000 was admitted")
+		}
+		// a2's holder dies: its reservation lapses with its lease.
+		_ = a2
+		if _, d := admit("s3", 300, 2*time.Second+l.SlotTTL+time.Second); !d.Allowed {
+			t.Fatalf("a dead holder's reservation outlived its lease: %+v", d)
+		}
+		// A renewed lease keeps its reservation.
+		a4, _ := admit("s4", 400, 5*time.Minute)
+		if err := s.Renew(ctx, l, a4, t0.Add(5*time.Minute+3*l.SlotTTL)); err != nil {
+			t.Fatal(err)
+		}
+		if _, d := admit("s5", 400, 5*time.Minute+2*l.SlotTTL); d.Allowed {
+			t.Fatal("a renewed reservation lapsed")
 		}
 	})
 }
@@ -144,7 +197,7 @@ func BenchmarkAdmit(b *testing.B) {
 			}
 			lat = append(lat, time.Since(t0))
 			b.StopTimer()
-			_ = s.Settle(ctx, l, a, -400)
+			_ = s.Settle(ctx, l, a, -400, 0)
 			b.StartTimer()
 		}
 		sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })

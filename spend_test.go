@@ -1,0 +1,332 @@
+package llmstream
+
+import (
+	"context"
+	"io"
+	"math"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/redistest"
+)
+
+// usageAnswer answers every request with a JSON chat completion that
+// reports the given usage (the model echoed from the request).
+func usageAnswer(usage string) upstreamOption {
+	model := regexp.MustCompile(`"model":"([^"]*)"`)
+	return answering(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		m := model.FindStringSubmatch(string(b))
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"id":"chatcmpl-c","object":"chat.completion","model":"`+m[1]+`","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":`+usage+`}`)
+	})
+}
+
+// costOf reads cost_usd from the usage line of the request id.
+func costOf(t *testing.T, c *instance, id string) string {
+	t.Helper()
+	line := regexp.MustCompile(`.*"request_id":"` + id + `".*`).FindString(c.waitLog(`"request_id":"` + id + `"`))
+	m := regexp.MustCompile(`"cost_usd":([0-9.e-]+)`).FindStringSubmatch(line)
+	if m == nil {
+		return ""
+	}
+	return m[1]
+}
+
+// Each answer's cost, from its usage at the configured prices, reaches the
+// usage line and the cost counter exactly: cached prompt tokens and cache
+// writes at their own prices, a glob price, a price from a prices_file in
+// the common format, a price line before the file, and no cost for a model
+// without a price.
+func TestCostOfKnownUsage(t *testing.T) {
+	up := newUpstream(t, usageAnswer(`{"prompt_tokens":1000,"completion_tokens":100,"total_tokens":1100,"prompt_tokens_details":{"cached_tokens":600}}`))
+	anthropic := newUpstream(t, usageAnswer(`{"input_tokens":30,"cache_creation_input_tokens":200,"cache_read_input_tokens":2560,"output_tokens":5}`))
+	file := filepath.Join(t.TempDir(), "model_prices_and_context_window.json")
+	os.WriteFile(file, []byte(`{
+		"sample_spec": {"input_cost_per_token": 0, "output_cost_per_token": 0, "litellm_provider": "one of https://docs.litellm.ai/docs/providers"},
+		"gpt-4o": {"max_tokens": 16384, "input_cost_per_token": 2.5e-06, "output_cost_per_token": 1e-05, "cache_read_input_token_cost": 1.25e-06, "litellm_provider": "openai", "mode": "chat"},
+		"openrouter/deepseek/deepseek-chat": {"input_cost_per_token": 1.4e-07, "output_cost_per_token": 2.8e-07, "litellm_provider": "openrouter", "mode": "chat"},
+		"dall-e-3": {"output_cost_per_pixel": 0.0, "litellm_provider": "openai", "mode": "image_generation"},
+		"o1": {"input_cost_per_token": 1.5e-05, "output_cost_per_token": 6e-05, "cache_read_input_token_cost": 7.5e-06, "litellm_provider": "openai", "mode": "chat"}
+	}`), 0o600)
+	c := startCaddy(t, `
+	handle /anthropic/* {
+		uri strip_prefix /anthropic
+		llm_stream `+anthropic.URL+` {
+			price claude-sonnet-4* input 3 output 15 cached 0.30 cache_write 3.75
+		}
+	}
+	handle {
+		llm_stream `+up.URL+` {
+			price o1 input 10 output 40
+			price gpt-4.1* input 2 output 8 cached 0.5
+			prices_file `+file+`
+		}
+	}`)
+	for _, tc := range []struct {
+		name, path, model string
+		cost              float64 // US dollars
+		label             string  // the model label of the metrics
+	}{
+		// 400 fresh × 2.5 + 600 cached × 1.25 + 100 × 10, per million
+		{"from the prices file, cached at its own price", "/v1/chat/completions", "gpt-4o", 0.00275, "gpt-4o"},
+		// 400 × 2 + 600 × 0.5 + 100 × 8
+		{"a glob", "/v1/chat/completions", "gpt-4.1-mini", 0.0019, "gpt-4.1*"},
+		// the price line wins over the file: 1000 × 10 + 100 × 40
+		{"a price line before the file", "/v1/chat/completions", "o1", 0.014, "o1"},
+		// a provider-prefixed name in the file prices the bare name
+		{"a prefixed name in the file", "/v1/chat/completions", "deepseek-chat", 0.000168, "deepseek-chat"},
+		// 30 × 3 + 2560 × 0.30 + 200 × 3.75 + 5 × 15
+		{"anthropic cache reads and writes", "/anthropic/v1/messages", "claude-sonnet-4-5", 0.001683, "claude-sonnet-4*"},
+		{"a model without a price", "/v1/chat/completions", "llama-3", -1, "other"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := testutil.ToFloat64(metrics.cost.WithLabelValues(tc.label, ""))
+			resp, body := do(t, "POST", c.base()+tc.path, `{"model":"`+tc.model+`","messages":[{"role":"user","content":"hi"}]}`, nil)
+			if resp.StatusCode != http.StatusOK {
+				t.Fatalf("status %d: %s", resp.StatusCode, body)
+			}
+			got := costOf(t, c, resp.Header.Get("X-Request-Id"))
+			if tc.cost < 0 {
+				if got != "" {
+					t.Fatalf("cost_usd %s for a model without a price", got)
+				}
+				return
+			}
+			if got != strconv.FormatFloat(tc.cost, 'g', -1, 64) {
+				t.Errorf("cost_usd %s, want %g", got, tc.cost)
+			}
+			if d := testutil.ToFloat64(metrics.cost.WithLabelValues(tc.label, "")) - before; math.Abs(d-tc.cost) > 1e-12 {
+				t.Errorf("the cost counter moved by %g, want %g", d, tc.cost)
+			}
+		})
+	}
+}
+
+// A budget cannot be overrun by concurrent requests (each reserves the
+// most it may cost before it is admitted), is refused with 402 in the
+// OpenAI error shape, holds across a reload, and refuses a model without a
+// price rather than letting it spend uncounted.
+func TestSpendLimitInOneInstance(t *testing.T) {
+	up := newUpstream(t, usageAnswer(`{"prompt_tokens":20,"completion_tokens":100,"total_tokens":120}`))
+	config := func(requests string) string {
+		return `llm_stream ` + up.URL + ` {
+		client_key sk-team team
+		price m input 1 output 8
+		limit {
+			spend 0.004 1h
+			requests ` + requests + ` 1h
+		}
+	}`
+	}
+	c := startCaddyAdmin(t, config("1000"))
+	team := map[string]string{"Authorization": "Bearer sk-team"}
+	body := `{"model":"m","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}`
+	// Each costs (20 × $1 + 100 × $8) per million tokens = $0.00082 and
+	// reserves $0.000825 (25 prompt tokens by size, max_tokens 100): four
+	// fit in $0.004, a fifth does not.
+	var ok atomic.Int32
+	var wg sync.WaitGroup
+	for range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			resp, got := do(t, "POST", c.base()+"/v1/chat/completions", body, team)
+			switch resp.StatusCode {
+			case http.StatusOK:
+				ok.Add(1)
+			case http.StatusPaymentRequired:
+				if !strings.Contains(got, `"type":"insufficient_quota","code":"spend_limit_exceeded"`) || resp.Header.Get("Retry-After") == "" {
+					t.Errorf("refusal: %s (Retry-After %q)", got, resp.Header.Get("Retry-After"))
+				}
+			default:
+				t.Errorf("status %d: %s", resp.StatusCode, got)
+			}
+		}()
+	}
+	wg.Wait()
+	if n := ok.Load(); n < 1 || n > 4 {
+		t.Fatalf("%d requests of $0.00082 admitted under a $0.004 budget", n)
+	}
+	// Sequential requests fill it to what fits.
+	for range 4 {
+		do(t, "POST", c.base()+"/v1/chat/completions", body, team)
+	}
+	if resp, _ := do(t, "POST", c.base()+"/v1/chat/completions", body, team); resp.StatusCode != http.StatusPaymentRequired {
+		t.Fatalf("after the budget was spent: %d", resp.StatusCode)
+	}
+	// A reload (the same limits) keeps what was spent.
+	c.reload(config("1000"))
+	if resp, _ := do(t, "POST", c.base()+"/v1/chat/completions", body, team); resp.StatusCode != http.StatusPaymentRequired {
+		t.Fatalf("after a reload the budget was fresh: %d", resp.StatusCode)
+	}
+	resp, got := do(t, "POST", c.base()+"/v1/chat/completions", `{"model":"unpriced","messages":[]}`, team)
+	if resp.StatusCode != http.StatusForbidden || !strings.Contains(got, `"code":"model_not_priced"`) {
+		t.Fatalf("a model without a price under a spend limit: %d %s", resp.StatusCode, got)
+	}
+}
+
+// Three instances on one Redis and one identity with a $0.01 budget: 300
+// concurrent streamed requests of known cost spend no more than the
+// budget plus one request's reservation, the rest get 402, and what Redis
+// counted is exactly what the admitted answers cost.
+func TestSpendLimitAcrossThreeInstances(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs two more Caddy processes")
+	}
+	rds := redistest.Start(t)
+	up := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "text/event-stream")
+		for i := range 5 {
+			flushWrite(w, `data: {"id":"chatcmpl-s","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"w`+strconv.Itoa(i)+`"}}],"usage":null}`+"\n\n")
+			time.Sleep(4 * time.Millisecond)
+		}
+		flushWrite(w, `data: {"id":"chatcmpl-s","object":"chat.completion.chunk","model":"m","choices":[],"usage":{"prompt_tokens":20,"completion_tokens":100,"total_tokens":120}}`+"\n\ndata: [DONE]\n\n")
+	}))
+	directives := `llm_stream ` + up.URL + ` {
+		client_key sk-team team
+		price m input 1 output 8
+		limit {
+			spend 0.01 1h
+		}
+		store redis ` + rds.Addr + ` {
+			prefix budget:
+		}
+	}`
+	bases := []string{startProcess(t, directives), startProcess(t, directives), startCaddy(t, directives).base()}
+	body := `{"model":"m","stream":true,"stream_options":{"include_usage":true},"max_tokens":100,"messages":[{"role":"user","content":"hi"}]}`
+	const (
+		cost   = 20*1000 + 100*8000 // nano-dollars: $0.00082
+		budget = 10_000_000         // $0.01
+	)
+	// len(body)/3 prompt tokens at the input price, max_tokens at the
+	// output price
+	reserve := int64(len(body)/3*1000 + 100*8000)
+	var ok, refused atomic.Int32
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 100}}
+	for i := 0; i < 300; i++ {
+		wg.Add(1)
+		go func(base string, i int) {
+			defer wg.Done()
+			<-start
+			time.Sleep(time.Duration(i%30) * 10 * time.Millisecond) // arrivals spread over 0.3 s: admissions race settlements
+			req, _ := http.NewRequest(http.MethodPost, base+"/v1/chat/completions", strings.NewReader(body))
+			req.Header.Set("Content-Type", "application/json")
+			req.Header.Set("Authorization", "Bearer sk-team")
+			resp, err := client.Do(req)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			got, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			switch resp.StatusCode {
+			case http.StatusOK:
+				if !strings.HasSuffix(string(got), "data: [DONE]\n\n") {
+					t.Errorf("an admitted stream ended early: %q", got)
+				}
+				ok.Add(1)
+			case http.StatusPaymentRequired:
+				refused.Add(1)
+			default:
+				t.Errorf("status %d: %s", resp.StatusCode, got)
+			}
+		}(bases[i%3], i)
+	}
+	close(start)
+	wg.Wait()
+	spent := int64(ok.Load()) * cost
+	t.Logf("%d admitted ($%g), %d refused of 300 across three instances; budget $0.01", ok.Load(), usd(spent), refused.Load())
+	if spent > budget+reserve {
+		t.Fatalf("admitted $%g, over the $0.01 budget by more than one reservation", usd(spent))
+	}
+	if int(ok.Load())+int(refused.Load()) != 300 || int64(ok.Load()) < budget/reserve {
+		t.Fatalf("admitted %d, refused %d; want at least %d admitted and the rest refused", ok.Load(), refused.Load(), budget/reserve)
+	}
+	// What Redis counted is what the admitted answers cost, and nothing is
+	// left reserved.
+	rc := redis.NewClient(&redis.Options{Addr: rds.Addr})
+	defer rc.Close()
+	ctx := context.Background()
+	keys, err := rc.Keys(ctx, "budget:{team}:usd:*").Result()
+	if err != nil || len(keys) == 0 {
+		t.Fatalf("spend keys %v: %v", keys, err)
+	}
+	var counted int64
+	for _, k := range keys {
+		v, _ := rc.Get(ctx, k).Int64()
+		counted += v
+	}
+	if counted != spent {
+		t.Errorf("Redis counted %d nano-dollars, the admitted answers cost %d", counted, spent)
+	}
+	if held, _ := rc.HLen(ctx, "budget:{team}:usdres").Result(); held != 0 {
+		t.Errorf("%d reservations left after every request ended", held)
+	}
+}
+
+// An instance killed (kill -9) while its stream holds a spend reservation
+// does not keep the budget: the reservation lapses with the lease.
+func TestKilledInstancesReservationLapses(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs a second Caddy process")
+	}
+	rds := redistest.Start(t)
+	release := make(chan struct{})
+	defer close(release)
+	up := holdUpstream(t, release)
+	const lease = 3 * time.Second
+	directives := `llm_stream ` + up.URL + ` {
+		allow_paths /v1/*
+		price m input 1 output 8
+		limit {
+			spend 0.01 1h
+			slot_lease 3s
+		}
+		store redis ` + rds.Addr + `
+	}`
+	a, proc := startProcessCmd(t, directives)
+	c := startCaddy(t, directives)
+	// Reserves 1000 × $8/M = $0.008 of the $0.01.
+	big := `{"model":"m","stream":true,"max_tokens":1000,"messages":[]}`
+	held := send(t, "POST", a+"/v1/hold/chat/completions", big, nil)
+	defer held.Body.Close()
+	if held.StatusCode != http.StatusOK {
+		t.Fatalf("the stream on the first instance: %d", held.StatusCode)
+	}
+	io.ReadAtLeast(held.Body, make([]byte, 1), 1)
+	time.Sleep(lease + time.Second) // renewed past one lease
+	if resp, got := do(t, "POST", c.base()+"/v1/chat/completions", big, nil); resp.StatusCode != http.StatusPaymentRequired {
+		t.Fatalf("while the first instance streams: %d %s, want 402", resp.StatusCode, got)
+	}
+	if err := proc.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	killed := time.Now()
+	proc.Wait()
+	for {
+		resp, _ := do(t, "POST", c.base()+"/v1/chat/completions", big, nil)
+		if resp.StatusCode == http.StatusOK {
+			break
+		}
+		if time.Since(killed) > lease+2*time.Second {
+			t.Fatalf("the killed instance's reservation still counts %s after the kill (lease %s)", time.Since(killed), lease)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Logf("reservation of the killed instance lapsed %s after kill -9 (lease %s)", time.Since(killed).Round(time.Millisecond), lease)
+}
