@@ -53,7 +53,7 @@ type attemptResult struct {
 // attempt runs the attempt stage: a stored answer or a cache flight when
 // the cache serves one, else the upstreams one after another.
 func (h *Handler) attempt(x *exchange) {
-	p := h.newPlan(x.cands, h.affinityValue(x.r.Header.Get, x.in.user))
+	p := h.newPlan(x.cands, h.conversation(x))
 	switchKey := false
 	if x.cache.serving() {
 		x.last = h.replay(x.r, x.in, x.rl, x.cache)
@@ -76,6 +76,13 @@ func (h *Handler) attempt(x *exchange) {
 		if !switchKey && len(x.cands) > 1 {
 			metrics.failovers.WithLabelValues(x.at.up.URL).Inc()
 		}
+	}
+	if p.sticky && x.at.up != nil {
+		result := "moved"
+		if p.firstChoice(x.cands, x.at) {
+			result = "hit"
+		}
+		metrics.affinity.WithLabelValues(result).Inc()
 	}
 	if stopped(x.r) {
 		x.last.stopped = true // also when a flight's followers had the upstream finish

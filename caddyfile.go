@@ -60,7 +60,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    retry_backoff       <base> <max>
 //	    unhealthy_after     <n> <cooldown>
 //	    first_token_timeout <duration>
-//	    key_affinity        header <name>|user|off
+//	    key_affinity        auto|prompt_cache_key|user|prefix|header <name>|off
 //	    client_key          <key>|sha256:<hex> [<name>]
 //	    client_keys_file    <path>
 //	    identity            <placeholder>
@@ -508,12 +508,15 @@ func parseKeyAffinityOption(h *Handler, d *caddyfile.Dispenser) error {
 	switch {
 	case len(args) == 1 && args[0] == "off":
 		h.KeyAffinity = ""
-	case len(args) == 1 && args[0] == "user":
-		h.KeyAffinity = "user"
+	case len(args) == 1 && args[0] != "header":
+		h.KeyAffinity = args[0]
 	case len(args) == 2 && args[0] == "header":
-		h.KeyAffinity = "header:" + args[1]
+		h.KeyAffinity = affinityHeader + args[1]
 	default:
-		return d.Err("key_affinity: want 'header <name>', 'user' or 'off'")
+		return d.Err("key_affinity: want auto, prompt_cache_key, user, prefix, 'header <name>' or off")
+	}
+	if err := checkKeyAffinity(h.KeyAffinity); err != nil {
+		return d.Err(err.Error())
 	}
 	return nil
 }

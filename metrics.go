@@ -19,6 +19,7 @@ var metrics = struct {
 	interToken     *gapHistogram
 	tokens         *prometheus.CounterVec
 	cost           *prometheus.CounterVec
+	affinity       *prometheus.CounterVec
 	openStreams    prometheus.Gauge
 	disconnects    prometheus.Counter
 	stops          prometheus.Counter
@@ -52,6 +53,7 @@ func initMetrics() {
 	}
 	metrics.tokens = prometheus.NewCounterVec(prometheus.CounterOpts(opts("tokens_total", "Tokens by model, identity, kind and usage status. prompt counts every input token and completion every output token; cached_prompt (read from the provider's prompt cache), cache_write and reasoning are the parts of them providers report.")), []string{"model", "identity", "kind", "usage_status"})
 	metrics.cost = prometheus.NewCounterVec(prometheus.CounterOpts(opts("cost_usd_total", "What answers cost at the configured prices, in US dollars, by model and identity.")), []string{"model", "identity"})
+	metrics.affinity = prometheus.NewCounterVec(prometheus.CounterOpts(opts("affinity_total", "Requests under key_affinity: hit (the conversation's own upstream and key) or moved (it rested, was unhealthy, or the request failed over).")), []string{"result"})
 	metrics.openStreams = prometheus.NewGauge(prometheus.GaugeOpts(opts("open_streams", "Answers being relayed now.")))
 	metrics.disconnects = prometheus.NewCounter(prometheus.CounterOpts(opts("client_disconnects_total", "Clients that left before the answer ended.")))
 	metrics.openSockets = prometheus.NewGauge(prometheus.GaugeOpts(opts("websockets_open", "WebSocket connections open.")))
@@ -71,7 +73,7 @@ func registerMetrics(ctx caddy.Context) error {
 		return nil
 	}
 	for _, c := range []prometheus.Collector{
-		metrics.requests, metrics.ttft, metrics.duration, metrics.interToken, metrics.tokens, metrics.cost,
+		metrics.requests, metrics.ttft, metrics.duration, metrics.interToken, metrics.tokens, metrics.cost, metrics.affinity,
 		metrics.openStreams, metrics.disconnects, metrics.stops, metrics.openSockets, metrics.heartbeats, metrics.retries,
 		metrics.failovers, metrics.limitRejects, metrics.denyWordBlocks, metrics.cache,
 	} {

@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"net/url"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -135,9 +134,15 @@ type Handler struct {
 	// may think for minutes.
 	FirstTokenTimeout caddy.Duration `json:"first_token_timeout,omitempty"`
 
-	// Keeps a conversation on one key so the provider's prompt cache stays
-	// warm: `user` (the body's `user` member) or `header:<name>`. Default:
-	// empty, keys rotate per request.
+	// Keeps a conversation on one upstream and key while they are healthy
+	// and not resting, so the provider's prompt cache (per key and
+	// deployment) stays warm. The conversation is named by `auto` (the
+	// body's `prompt_cache_key`, else `user` or `metadata.user_id`, else a
+	// hash of the model, the system prompt and the first user turn),
+	// `prompt_cache_key`, `user`, `prefix` (that hash only) or
+	// `header:<name>`. The choice is rendezvous hashing: every instance
+	// makes the same one, and adding or removing one of N keys moves about
+	// 1/N of the conversations. Default: empty, keys rotate per request.
 	KeyAffinity string `json:"key_affinity,omitempty"`
 
 	// Keys handed to clients, stored as SHA-256 digests. With any client
@@ -460,8 +465,8 @@ func (h *Handler) Validate() error {
 	if h.OnDisconnect != "" && h.OnDisconnect != "cancel" && h.OnDisconnect != "drain" {
 		return fmt.Errorf("on_disconnect: %q is not cancel or drain", h.OnDisconnect)
 	}
-	if h.KeyAffinity != "" && h.KeyAffinity != "user" && !strings.HasPrefix(h.KeyAffinity, "header:") {
-		return fmt.Errorf("key_affinity: %q is not user or header:<name>", h.KeyAffinity)
+	if err := checkKeyAffinity(h.KeyAffinity); err != nil {
+		return err
 	}
 	return nil
 }

@@ -19,6 +19,10 @@ type inbound struct {
 	model  string
 	stream bool
 	user   string
+	// what names the conversation, for key affinity: prompt_cache_key and
+	// Anthropic's metadata.user_id
+	promptCacheKey string
+	metadataUser   string
 	// the largest answer asked for: max_tokens, max_completion_tokens or
 	// max_output_tokens
 	maxTokens int64
@@ -64,6 +68,11 @@ func readRequest(r *http.Request, max int64) (*inbound, *apiError) {
 		Stream json.RawMessage `json:"stream"`
 		User   json.RawMessage `json:"user"`
 
+		PromptCacheKey json.RawMessage `json:"prompt_cache_key"`
+		Metadata       struct {
+			UserID json.RawMessage `json:"user_id"`
+		} `json:"metadata"`
+
 		MaxTokens           *int64 `json:"max_tokens"`
 		MaxCompletionTokens *int64 `json:"max_completion_tokens"`
 		MaxOutputTokens     *int64 `json:"max_output_tokens"`
@@ -88,8 +97,14 @@ func readRequest(r *http.Request, max int64) (*inbound, *apiError) {
 			in.maxTokens = *v
 		}
 	}
-	if len(fields.User) > 0 {
-		_ = json.Unmarshal(fields.User, &in.user) // only for key affinity
+	// only for key affinity: a value of another type is no conversation
+	for _, f := range []struct {
+		raw json.RawMessage
+		dst *string
+	}{{fields.User, &in.user}, {fields.PromptCacheKey, &in.promptCacheKey}, {fields.Metadata.UserID, &in.metadataUser}} {
+		if len(f.raw) > 0 {
+			_ = json.Unmarshal(f.raw, f.dst)
+		}
 	}
 	return in, nil
 }

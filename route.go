@@ -1,14 +1,12 @@
 package llmstream
 
 import (
-	"hash/maphash"
 	"math"
 	"math/rand/v2"
 	"net/http"
 	"slices"
 	"sort"
 	"strconv"
-	"strings"
 	"time"
 )
 
@@ -82,7 +80,7 @@ func (rt *router) candidates(model string) []*Upstream {
 // order ranks candidates for one request: healthy before unhealthy, then
 // by priority, then a weighted random order among equals (each upstream's
 // chance to come first is its share of the weights).
-func order(cands []*Upstream, healthy func(*Upstream) bool, rnd func() float64) []*Upstream {
+func order(cands []*Upstream, healthy func(*Upstream) bool, rnd func() float64, conv uint64) []*Upstream {
 	if len(cands) == 1 {
 		return cands
 	}
@@ -95,7 +93,12 @@ func order(cands []*Upstream, healthy func(*Upstream) bool, rnd func() float64) 
 	for i, u := range cands {
 		// Efraimidis–Spirakis: sorting by r^(1/w) descending draws without
 		// replacement with probabilities proportional to the weights.
-		rs[i] = ranked{u: u, down: !healthy(u), weightK: math.Pow(rnd(), 1/float64(u.Weight))}
+		rs[i] = ranked{u: u, down: !healthy(u)}
+		if rnd != nil {
+			rs[i].weightK = math.Pow(rnd(), 1/float64(u.Weight))
+		} else {
+			rs[i].weightK = weight(conv, u.URL, u.Weight) // rendezvous: the same order for the same conversation
+		}
 	}
 	sort.SliceStable(rs, func(i, j int) bool {
 		a, b := rs[i], rs[j]
@@ -116,13 +119,13 @@ func order(cands []*Upstream, healthy func(*Upstream) bool, rnd func() float64) 
 
 // plan walks the ranked upstreams and their keys for one request.
 type plan struct {
-	ups      []*Upstream
-	idx      int
-	started  bool
-	tried    []*apiKey // a handful at most: retries are few
-	affinity uint64
-	sticky   bool
-	resting  func(*apiKey) bool
+	ups     []*Upstream
+	idx     int
+	started bool
+	tried   []*apiKey // a handful at most: retries are few
+	conv    uint64    // the conversation's hash, with key affinity
+	sticky  bool
+	resting func(*apiKey) bool
 }
 
 // attempt is one upstream and key to try; reused reports that this key was
@@ -159,22 +162,50 @@ func (p *plan) pick(u *Upstream, mayReuse bool) attempt {
 		p.tried = append(p.tried, k)
 		return attempt{up: u, key: k}
 	}
-	return attempt{up: u, key: p.firstKey(u), reused: mayReuse}
+	return attempt{up: u, key: u.keys[p.start(u)], reused: mayReuse}
 }
 
-// firstKey is where this request starts in the upstream's key list:
-// fixed by affinity, else the next in rotation.
+// start is where this request starts in the upstream's key list: the
+// conversation's first choice with affinity, else the next in rotation.
 func (p *plan) start(u *Upstream) int {
 	if p.sticky {
-		return int(p.affinity % uint64(len(u.keys)))
+		best, top := 0, -1.0
+		for i, k := range u.keys {
+			if s := weight(p.conv, k.id, 1); s > top {
+				best, top = i, s
+			}
+		}
+		return best
 	}
 	return int(u.rr.Add(1) % uint64(len(u.keys)))
 }
 
-func (p *plan) firstKey(u *Upstream) *apiKey { return u.keys[p.start(u)] }
-
-// freshKey returns an untried key, preferring keys that are not resting.
+// freshKey returns an untried key, preferring keys that are not resting:
+// in rotation order, or with affinity the conversation's highest-scoring
+// key.
 func (p *plan) freshKey(u *Upstream) *apiKey {
+	if p.sticky {
+		var best, spare *apiKey
+		top, spareTop := -1.0, -1.0
+		for _, k := range u.keys {
+			if slices.Contains(p.tried, k) {
+				continue
+			}
+			s := weight(p.conv, k.id, 1)
+			switch {
+			case !p.resting(k):
+				if s > top {
+					best, top = k, s
+				}
+			case s > spareTop:
+				spare, spareTop = k, s
+			}
+		}
+		if best != nil {
+			return best
+		}
+		return spare
+	}
 	n := len(u.keys)
 	s := p.start(u)
 	var spare *apiKey
@@ -193,31 +224,38 @@ func (p *plan) freshKey(u *Upstream) *apiKey {
 	return spare
 }
 
-// newPlan ranks the candidates for one request.
-func (h *Handler) newPlan(cands []*Upstream, affinity string) *plan {
-	now := time.Now()
-	p := &plan{
-		ups:     order(cands, func(u *Upstream) bool { return h.state.usable(u, now) }, rand.Float64),
-		resting: func(k *apiKey) bool { return h.state.resting(k, now) },
+// firstChoice reports whether the attempt is the conversation's first
+// choice of upstream and key (an affinity hit), as if every upstream and
+// key were healthy and free.
+func (p *plan) firstChoice(cands []*Upstream, at attempt) bool {
+	var best *Upstream
+	top := -1.0
+	for _, u := range cands {
+		if u.Priority != at.up.Priority {
+			continue
+		}
+		if s := weight(p.conv, u.URL, u.Weight); s > top {
+			best, top = u, s
+		}
 	}
-	if affinity != "" {
-		p.sticky = true
-		p.affinity = maphash.String(affinitySeed, affinity)
-	}
-	return p
+	return best == at.up && at.up.keys[p.start(at.up)] == at.key
 }
 
-var affinitySeed = maphash.MakeSeed()
-
-// affinityValue is what keeps a request on one key, per key_affinity.
-func (h *Handler) affinityValue(hdrGet func(string) string, user string) string {
-	switch {
-	case h.KeyAffinity == "user":
-		return user
-	case strings.HasPrefix(h.KeyAffinity, "header:"):
-		return hdrGet(strings.TrimPrefix(h.KeyAffinity, "header:"))
+// newPlan ranks the candidates for one request. With a conversation,
+// upstreams of one priority are ranked by their rendezvous score with it
+// (weighted) instead of at random.
+func (h *Handler) newPlan(cands []*Upstream, conversation string) *plan {
+	now := time.Now()
+	p := &plan{resting: func(k *apiKey) bool { return h.state.resting(k, now) }}
+	rnd := rand.Float64
+	if conversation != "" {
+		p.sticky = true
+		p.conv = conversationHash(conversation)
+		p.ups = order(cands, func(u *Upstream) bool { return h.state.usable(u, now) }, nil, p.conv)
+		return p
 	}
-	return ""
+	p.ups = order(cands, func(u *Upstream) bool { return h.state.usable(u, now) }, rnd, 0)
+	return p
 }
 
 // route is the stage that finds the upstreams serving the request's model.

@@ -98,7 +98,7 @@ func TestOrderWeightsAndPriority(t *testing.T) {
 	first := map[*Upstream]int{}
 	const n = 10000
 	for i := 0; i < n; i++ {
-		o := order([]*Upstream{a, b, fallback}, healthy, rnd.Float64)
+		o := order([]*Upstream{a, b, fallback}, healthy, rnd.Float64, 0)
 		first[o[0]]++
 		if o[2] != fallback {
 			t.Fatalf("a priority-1 fallback came before priority 0: %s", names(o))
@@ -111,7 +111,7 @@ func TestOrderWeightsAndPriority(t *testing.T) {
 		}
 	}
 	// An unhealthy upstream goes last, even before fallbacks.
-	o := order([]*Upstream{a, b, fallback}, func(u *Upstream) bool { return u != a && u != b }, rnd.Float64)
+	o := order([]*Upstream{a, b, fallback}, func(u *Upstream) bool { return u != a && u != b }, rnd.Float64, 0)
 	if names(o) != "fallback a b " && names(o) != "fallback b a " {
 		t.Errorf("unhealthy not last: %s", names(o))
 	}

@@ -68,3 +68,13 @@ func checkPrice(p Price) error {
 	}
 	return nil
 }
+
+func checkKeyAffinity(a string) error {
+	switch {
+	case a == "", a == affinityAuto, a == affinityCacheKey, a == affinityUser, a == affinityPrefix:
+		return nil
+	case strings.HasPrefix(a, affinityHeader) && len(a) > len(affinityHeader):
+		return nil
+	}
+	return fmt.Errorf("key_affinity: %q is not auto, prompt_cache_key, user, prefix or header:<name>", a)
+}
