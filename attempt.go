@@ -54,6 +54,7 @@ type attemptResult struct {
 // the cache serves one, else the upstreams one after another.
 func (h *Handler) attempt(x *exchange) {
 	p := h.newPlan(x.cands, h.conversation(x))
+	p.pin(h.followUp(x))
 	switchKey := false
 	if x.cache.serving() {
 		x.last = h.replay(x.r, x.in, x.rl, x.cache)

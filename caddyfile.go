@@ -167,6 +167,7 @@ type subdirective struct {
 var subdirectives = map[string]subdirective{
 	"price":               {parse: parsePriceOption, repeatable: true},
 	"prices_file":         {parse: parsePricesFileOption},
+	"response_ttl":        {parse: parseResponseTTLOption},
 	"client_key":          {parse: parseClientKeyOption, repeatable: true},
 	"client_keys_file":    {parse: parseClientKeysFileOption},
 	"identity":            {parse: parseIdentityOption},
@@ -302,6 +303,10 @@ func parsePricesFileOption(h *Handler, d *caddyfile.Dispenser) error {
 		return d.ArgErr()
 	}
 	return nil
+}
+
+func parseResponseTTLOption(h *Handler, d *caddyfile.Dispenser) error {
+	return parseDuration(d, &h.ResponseTTL)
 }
 
 func parseLimitOption(h *Handler, d *caddyfile.Dispenser) error {

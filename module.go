@@ -145,6 +145,13 @@ type Handler struct {
 	// 1/N of the conversations. Default: empty, keys rotate per request.
 	KeyAffinity string `json:"key_affinity,omitempty"`
 
+	// How long the upstream and key that produced a Responses API answer
+	// are remembered, so that a follow-up naming it in
+	// `previous_response_id` goes to the same provider account (in memory,
+	// or with `store redis` for every instance). Default: 720h, as long as
+	// providers keep stored responses.
+	ResponseTTL caddy.Duration `json:"response_ttl,omitempty"`
+
 	// Keys handed to clients, stored as SHA-256 digests. With any client
 	// key (or `identity`) configured, requests without a valid credential
 	// (`Authorization: Bearer <key>` or `x-api-key: <key>`) get 401.
@@ -263,6 +270,7 @@ type Handler struct {
 	allowPaths    []string
 	pathMatcher   caddyhttp.MatchPath
 	prices        *priceList
+	responses     responseRoutes
 	limits        store.Limits
 	store         store.Store
 	redis         *store.Redis    // the `store redis` server
@@ -351,6 +359,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.inflight = new(sync.WaitGroup)
 	if err := h.provisionAccess(); err != nil {
+		return err
+	}
+	if err := h.provisionResponseRoutes(); err != nil {
 		return err
 	}
 	if err := h.provisionPrices(); err != nil {

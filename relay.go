@@ -115,9 +115,11 @@ type relayObservers struct {
 	gaps          gapCounts        // inter-token gaps, merged into the metric at the end
 	lastDataEvent time.Time        // for the inter-token gap
 	answer        *strings.Builder // the assembled answer text, for log_prompts
-	// the provider's id for this answer: its id header, else the first id
-	// in the answer (sniffed from its first bytes)
+	// the provider's id for this answer: its id header, else the answer's
+	// own id, the first id in its first bytes (a Responses API follow-up
+	// names it in previous_response_id)
 	upstreamID string
+	answerID   string
 	sniffID    bool
 	// the response cache's flight this answer is shared through and
 	// stored from: it sees every upstream read
@@ -240,6 +242,7 @@ func newRelay(w http.ResponseWriter, c relayConfig) *relay {
 type relaySnapshot struct {
 	firstToken time.Time
 	upstreamID string
+	answerID   string
 	dataEvents int
 	gaps       gapCounts
 }
@@ -248,7 +251,8 @@ type relaySnapshot struct {
 func (rl *relay) snapshot() relaySnapshot {
 	rl.mu.Lock()
 	defer rl.mu.Unlock()
-	return relaySnapshot{firstToken: rl.firstToken, upstreamID: rl.upstreamID, dataEvents: rl.parser.DataEvents(), gaps: rl.gaps}
+	return relaySnapshot{firstToken: rl.firstToken, upstreamID: rl.upstreamID, answerID: rl.answerID,
+		dataEvents: rl.parser.DataEvents(), gaps: rl.gaps}
 }
 
 // keepAnswer makes the relay assemble the answer text (for log_prompts).
@@ -480,7 +484,7 @@ func (rl *relay) begin(resp *http.Response, streaming bool) {
 	rl.frame = f
 	rl.reading = true
 	rl.upstreamID = upstreamRequestID(resp.Header)
-	rl.sniffID = rl.upstreamID == ""
+	rl.answerID, rl.sniffID = "", true
 	if rl.tee != nil {
 		rl.tee.Start(rl.streamed, resp.Header.Get("Content-Type"))
 	}
@@ -585,11 +589,15 @@ func (rl *relay) copyBody(body io.Reader, drain bool) outcome {
 	}
 }
 
-// sniffAnswerID looks for the answer's own id in its first bytes, when the
-// provider sent no id header. Called with mu held.
+// sniffAnswerID looks for the answer's own id in its first bytes; it is
+// the upstream id too when the provider sent no id header. Called with mu
+// held.
 func (rl *relay) sniffAnswerID(b []byte, before int64) {
 	if id := answerID(b); id != "" {
-		rl.upstreamID, rl.sniffID = id, false
+		rl.answerID, rl.sniffID = id, false
+		if rl.upstreamID == "" {
+			rl.upstreamID = id
+		}
 	} else if before+int64(len(b)) >= maxIDSniff {
 		rl.sniffID = false
 	}

@@ -23,6 +23,8 @@ type inbound struct {
 	// Anthropic's metadata.user_id
 	promptCacheKey string
 	metadataUser   string
+	// the Responses API answer this request follows up
+	previousResponse string
 	// the largest answer asked for: max_tokens, max_completion_tokens or
 	// max_output_tokens
 	maxTokens int64
@@ -68,8 +70,9 @@ func readRequest(r *http.Request, max int64) (*inbound, *apiError) {
 		Stream json.RawMessage `json:"stream"`
 		User   json.RawMessage `json:"user"`
 
-		PromptCacheKey json.RawMessage `json:"prompt_cache_key"`
-		Metadata       struct {
+		PromptCacheKey     json.RawMessage `json:"prompt_cache_key"`
+		PreviousResponseID json.RawMessage `json:"previous_response_id"`
+		Metadata           struct {
 			UserID json.RawMessage `json:"user_id"`
 		} `json:"metadata"`
 
@@ -97,11 +100,12 @@ func readRequest(r *http.Request, max int64) (*inbound, *apiError) {
 			in.maxTokens = *v
 		}
 	}
-	// only for key affinity: a value of another type is no conversation
+	// only for routing: a value of another type names no conversation
 	for _, f := range []struct {
 		raw json.RawMessage
 		dst *string
-	}{{fields.User, &in.user}, {fields.PromptCacheKey, &in.promptCacheKey}, {fields.Metadata.UserID, &in.metadataUser}} {
+	}{{fields.User, &in.user}, {fields.PromptCacheKey, &in.promptCacheKey}, {fields.Metadata.UserID, &in.metadataUser},
+		{fields.PreviousResponseID, &in.previousResponse}} {
 		if len(f.raw) > 0 {
 			_ = json.Unmarshal(f.raw, f.dst)
 		}

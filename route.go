@@ -125,6 +125,7 @@ type plan struct {
 	tried   []*apiKey // a handful at most: retries are few
 	conv    uint64    // the conversation's hash, with key affinity
 	sticky  bool
+	pinned  *pin // the first attempt's upstream and key, when known
 	resting func(*apiKey) bool
 }
 
@@ -142,6 +143,10 @@ type attempt struct {
 func (p *plan) next(sameUpstream bool) attempt {
 	if !p.started {
 		p.started = true
+		if p.pinned != nil {
+			p.tried = append(p.tried, p.pinned.key)
+			return attempt{up: p.pinned.up, key: p.pinned.key}
+		}
 		return p.pick(p.ups[0], false)
 	}
 	if sameUpstream {
@@ -239,6 +244,26 @@ func (p *plan) firstChoice(cands []*Upstream, at attempt) bool {
 		}
 	}
 	return best == at.up && at.up.keys[p.start(at.up)] == at.key
+}
+
+// pin is an upstream and key a request must try first: where its previous
+// response was produced.
+type pin struct {
+	up  *Upstream
+	key *apiKey
+}
+
+// pin makes the plan start at pn (nil: as ranked), moving its upstream to
+// the front.
+func (p *plan) pin(pn *pin) {
+	if pn == nil {
+		return
+	}
+	p.pinned = pn
+	if i := slices.Index(p.ups, pn.up); i > 0 {
+		ups := append([]*Upstream{pn.up}, p.ups[:i]...)
+		p.ups = append(ups, p.ups[i+1:]...)
+	}
 }
 
 // newPlan ranks the candidates for one request. With a conversation,

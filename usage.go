@@ -506,6 +506,7 @@ func (h *Handler) finish(x *exchange) {
 	}
 	x.cost, x.priced = h.answerCost(x)
 	h.settle(x.admission, u, x.cost)
+	h.rememberResponse(x, snap)
 	h.recordUsage(x, snap)
 	if rl.answer != nil {
 		answer := rl.answer.String()
