@@ -118,9 +118,10 @@ type relayObservers struct {
 	// the provider's id for this answer: its id header, else the answer's
 	// own id, the first id in its first bytes (a Responses API follow-up
 	// names it in previous_response_id)
-	upstreamID string
-	answerID   string
-	sniffID    bool
+	upstreamID  string
+	answerID    string
+	answerModel string // the model the answer names, sniffed with its id
+	sniffID     bool
 	// the response cache's flight this answer is shared through and
 	// stored from: it sees every upstream read
 	tee      *cache.Flight
@@ -240,18 +241,19 @@ func newRelay(w http.ResponseWriter, c relayConfig) *relay {
 
 // relaySnapshot is what the finish stage reads of a relay that stopped.
 type relaySnapshot struct {
-	firstToken time.Time
-	upstreamID string
-	answerID   string
-	dataEvents int
-	gaps       gapCounts
+	firstToken  time.Time
+	upstreamID  string
+	answerID    string
+	answerModel string
+	dataEvents  int
+	gaps        gapCounts
 }
 
 // snapshot returns what the finish stage needs, under the relay's lock.
 func (rl *relay) snapshot() relaySnapshot {
 	rl.mu.Lock()
 	defer rl.mu.Unlock()
-	return relaySnapshot{firstToken: rl.firstToken, upstreamID: rl.upstreamID, answerID: rl.answerID,
+	return relaySnapshot{firstToken: rl.firstToken, upstreamID: rl.upstreamID, answerID: rl.answerID, answerModel: rl.answerModel,
 		dataEvents: rl.parser.DataEvents(), gaps: rl.gaps}
 }
 
@@ -484,7 +486,7 @@ func (rl *relay) begin(resp *http.Response, streaming bool) {
 	rl.frame = f
 	rl.reading = true
 	rl.upstreamID = upstreamRequestID(resp.Header)
-	rl.answerID, rl.sniffID = "", true
+	rl.answerID, rl.answerModel, rl.sniffID = "", "", true
 	if rl.tee != nil {
 		rl.tee.Start(rl.streamed, resp.Header.Get("Content-Type"))
 	}
@@ -595,6 +597,7 @@ func (rl *relay) copyBody(body io.Reader, drain bool) outcome {
 func (rl *relay) sniffAnswerID(b []byte, before int64) {
 	if id := answerID(b); id != "" {
 		rl.answerID, rl.sniffID = id, false
+		rl.answerModel = answerModel(b)
 		if rl.upstreamID == "" {
 			rl.upstreamID = id
 		}

@@ -2,6 +2,7 @@ package llmstream
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/json"
 	"strconv"
 	"strings"
@@ -35,8 +36,11 @@ type usage struct {
 	// message_start and again (sometimes) in message_delta.
 	uncached  int64
 	anthropic bool
-	seen      bool
-	status    string
+	// why the answer ended, when the provider says so with its usage (a
+	// JSON answer, Anthropic's message_delta, Gemini's last chunk)
+	finishReason string
+	seen         bool
+	status       string
 }
 
 func (u *usage) total() int64 {
@@ -194,9 +198,13 @@ func (u *usage) readEvent(name, data []byte) {
 	case bytes.Equal(name, messageDelta):
 		var ev struct {
 			Usage usageFields `json:"usage"`
+			Delta struct {
+				StopReason string `json:"stop_reason"`
+			} `json:"delta"`
 		}
 		if json.Unmarshal(data, &ev) == nil {
 			u.apply(&ev.Usage)
+			u.finishReason = cmp.Or(ev.Delta.StopReason, u.finishReason)
 		}
 	case hasUsageObject(data):
 		u.readJSON(data)
@@ -211,6 +219,14 @@ func (u *usage) readJSON(body []byte) {
 			Usage *usageFields `json:"usage"`
 		} `json:"response"`
 		UsageMetadata *geminiUsage `json:"usageMetadata"`
+		// why it ended: OpenAI, Anthropic, Gemini
+		Choices []struct {
+			FinishReason string `json:"finish_reason"`
+		} `json:"choices"`
+		StopReason string `json:"stop_reason"`
+		Candidates []struct {
+			FinishReason string `json:"finishReason"`
+		} `json:"candidates"`
 		// Ollama's native API, in its last NDJSON line (done: true).
 		PromptEvalCount *int64 `json:"prompt_eval_count"`
 		EvalCount       *int64 `json:"eval_count"`
@@ -218,6 +234,13 @@ func (u *usage) readJSON(body []byte) {
 	if json.Unmarshal(body, &v) != nil {
 		return
 	}
+	if len(v.Choices) > 0 {
+		u.finishReason = cmp.Or(v.Choices[0].FinishReason, u.finishReason)
+	}
+	if len(v.Candidates) > 0 {
+		u.finishReason = cmp.Or(v.Candidates[0].FinishReason, u.finishReason)
+	}
+	u.finishReason = cmp.Or(v.StopReason, u.finishReason)
 	switch {
 	case v.Usage != nil:
 		u.apply(v.Usage)
@@ -449,6 +472,7 @@ func (h *Handler) recordUsage(x *exchange, snap relaySnapshot) {
 		zap.Int64("cache_write_tokens", u.cacheWrite),
 		zap.Int64("reasoning_tokens", u.reasoning),
 		costField(x),
+		zap.String("finish_reason", u.finishReason),
 		zap.Duration("ttft", ttft),
 		zap.Duration("duration", duration),
 		zap.Float64("tokens_per_second", tps),
@@ -508,6 +532,7 @@ func (h *Handler) finish(x *exchange) {
 	h.settle(x.admission, u, x.cost)
 	h.rememberResponse(x, snap)
 	h.recordUsage(x, snap)
+	h.traceGenAI(x, snap)
 	if rl.answer != nil {
 		answer := rl.answer.String()
 		if answer == "" && len(rl.jsonBuf) > 0 {
