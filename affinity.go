@@ -2,7 +2,6 @@ package llmstream
 
 import (
 	"bytes"
-	"encoding/json"
 	"math"
 	"strconv"
 	"strings"
@@ -53,50 +52,69 @@ func (h *Handler) conversation(x *exchange) string {
 // turn repeats: the model, the system prompt and the first user turn
 // (OpenAI messages, Anthropic system + messages, Responses instructions +
 // input, Gemini systemInstruction + contents). "" when the body has none.
+// It scans the body's bytes without decoding it.
 func promptPrefix(in *inbound) string {
 	if !in.isJSON {
 		return ""
 	}
-	var b struct {
-		Messages          []json.RawMessage `json:"messages"`
-		Contents          []json.RawMessage `json:"contents"`
-		Input             json.RawMessage   `json:"input"`
-		System            json.RawMessage   `json:"system"`
-		Instructions      json.RawMessage   `json:"instructions"`
-		SystemInstruction json.RawMessage   `json:"systemInstruction"`
+	h := fnv(fnvOffset, in.model)
+	var turns, input []byte
+	found := false
+	forEachMember(in.body, func(key, v []byte) {
+		switch string(key) {
+		case "system", "instructions", "systemInstruction":
+			h, found = fnvBytes(h, v), true
+		case "messages", "contents":
+			turns = v
+		case "input":
+			input = v
+		}
+	})
+	if turns == nil && len(input) > 0 {
+		if input[0] != '[' {
+			return "prefix:" + strconv.FormatUint(fnvBytes(h, input), 36) // one string: the whole conversation
+		}
+		turns = input
 	}
-	if json.Unmarshal(in.body, &b) != nil {
-		return ""
-	}
-	h := uint64(fnvOffset)
-	h = fnv(h, in.model)
-	for _, v := range []json.RawMessage{b.System, b.Instructions, b.SystemInstruction} {
-		h = fnv(h, string(v))
-	}
-	turns := b.Messages
-	if turns == nil {
-		turns = b.Contents
-	}
-	if turns == nil && len(b.Input) > 0 {
-		if b.Input[0] == '"' {
-			h = fnv(h, string(b.Input)) // a single-string input is the whole conversation
-			turns = nil
-		} else {
-			_ = json.Unmarshal(b.Input, &turns)
+	if len(turns) > 0 && turns[0] == '[' {
+		for i := skipSpace(turns, 1); i < len(turns) && turns[i] != ']'; {
+			end := skipValue(turns, i)
+			t := turns[i:end]
+			h, found = fnvBytes(h, t), true
+			if !bytes.Contains(t, systemRole) && !bytes.Contains(t, developerRole) {
+				break // the first turn past the system prompt
+			}
+			if i = skipSpace(turns, end); i < len(turns) && turns[i] == ',' {
+				i = skipSpace(turns, i+1)
+			}
 		}
 	}
-	n := 0
-	for _, t := range turns {
-		h = fnv(h, string(t))
-		n++
-		if !bytes.Contains(t, systemRole) && !bytes.Contains(t, developerRole) {
-			break // the first turn past the system prompt
-		}
-	}
-	if n == 0 && len(b.Input) == 0 {
+	if !found {
 		return ""
 	}
 	return "prefix:" + strconv.FormatUint(h, 36)
+}
+
+// forEachMember calls f with the raw key (between its quotes) and value of
+// each top-level member of a valid JSON object.
+func forEachMember(b []byte, f func(key, value []byte)) {
+	i := skipSpace(b, 0)
+	if i >= len(b) || b[i] != '{' {
+		return
+	}
+	for i = skipSpace(b, i+1); i < len(b) && b[i] == '"'; {
+		ks, ke := i, skipString(b, i)
+		if i = skipSpace(b, ke); i >= len(b) || b[i] != ':' {
+			return
+		}
+		vs := skipSpace(b, i+1)
+		ve := skipValue(b, vs)
+		f(b[ks+1:max(ks+1, ke-1)], b[vs:ve])
+		if i = skipSpace(b, ve); i >= len(b) || b[i] != ',' {
+			return
+		}
+		i = skipSpace(b, i+1)
+	}
 }
 
 var (
@@ -114,6 +132,14 @@ const (
 func fnv(h uint64, s string) uint64 {
 	for i := 0; i < len(s); i++ {
 		h ^= uint64(s[i])
+		h *= fnvPrime
+	}
+	return h
+}
+
+func fnvBytes(h uint64, b []byte) uint64 {
+	for _, c := range b {
+		h ^= uint64(c)
 		h *= fnvPrime
 	}
 	return h

@@ -215,3 +215,34 @@ func keyFor(t *testing.T, base, body, session string) string {
 	}
 	return resp.Header.Get("X-Key-Seen")
 }
+
+// The prefix that names a conversation is the same for every turn of it,
+// differs between conversations, and ignores what follows the first user
+// turn, in each API's shape.
+func TestPromptPrefix(t *testing.T) {
+	prefix := func(body string) string {
+		return promptPrefix(&inbound{isJSON: true, model: "m", body: []byte(body)})
+	}
+	for _, tc := range []struct{ name, turn1, turn2, other string }{
+		{"openai", `{"model":"m","messages":[{"role":"system","content":"S"},{"role":"user","content":"Q1"}]}`,
+			`{"messages": [ {"role":"system","content":"S"} , {"role":"user","content":"Q1"},{"role":"assistant","content":"A"},{"role":"user","content":"Q2"}], "model":"m"}`,
+			`{"model":"m","messages":[{"role":"system","content":"S"},{"role":"user","content":"Q9"}]}`},
+		{"anthropic", `{"system":"S","messages":[{"role":"user","content":"Q1"}]}`,
+			`{"system":"S","messages":[{"role":"user","content":"Q1"},{"role":"assistant","content":"A"},{"role":"user","content":"Q2"}]}`,
+			`{"system":"T","messages":[{"role":"user","content":"Q1"}]}`},
+		{"responses", `{"instructions":"S","input":[{"role":"user","content":"Q1"}]}`,
+			`{"instructions":"S","input":[{"role":"user","content":"Q1"},{"type":"message","role":"assistant","content":"A"}]}`,
+			`{"instructions":"S","input":[{"role":"user","content":"Q2"}]}`},
+		{"gemini", `{"systemInstruction":{"parts":[{"text":"S"}]},"contents":[{"role":"user","parts":[{"text":"Q1"}]}]}`,
+			`{"systemInstruction":{"parts":[{"text":"S"}]},"contents":[{"role":"user","parts":[{"text":"Q1"}]},{"role":"model","parts":[{"text":"A"}]}]}`,
+			`{"contents":[{"role":"user","parts":[{"text":"Q1"}]}]}`},
+	} {
+		a, b, c := prefix(tc.turn1), prefix(tc.turn2), prefix(tc.other)
+		if a == "" || a != b || a == c {
+			t.Errorf("%s: turn 1 %q, turn 2 %q, another conversation %q", tc.name, a, b, c)
+		}
+	}
+	if p := prefix(`{"model":"m"}`); p != "" {
+		t.Errorf("a body without messages named conversation %q", p)
+	}
+}

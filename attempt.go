@@ -79,11 +79,11 @@ func (h *Handler) attempt(x *exchange) {
 		}
 	}
 	if p.sticky && x.at.up != nil {
-		result := "moved"
 		if p.firstChoice(x.cands, x.at) {
-			result = "hit"
+			metrics.affinityHit.Inc()
+		} else {
+			metrics.affinityMoved.Inc()
 		}
-		metrics.affinity.WithLabelValues(result).Inc()
 	}
 	if stopped(x.r) {
 		x.last.stopped = true // also when a flight's followers had the upstream finish

@@ -20,6 +20,8 @@ var metrics = struct {
 	tokens         *prometheus.CounterVec
 	cost           *prometheus.CounterVec
 	affinity       *prometheus.CounterVec
+	affinityHit    prometheus.Counter // its two series, looked up once
+	affinityMoved  prometheus.Counter
 	openStreams    prometheus.Gauge
 	disconnects    prometheus.Counter
 	stops          prometheus.Counter
@@ -54,6 +56,7 @@ func initMetrics() {
 	metrics.tokens = prometheus.NewCounterVec(prometheus.CounterOpts(opts("tokens_total", "Tokens by model, identity, kind and usage status. prompt counts every input token and completion every output token; cached_prompt (read from the provider's prompt cache), cache_write and reasoning are the parts of them providers report.")), []string{"model", "identity", "kind", "usage_status"})
 	metrics.cost = prometheus.NewCounterVec(prometheus.CounterOpts(opts("cost_usd_total", "What answers cost at the configured prices, in US dollars, by model and identity.")), []string{"model", "identity"})
 	metrics.affinity = prometheus.NewCounterVec(prometheus.CounterOpts(opts("affinity_total", "Requests under key_affinity: hit (the conversation's own upstream and key) or moved (it rested, was unhealthy, or the request failed over).")), []string{"result"})
+	metrics.affinityHit, metrics.affinityMoved = metrics.affinity.WithLabelValues("hit"), metrics.affinity.WithLabelValues("moved")
 	metrics.openStreams = prometheus.NewGauge(prometheus.GaugeOpts(opts("open_streams", "Answers being relayed now.")))
 	metrics.disconnects = prometheus.NewCounter(prometheus.CounterOpts(opts("client_disconnects_total", "Clients that left before the answer ended.")))
 	metrics.openSockets = prometheus.NewGauge(prometheus.GaugeOpts(opts("websockets_open", "WebSocket connections open.")))

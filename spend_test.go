@@ -2,12 +2,15 @@ package llmstream
 
 import (
 	"context"
+	"encoding/json"
 	"io"
 	"math"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -15,8 +18,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
 
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/redistest"
 )
@@ -329,4 +335,76 @@ func TestKilledInstancesReservationLapses(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	t.Logf("reservation of the killed instance lapsed %s after kill -9 (lease %s)", time.Since(killed).Round(time.Millisecond), lease)
+}
+
+// BenchmarkMoneyPath compares, side by side in one loop, a streamed
+// request through ServeHTTP on the healthy path with a request limit (in
+// memory, or in Redis) with the same request when prices, a spend limit
+// and key_affinity auto are added: what the money features add per
+// request.
+func BenchmarkMoneyPath(b *testing.B) {
+	up := newUpstream(b, unrecorded(), answering(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		io.WriteString(w, "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":1,\"total_tokens\":10}}\n\ndata: [DONE]\n\n")
+	}))
+	b.Setenv("BENCH_KEY", "sk-bench")
+	rds := redistest.Start(b)
+	plain := `{"upstreams":[{"url":"` + up.URL + `","api_keys":["{env.BENCH_KEY}1","{env.BENCH_KEY}2","{env.BENCH_KEY}3"]}],
+		"limit":{"requests":1000000000,"request_window":3600000000000}}`
+	money := `{"upstreams":[{"url":"` + up.URL + `","api_keys":["{env.BENCH_KEY}1","{env.BENCH_KEY}2","{env.BENCH_KEY}3"]}],
+		"key_affinity":"auto","prices":[{"model":"gpt-4o*","input":2.5,"output":10}],
+		"limit":{"requests":1000000000,"request_window":3600000000000,"spend":1000000,"spend_window":3600000000000}}`
+	for _, tc := range []struct{ name, store string }{
+		{"memory", ""},
+		{"redis", `,"store":{"redis":"` + rds.Addr + `","prefix":"bench:"}`},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+			defer cancel()
+			provision := func(cfg string) *Handler {
+				h := new(Handler)
+				if err := json.Unmarshal([]byte(cfg), h); err != nil {
+					b.Fatal(err)
+				}
+				if err := h.Provision(ctx); err != nil {
+					b.Fatal(err)
+				}
+				h.logger = zap.NewNop() // usage lines are not what is measured
+				return h
+			}
+			hp, hm := provision(plain[:len(plain)-1]+tc.store+"}"), provision(money[:len(money)-1]+tc.store+"}")
+			body := `{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}]}`
+			serve := func(h *Handler) time.Duration {
+				req := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", strings.NewReader(body))
+				req.Header.Set("Content-Type", "application/json")
+				req = caddyhttp.PrepareRequest(req, caddy.NewReplacer(), nil, &caddyhttp.Server{})
+				w := httptest.NewRecorder()
+				t0 := time.Now()
+				if err := h.ServeHTTP(w, req, nil); err != nil || w.Code != 200 {
+					b.Fatalf("status %d, %v: %s", w.Code, err, w.Body)
+				}
+				return time.Since(t0)
+			}
+			var lp, lm []time.Duration
+			b.ReportAllocs()
+			i := 0
+			for b.Loop() {
+				if i++; i%2 == 0 {
+					lp = append(lp, serve(hp))
+					lm = append(lm, serve(hm))
+				} else {
+					lm = append(lm, serve(hm))
+					lp = append(lp, serve(hp))
+				}
+			}
+			p50 := func(l []time.Duration) float64 {
+				slices.Sort(l)
+				return float64(l[len(l)/2].Nanoseconds()) / 1e3
+			}
+			plainP50, moneyP50 := p50(lp), p50(lm)
+			b.ReportMetric(plainP50, "plain-p50-µs")
+			b.ReportMetric(moneyP50, "money-p50-µs")
+			b.ReportMetric(moneyP50-plainP50, "added-p50-µs")
+		})
+	}
 }

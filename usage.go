@@ -366,6 +366,59 @@ func splice(b []byte, from, to int, s string) []byte {
 	return append(out, b[to:]...)
 }
 
+// llmPlaceholders are the {llm.*} placeholders of one request.
+type llmPlaceholders struct {
+	model, upstream, identity string
+	usage                     usage
+	ttft                      time.Duration
+	cache                     string
+	requestID, upstreamID     string
+	cost                      int64
+	priced                    bool
+}
+
+func (p *llmPlaceholders) get(key string) (any, bool) {
+	name, ok := strings.CutPrefix(key, "llm.")
+	if !ok {
+		return nil, false
+	}
+	switch name {
+	case "model":
+		return p.model, true
+	case "upstream":
+		return p.upstream, true
+	case "identity":
+		return p.identity, true
+	case "usage.prompt_tokens":
+		return p.usage.prompt, true
+	case "usage.completion_tokens":
+		return p.usage.completion, true
+	case "usage.total_tokens":
+		return p.usage.total(), true
+	case "usage.cached_tokens":
+		return p.usage.cached, true
+	case "usage.cache_write_tokens":
+		return p.usage.cacheWrite, true
+	case "usage.reasoning_tokens":
+		return p.usage.reasoning, true
+	case "usage.status":
+		return p.usage.status, true
+	case "ttft_ms":
+		return p.ttft.Milliseconds(), true
+	case "cache":
+		return p.cache, true
+	case "request_id":
+		return p.requestID, true
+	case "upstream_request_id":
+		return p.upstreamID, true
+	case "cost_usd":
+		if p.priced {
+			return usd(p.cost), true
+		}
+	}
+	return nil, false
+}
+
 // usd converts nano-dollars to US dollars.
 func usd(nano int64) float64 { return float64(nano) / nanoUSD }
 
@@ -414,23 +467,11 @@ func (h *Handler) recordUsage(x *exchange, snap relaySnapshot) {
 		tps = float64(u.completion) / gen.Seconds()
 	}
 	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
-		repl.Set("llm.model", in.model)
-		repl.Set("llm.upstream", upstream)
-		repl.Set("llm.identity", identity)
-		repl.Set("llm.usage.prompt_tokens", u.prompt)
-		repl.Set("llm.usage.completion_tokens", u.completion)
-		repl.Set("llm.usage.total_tokens", u.total())
-		repl.Set("llm.usage.cached_tokens", u.cached)
-		repl.Set("llm.usage.cache_write_tokens", u.cacheWrite)
-		repl.Set("llm.usage.reasoning_tokens", u.reasoning)
-		if x.priced {
-			repl.Set("llm.cost_usd", usd(x.cost))
-		}
-		repl.Set("llm.usage.status", u.status)
-		repl.Set("llm.ttft_ms", ttft.Milliseconds())
-		repl.Set("llm.cache", cacheResult)
-		repl.Set("llm.request_id", in.id)
-		repl.Set("llm.upstream_request_id", upstreamID)
+		// Looked up only when a placeholder is used (access logs, headers
+		// of later handlers): nothing is copied into the replacer's map.
+		p := &llmPlaceholders{model: in.model, upstream: upstream, identity: identity, usage: *u,
+			ttft: ttft, cache: cacheResult, requestID: in.id, upstreamID: upstreamID, cost: x.cost, priced: x.priced}
+		repl.Map(p.get)
 	}
 	model := h.modelLabel(in.model)
 	metrics.requests.WithLabelValues(model, upstream, strconv.Itoa(status)).Inc()
