@@ -178,7 +178,7 @@ func (h *Handler) identify(r *http.Request) string {
 }
 
 // admit is the first stage: who is calling, and may they reach this path?
-// Stop requests and WebSocket upgrades leave the pipeline here.
+// Stop and usage requests and WebSocket upgrades leave the pipeline here.
 func (h *Handler) admit(x *exchange) bool {
 	w, r := x.w, x.r
 	x.identity = h.identify(r)
@@ -197,6 +197,9 @@ func (h *Handler) admit(x *exchange) bool {
 	switch {
 	case h.isStopPath(r.URL.Path):
 		_ = h.serveStop(w, r, x.owner)
+		return false
+	case h.isUsagePath(r.URL.Path):
+		_ = h.serveUsage(w, r, x.owner)
 		return false
 	case h.WebSocket != nil && h.forWebSocket(r):
 		_ = h.serveWebSocket(w, r)

@@ -61,14 +61,18 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    unhealthy_after     <n> <cooldown>
 //	    first_token_timeout <duration>
 //	    key_affinity        auto|prompt_cache_key|user|prefix|header <name>|off
+//	    response_ttl        <duration>
 //	    client_key          <key>|sha256:<hex> [<name>]
 //	    client_keys_file    <path>
 //	    identity            <placeholder>
 //	    allow_models        <name|glob>...
 //	    allow_paths         <path|glob>...
+//	    price <model|glob> input <usd_per_1M> output <usd_per_1M> [cached <usd_per_1M>] [cache_write <usd_per_1M>]
+//	    prices_file <path>
 //	    limit {
 //	        requests   <n> <window>
 //	        tokens     <n> <window>
+//	        spend      <usd> <window>
 //	        concurrent <n>
 //	        slot_lease <duration>
 //	    }
@@ -95,8 +99,9 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	        scope              global|identity
 //	        replay             instant|paced
 //	    }
-//	    stop_endpoint <path>
-//	    smooth        <max_chars> <interval>
+//	    stop_endpoint  <path>
+//	    usage_endpoint <path>
+//	    smooth         <max_chars> <interval>
 //	    websocket [<path>] {
 //	        api_path      <path>
 //	        default_model <model>
@@ -168,6 +173,7 @@ var subdirectives = map[string]subdirective{
 	"price":               {parse: parsePriceOption, repeatable: true},
 	"prices_file":         {parse: parsePricesFileOption},
 	"response_ttl":        {parse: parseResponseTTLOption},
+	"usage_endpoint":      {parse: parseUsageEndpointOption},
 	"client_key":          {parse: parseClientKeyOption, repeatable: true},
 	"client_keys_file":    {parse: parseClientKeysFileOption},
 	"identity":            {parse: parseIdentityOption},
@@ -301,6 +307,20 @@ func parsePricesFileOption(h *Handler, d *caddyfile.Dispenser) error {
 	h.PricesFile = d.Val()
 	if d.NextArg() {
 		return d.ArgErr()
+	}
+	return nil
+}
+
+func parseUsageEndpointOption(h *Handler, d *caddyfile.Dispenser) error {
+	if !d.NextArg() {
+		return d.ArgErr()
+	}
+	h.UsageEndpoint = d.Val()
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	if err := checkEndpointPath("usage_endpoint", h.UsageEndpoint); err != nil {
+		return d.Err(err.Error())
 	}
 	return nil
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -285,6 +286,26 @@ func TestCaddyfileAndJSONRefuseAlike(t *testing.T) {
 		cancel()
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("JSON %s: got %v, want %q", tc.json, err, tc.want)
+		}
+	}
+}
+
+// The syntax comment of UnmarshalCaddyfile, which users read as the
+// directive's reference, names every subdirective the parser accepts.
+func TestSyntaxCommentListsEverySubdirective(t *testing.T) {
+	src, err := os.ReadFile("caddyfile.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	doc := string(src[:strings.Index(string(src), "func (h *Handler) UnmarshalCaddyfile")])
+	for name := range subdirectives {
+		if !regexp.MustCompile(`(?m)^//\t    ` + name + `\b`).MatchString(doc) {
+			t.Errorf("the syntax comment does not list %s", name)
+		}
+	}
+	for _, name := range []string{"upstream", "requests", "tokens", "spend", "concurrent", "slot_lease"} {
+		if !regexp.MustCompile(`(?m)^//\t\s+` + name + `\b`).MatchString(doc) {
+			t.Errorf("the syntax comment does not list %s", name)
 		}
 	}
 }

@@ -251,6 +251,14 @@ type Handler struct {
 	// only the caller that started a generation may stop it. Default: off.
 	StopEndpoint string `json:"stop_endpoint,omitempty"`
 
+	// Answers `GET <usage_endpoint>/<id>` with what the handler measured of
+	// a request that ended (usage by kind, cost, time to first token,
+	// tokens per second, cache), by its X-Request-Id or its answer's id,
+	// for 10 minutes; with `store redis` any instance answers. Where client
+	// keys or identity are configured, only the caller that made the
+	// request may read it. Default: off.
+	UsageEndpoint string `json:"usage_endpoint,omitempty"`
+
 	// Accept WebSocket upgrades and answer each message sent on the socket
 	// like a request. Default: off.
 	WebSocket *WebSocketConfig `json:"websocket,omitempty"`
@@ -270,7 +278,8 @@ type Handler struct {
 	allowPaths    []string
 	pathMatcher   caddyhttp.MatchPath
 	prices        *priceList
-	responses     responseRoutes
+	responses     recall // Responses API answer id → its upstream and key
+	usageRecords  recall // request or answer id → its usage record
 	limits        store.Limits
 	store         store.Store
 	redis         *store.Redis    // the `store redis` server
@@ -359,6 +368,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.inflight = new(sync.WaitGroup)
 	if err := h.provisionAccess(); err != nil {
+		return err
+	}
+	if err := h.provisionUsageEndpoint(); err != nil {
 		return err
 	}
 	if err := h.provisionResponseRoutes(); err != nil {

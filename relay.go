@@ -826,6 +826,7 @@ func (rl *relay) writeStored(e *cache.Entry) attemptResult {
 	rl.lastRead = time.Now()
 	rl.firstToken = rl.lastRead
 	body := e.Body
+	rl.sniffAnswerID(body[:min(len(body), maxIDSniff)], 0)
 	switch rl.frame {
 	case frameSSE:
 		ev := body[e.UsageFrom:e.UsageTo]

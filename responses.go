@@ -4,11 +4,9 @@ import (
 	"context"
 	"net/http"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 )
 
@@ -35,83 +33,13 @@ func parseResponseRoute(s string) (responseRoute, bool) {
 	return responseRoute{upstream: up, key: key}, ok
 }
 
-// responseRoutes remembers response id → route for a while.
-type responseRoutes interface {
-	remember(ctx context.Context, id string, r responseRoute, ttl time.Duration) error
-	lookup(ctx context.Context, id string) (responseRoute, bool, error)
-}
-
-// memoryRoutes keeps the routes in this process (pooled: they survive
-// reloads).
-type memoryRoutes struct {
-	mu      sync.Mutex
-	routes  map[string]memoryRoute
-	inserts int
-}
-
-type memoryRoute struct {
-	responseRoute
-	expiry time.Time
-}
-
-func (m *memoryRoutes) remember(_ context.Context, id string, r responseRoute, ttl time.Duration) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	now := time.Now()
-	if m.inserts++; m.inserts%4096 == 0 {
-		for k, v := range m.routes {
-			if now.After(v.expiry) {
-				delete(m.routes, k)
-			}
-		}
-	}
-	m.routes[id] = memoryRoute{r, now.Add(ttl)}
-	return nil
-}
-
-func (m *memoryRoutes) lookup(_ context.Context, id string) (responseRoute, bool, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	v, ok := m.routes[id]
-	if !ok || time.Now().After(v.expiry) {
-		return responseRoute{}, false, nil
-	}
-	return v.responseRoute, true, nil
-}
-
-// redisRoutes keeps them in Redis, one key per response id.
-type redisRoutes struct {
-	client redis.UniversalClient
-	prefix string
-}
-
-func (r *redisRoutes) remember(ctx context.Context, id string, rt responseRoute, ttl time.Duration) error {
-	return r.client.Set(ctx, r.prefix+"resp:"+id, rt.String(), ttl).Err()
-}
-
-func (r *redisRoutes) lookup(ctx context.Context, id string) (responseRoute, bool, error) {
-	s, err := r.client.Get(ctx, r.prefix+"resp:"+id).Result()
-	if err == redis.Nil {
-		return responseRoute{}, false, nil
-	}
-	if err != nil {
-		return responseRoute{}, false, err
-	}
-	rt, ok := parseResponseRoute(s)
-	return rt, ok, nil
-}
-
 // provisionResponseRoutes sets up where routes are kept.
 func (h *Handler) provisionResponseRoutes() error {
 	if h.ResponseTTL == 0 {
 		h.ResponseTTL = caddy.Duration(defaultResponseTTL)
 	}
-	if h.redis != nil {
-		h.responses = &redisRoutes{client: h.redis.Client(), prefix: h.redisPrefix()}
-		return nil
-	}
-	m, err := share(h, responsePool, h.upstreamSet(), plain(&memoryRoutes{routes: map[string]memoryRoute{}}))
-	h.responses = m
+	var err error
+	h.responses, err = h.recallStore("resp:")
 	return err
 }
 
@@ -123,11 +51,12 @@ func (h *Handler) followUp(x *exchange) *pin {
 	}
 	ctx, cancel := context.WithTimeout(x.r.Context(), time.Second)
 	defer cancel()
-	rt, ok, err := h.responses.lookup(ctx, x.in.previousResponse)
+	s, ok, err := h.responses.get(ctx, x.in.previousResponse)
 	if err != nil {
 		h.logger.Warn("looking up a previous response failed; routing as usual", zap.Error(err))
 	}
-	if !ok {
+	rt, parsed := parseResponseRoute(s)
+	if !ok || !parsed {
 		return nil
 	}
 	for _, u := range x.cands {
@@ -152,7 +81,7 @@ func (h *Handler) rememberResponse(x *exchange, snap relaySnapshot) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	rt := responseRoute{upstream: x.at.up.URL, key: x.at.key.id}
-	if err := h.responses.remember(ctx, snap.answerID, rt, time.Duration(h.ResponseTTL)); err != nil {
+	if err := h.responses.set(ctx, snap.answerID, rt.String(), time.Duration(h.ResponseTTL)); err != nil {
 		h.logger.Warn("remembering a response's upstream failed", zap.Error(err))
 	}
 }

@@ -25,8 +25,8 @@ var (
 	cachePool  = caddy.NewUsagePool() // cache bound and upstream set → *cache.Memory
 	redisPool  = caddy.NewUsagePool() // connection settings → *store.Redis
 	busPool    = caddy.NewUsagePool() // connection settings → *routeBus
-	// upstream set → *memoryRoutes (Responses API follow-ups)
-	responsePool = caddy.NewUsagePool()
+	// kind and upstream set → *memoryRecall (recall.go)
+	recallPool = caddy.NewUsagePool()
 )
 
 // poolValue looks a pool's value up without taking a reference.

@@ -473,6 +473,7 @@ func (h *Handler) recordUsage(x *exchange, snap relaySnapshot) {
 			ttft: ttft, cache: cacheResult, requestID: in.id, upstreamID: upstreamID, cost: x.cost, priced: x.priced}
 		repl.Map(p.get)
 	}
+	h.keepUsageRecord(x, snap, ttft, tps, cacheResult)
 	model := h.modelLabel(in.model)
 	metrics.requests.WithLabelValues(model, upstream, strconv.Itoa(status)).Inc()
 	metrics.duration.WithLabelValues(model, upstream).Observe(duration.Seconds())

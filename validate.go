@@ -14,9 +14,11 @@ import (
 // what it read, so a Caddyfile user gets the same message with its line
 // number.
 
-func checkStopEndpoint(p string) error {
+func checkStopEndpoint(p string) error { return checkEndpointPath("stop_endpoint", p) }
+
+func checkEndpointPath(name, p string) error {
 	if !strings.HasPrefix(p, "/") || strings.HasSuffix(p, "/") || strings.ContainsAny(p, "*?{}") {
-		return errors.New("stop_endpoint: must be a path such as /v1/stop (no trailing slash, no wildcards)")
+		return fmt.Errorf("%s: must be a path such as /v1/%s (no trailing slash, no wildcards)", name, strings.TrimSuffix(name, "_endpoint"))
 	}
 	return nil
 }
