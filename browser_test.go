@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -103,6 +104,7 @@ func TestDemoPageInBrowser(t *testing.T) {
 			if len(steps) < 10 {
 				t.Errorf("the answer appeared in %d steps (%v), want it token by token", len(steps), steps)
 			}
+			checkFigures(t, ctx, c, "miss")
 			shot, err := chromedp.Run(ctx, chromedp.FullScreenshot(100))
 			if err != nil {
 				t.Fatal(err)
@@ -123,7 +125,7 @@ func TestDemoPageInBrowser(t *testing.T) {
 				t.Errorf("the answer ran to its end despite Stop: %q", text)
 			}
 			time.Sleep(300 * time.Millisecond)
-			later, err := chromedp.Run(ctx, chromedp.TextContent(".assistant:last-of-type"))
+			later, err := chromedp.Run(ctx, chromedp.Evaluate[string](`[...document.querySelectorAll(".assistant")].pop().textContent`))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -143,6 +145,58 @@ func TestDemoPageInBrowser(t *testing.T) {
 	}
 	if shot, err := chromedp.Run(ctx, chromedp.FullScreenshot(100)); err == nil {
 		_ = os.WriteFile(filepath.Join(artifacts, "demo-stopped.png"), shot, 0o644)
+	}
+
+	// A fresh page asks the first question again: the server's cache
+	// answers it, and the figures say so.
+	if err := chromedp.Do(ctx, chromedp.Navigate(c.base()+"/"), chromedp.WaitReady("#q")); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, status := askInBrowser(t, ctx, "http", "Hello!", false); status != "done" {
+		t.Fatalf("the repeated question: status %q", status)
+	}
+	checkFigures(t, ctx, c, "hit")
+	if shot, err := chromedp.Run(ctx, chromedp.FullScreenshot(100)); err == nil {
+		_ = os.WriteFile(filepath.Join(artifacts, "demo-cached.png"), shot, 0o644)
+	}
+}
+
+// checkFigures reads the figures under the last answer and requires them
+// to be what the server's usage line says of that request.
+func checkFigures(t *testing.T, ctx context.Context, c *instance, cache string) {
+	t.Helper()
+	type figures struct {
+		Text             string `json:"text"`
+		RequestID        string `json:"requestId"`
+		PromptTokens     string `json:"promptTokens"`
+		CompletionTokens string `json:"completionTokens"`
+		CostUSD          string `json:"costUsd"`
+		Cache            string `json:"cache"`
+	}
+	var f figures
+	for deadline := time.Now().Add(5 * time.Second); f.RequestID == "" && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		var err error
+		f, err = chromedp.Run(ctx, chromedp.Evaluate[figures](`(() => {
+			const a = [...document.querySelectorAll(".assistant")].pop();
+			const el = a && a.nextElementSibling;
+			return el && el.classList.contains("figures") ? { text: el.textContent, ...el.dataset } : {};
+		})()`))
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if f.RequestID == "" {
+		t.Fatal("no figures under the answer")
+	}
+	line := regexp.MustCompile(`.*"request_id":"` + f.RequestID + `".*`).FindString(c.waitLog(`"request_id":"` + f.RequestID + `"`))
+	for _, want := range []string{`"prompt_tokens":` + f.PromptTokens + `,`, `"completion_tokens":` + f.CompletionTokens + `,`,
+		`"cost_usd":` + f.CostUSD + `,`, `"cache":"` + f.Cache + `"`, `"cache":"` + cache + `"`} {
+		if !strings.Contains(line, want) {
+			t.Errorf("the figures %q (%+v) disagree with the usage line %s: no %s", f.Text, f, line, want)
+		}
+	}
+	if !strings.Contains(f.Text, "first token") || !strings.Contains(f.Text, "tokens/s") || !strings.Contains(f.Text, "$") {
+		t.Errorf("figures %q", f.Text)
 	}
 }
 
@@ -167,7 +221,7 @@ func askInBrowser(t *testing.T, ctx context.Context, mode, question string, stop
 			Status string `json:"status"`
 		}
 		state, err := chromedp.Run(ctx, chromedp.Evaluate[pageState](`({
-			text: (document.querySelector(".assistant:last-of-type") || {}).textContent || "",
+			text: ([...document.querySelectorAll(".assistant")].pop() || {}).textContent || "",
 			status: document.getElementById("status").textContent,
 		})`))
 		if err != nil {
