@@ -87,6 +87,9 @@ func (h *Handler) provisionLimits() error {
 		Concurrent: l.Concurrent, SlotTTL: time.Duration(l.SlotLease),
 		Spend: int64(math.Round(l.Spend * nanoUSD)), SpendWindow: time.Duration(l.SpendWindow),
 	}
+	if l.Concurrent > 0 || l.Spend > 0 {
+		h.leases = &leaseKeeper{h: h, live: map[*admission]struct{}{}, done: make(chan struct{})}
+	}
 	if h.redis != nil {
 		h.store = h.redis
 		return nil
@@ -109,9 +112,7 @@ func (h *Handler) provisionLimits() error {
 type admission struct {
 	a       store.Admission
 	skipped bool // nothing recorded (no limits, or fail-open)
-	lease   *time.Timer
-	mu      sync.Mutex
-	settled bool
+	leased  bool // its lease is renewed by the handler's leaseKeeper
 }
 
 // reserve is the stage that claims what the limits allow: a request slot,
@@ -183,8 +184,9 @@ func (h *Handler) admitLimits(ctx context.Context, identity string, reserve, spe
 		return nil, e
 	}
 	h.inflight.Add(1)
-	if h.limits.Concurrent > 0 || h.limits.Spend > 0 {
-		h.renewLease(ad)
+	if h.leases != nil {
+		ad.leased = true
+		h.leases.add(ad)
 	}
 	return ad, nil
 }
@@ -220,26 +222,72 @@ func (h *Handler) rateOf(x *exchange) (rate, bool) {
 	return h.prices.lookup(x.in.model)
 }
 
-// renewLease keeps an admitted request's concurrency slot while it lives:
-// every third of the lease the slot's expiry moves a lease ahead, so a
-// crashed instance's slots expire within one lease.
-func (h *Handler) renewLease(ad *admission) {
-	lease := h.limits.SlotTTL
-	ad.mu.Lock() // the callback reads ad.lease under it
-	defer ad.mu.Unlock()
-	ad.lease = time.AfterFunc(lease/3, func() {
+// leaseKeeper renews the leases of a handler's requests in flight
+// (concurrency slots, spend reservations): one goroutine renews them all
+// every third of the lease, in one batch (one Redis pipeline), instead of
+// a timer per request; an instance that dies stops renewing, and what it
+// held expires within one lease.
+type leaseKeeper struct {
+	h       *Handler
+	mu      sync.Mutex
+	live    map[*admission]struct{}
+	started bool
+	done    chan struct{}
+}
+
+// run renews every third of the lease until stop.
+func (k *leaseKeeper) run() {
+	h, lease := k.h, k.h.limits.SlotTTL
+	t := time.NewTicker(lease / 3)
+	defer t.Stop()
+	var batch []store.Admission
+	for {
+		select {
+		case <-k.done:
+			return
+		case <-t.C:
+		}
+		batch = batch[:0]
+		k.mu.Lock()
+		for ad := range k.live {
+			batch = append(batch, ad.a)
+		}
+		k.mu.Unlock()
+		if len(batch) == 0 {
+			continue
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), lease/3)
-		err := h.store.Renew(ctx, h.limits, ad.a, time.Now().Add(lease))
+		err := h.store.Renew(ctx, h.limits, batch, time.Now().Add(lease))
 		cancel()
 		if err != nil {
-			h.logger.Warn("renewing a concurrency slot failed", zap.String("identity", ad.a.ID), zap.Error(err))
+			h.logger.Warn("renewing the leases of requests in flight failed", zap.Int("requests", len(batch)), zap.Error(err))
 		}
-		ad.mu.Lock()
-		defer ad.mu.Unlock()
-		if !ad.settled {
-			ad.lease.Reset(lease / 3)
-		}
-	})
+	}
+}
+
+// add starts renewing ad's lease (and the keeper, on its first request).
+func (k *leaseKeeper) add(ad *admission) {
+	k.mu.Lock()
+	k.live[ad] = struct{}{}
+	if !k.started {
+		k.started = true
+		go k.run()
+	}
+	k.mu.Unlock()
+}
+
+func (k *leaseKeeper) remove(ad *admission) {
+	k.mu.Lock()
+	delete(k.live, ad)
+	k.mu.Unlock()
+}
+
+// stop ends the renewals; Cleanup calls it once the handler's requests
+// ended.
+func (k *leaseKeeper) stop() {
+	if k != nil {
+		close(k.done)
+	}
 }
 
 // settle releases the slot and the spend reservation, corrects the token
@@ -251,12 +299,9 @@ func (h *Handler) settle(ad *admission, u *usage, cost int64) {
 		return
 	}
 	defer h.inflight.Done()
-	ad.mu.Lock()
-	ad.settled = true
-	if ad.lease != nil {
-		ad.lease.Stop()
+	if ad.leased {
+		h.leases.remove(ad)
 	}
-	ad.mu.Unlock()
 	var delta int64
 	switch u.status {
 	case usageCached:

@@ -278,8 +278,9 @@ type Handler struct {
 	allowPaths    []string
 	pathMatcher   caddyhttp.MatchPath
 	prices        *priceList
-	responses     recall // Responses API answer id → its upstream and key
-	usageRecords  recall // request or answer id → its usage record
+	leases        *leaseKeeper // renews the leases of requests in flight
+	responses     recall       // Responses API answer id → its upstream and key
+	usageRecords  recall       // request or answer id → its usage record
 	limits        store.Limits
 	store         store.Store
 	redis         *store.Redis    // the `store redis` server
@@ -450,6 +451,7 @@ func (h *Handler) Cleanup() error {
 		if inflight != nil {
 			inflight.Wait()
 		}
+		h.leases.stop()
 		h.releasePools()
 	}()
 	return nil

@@ -152,13 +152,15 @@ func (m *Memory) Settle(_ context.Context, l Limits, a Admission, delta, cost in
 }
 
 // Renew implements Store.
-func (m *Memory) Renew(_ context.Context, _ Limits, a Admission, until time.Time) error {
+func (m *Memory) Renew(_ context.Context, _ Limits, as []Admission, until time.Time) error {
 	m.slots.mu.Lock()
 	defer m.slots.mu.Unlock()
-	if held := m.slots.held[a.ID]; held != nil {
-		if s, ok := held[a.Slot]; ok {
-			s.expiry = until
-			held[a.Slot] = s
+	for _, a := range as {
+		if held := m.slots.held[a.ID]; held != nil {
+			if s, ok := held[a.Slot]; ok {
+				s.expiry = until
+				held[a.Slot] = s
+			}
 		}
 	}
 	return nil

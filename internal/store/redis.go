@@ -237,17 +237,26 @@ func (r *Redis) Close() error { return r.client.Close() }
 // Client is the Redis client, for other state kept on the same server.
 func (r *Redis) Client() redis.UniversalClient { return r.client }
 
-// Renew implements Store: the slot's lease (and with it the spend
-// reservation) runs until until, if the slot is still held.
-func (r *Redis) Renew(ctx context.Context, l Limits, a Admission, until time.Time) error {
-	key := slotKey(r.prefix, a.ID)
-	// The keys outlive every lease in them; the lease itself is the score.
-	ttl := until.Sub(a.Now) + time.Millisecond
+// Renew implements Store: each slot's lease (and with it the spend
+// reservation) runs until until, if the slot is still held; one pipeline
+// for the whole batch.
+func (r *Redis) Renew(ctx context.Context, l Limits, as []Admission, until time.Time) error {
 	_, err := r.client.Pipelined(ctx, func(p redis.Pipeliner) error {
-		p.ZAddXX(ctx, key, redis.Z{Score: float64(until.UnixMilli()), Member: a.Slot})
-		p.PExpire(ctx, key, ttl)
-		if l.Spend > 0 {
-			p.PExpire(ctx, reservedKey(r.prefix, a.ID), ttl)
+		seen := map[string]bool{}
+		for _, a := range as {
+			key := slotKey(r.prefix, a.ID)
+			p.ZAddXX(ctx, key, redis.Z{Score: float64(until.UnixMilli()), Member: a.Slot})
+			if seen[a.ID] {
+				continue
+			}
+			seen[a.ID] = true
+			// The keys outlive every lease in them; the lease itself is the
+			// score.
+			ttl := until.Sub(a.Now) + time.Millisecond
+			p.PExpire(ctx, key, ttl)
+			if l.Spend > 0 {
+				p.PExpire(ctx, reservedKey(r.prefix, a.ID), ttl)
+			}
 		}
 		return nil
 	})

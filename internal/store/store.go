@@ -55,9 +55,9 @@ type Store interface {
 	// what it cost (nano-dollars) to the spend, both in the windows the
 	// request was admitted in.
 	Settle(ctx context.Context, l Limits, a Admission, delta, cost int64) error
-	// Renew extends the lease of the request in flight until the given
-	// time.
-	Renew(ctx context.Context, l Limits, a Admission, until time.Time) error
+	// Renew extends the leases of requests in flight until the given
+	// time, all at once.
+	Renew(ctx context.Context, l Limits, as []Admission, until time.Time) error
 	Close() error
 }
 

@@ -163,7 +163,7 @@ func TestSpendReservationsAndSettlement(t *testing.T) {
 		}
 		// A renewed lease keeps its reservation.
 		a4, _ := admit("s4", 400, 5*time.Minute)
-		if err := s.Renew(ctx, l, a4, t0.Add(5*time.Minute+3*l.SlotTTL)); err != nil {
+		if err := s.Renew(ctx, l, []Admission{a4}, t0.Add(5*time.Minute+3*l.SlotTTL)); err != nil {
 			t.Fatal(err)
 		}
 		if _, d := admit("s5", 400, 5*time.Minute+2*l.SlotTTL); d.Allowed {
