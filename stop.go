@@ -66,18 +66,28 @@ func (h *Handler) isStopPath(path string) bool {
 	return h.StopEndpoint != "" && strings.HasPrefix(path, h.StopEndpoint+"/")
 }
 
+// endpointID is the id in the path of a request to <endpoint>/<id>, or
+// the error to answer: a wrong method (with Allow set) or a bad id.
+func endpointID(w http.ResponseWriter, r *http.Request, method, endpoint, what, idIs string) (string, *apiError) {
+	id := strings.TrimPrefix(r.URL.Path, endpoint+"/")
+	if r.Method != method {
+		w.Header().Set("Allow", method)
+		return "", &apiError{Status: http.StatusMethodNotAllowed, Type: typeInvalidRequest, Code: "method_not_allowed",
+			Message: what + " with " + method + " " + endpoint + "/<id>"}
+	}
+	if id == "" || strings.Contains(id, "/") || len(id) > 200 {
+		return "", &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: "invalid_request_id",
+			Message: "the path must be " + endpoint + "/<id>, with " + idIs}
+	}
+	return id, nil
+}
+
 // serveStop answers POST <stop_endpoint>/<request_id>: the generation is
 // stopped here or, with a shared store, on the instance running it.
 func (h *Handler) serveStop(w http.ResponseWriter, r *http.Request, owner string) error {
-	id := strings.TrimPrefix(r.URL.Path, h.StopEndpoint+"/")
-	if r.Method != http.MethodPost {
-		w.Header().Set("Allow", http.MethodPost)
-		return h.reject(w, "", &apiError{Status: http.StatusMethodNotAllowed, Type: typeInvalidRequest, Code: "method_not_allowed",
-			Message: "stop a generation with POST " + h.StopEndpoint + "/<request_id>"})
-	}
-	if id == "" || strings.Contains(id, "/") || len(id) > 128 {
-		return h.reject(w, "", &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: "invalid_request_id",
-			Message: "the path must be " + h.StopEndpoint + "/<request_id>, with the X-Request-Id of the generation"})
+	id, aerr := endpointID(w, r, http.MethodPost, h.StopEndpoint, "stop a generation", "the X-Request-Id of the generation")
+	if aerr != nil {
+		return h.reject(w, "", aerr)
 	}
 	found := stop.Local(id, owner)
 	if !found && h.stops != nil {

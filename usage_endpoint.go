@@ -96,15 +96,9 @@ func (h *Handler) keepUsageRecord(x *exchange, snap relaySnapshot, ttft time.Dur
 
 // serveUsage answers GET <usage_endpoint>/<id>.
 func (h *Handler) serveUsage(w http.ResponseWriter, r *http.Request, owner string) error {
-	id := strings.TrimPrefix(r.URL.Path, h.UsageEndpoint+"/")
-	if r.Method != http.MethodGet {
-		w.Header().Set("Allow", http.MethodGet)
-		return h.reject(w, "", &apiError{Status: http.StatusMethodNotAllowed, Type: typeInvalidRequest, Code: "method_not_allowed",
-			Message: "read a request's usage with GET " + h.UsageEndpoint + "/<request_id>"})
-	}
-	if id == "" || strings.Contains(id, "/") || len(id) > 200 {
-		return h.reject(w, "", &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: "invalid_request_id",
-			Message: "the path must be " + h.UsageEndpoint + "/<id>, with a request's X-Request-Id or its answer's id"})
+	id, aerr := endpointID(w, r, http.MethodGet, h.UsageEndpoint, "read a request's usage", "a request's X-Request-Id or its answer's id")
+	if aerr != nil {
+		return h.reject(w, "", aerr)
 	}
 	s, ok, err := h.usageRecords.get(r.Context(), id)
 	if err != nil {
