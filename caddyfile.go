@@ -88,6 +88,9 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    }
 //	    on_disconnect       cancel|drain [<max_duration>]
 //	    log_prompts         off|redacted|full
+//	    log_prompts sealed {
+//	        recipient <age_public_key|file>...
+//	    }
 //	    redact              phone|id_card|email|api_key...
 //	    deny_words          <word>...
 //	    deny_words_file     <path>
@@ -419,8 +422,28 @@ func parseLogPromptsOption(h *Handler, d *caddyfile.Dispenser) error {
 	switch v := d.Val(); v {
 	case "off", "redacted", "full":
 		h.LogPrompts = v
+	case "sealed":
+		h.LogPrompts = v
+		h.Seal = new(SealConfig)
+		for nesting := d.Nesting(); d.NextBlock(nesting); {
+			if d.Val() != "recipient" {
+				return d.Errf("log_prompts sealed: unrecognized '%s' (want recipient)", d.Val())
+			}
+			keys := d.RemainingArgs()
+			if len(keys) == 0 {
+				return d.ArgErr()
+			}
+			h.Seal.Recipients = append(h.Seal.Recipients, keys...)
+		}
+		if len(h.Seal.Recipients) == 0 {
+			return d.Err("log_prompts sealed: at least one recipient is required")
+		}
+		return nil
 	default:
-		return d.Errf("log_prompts: '%s' is not off, redacted or full", v)
+		return d.Errf("log_prompts: '%s' is not off, redacted, full or sealed", v)
+	}
+	if d.NextArg() {
+		return d.ArgErr()
 	}
 	return nil
 }

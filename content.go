@@ -2,6 +2,7 @@ package llmstream
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -19,8 +20,16 @@ func (h *Handler) provisionContentRules() error {
 	case "", "off":
 		h.LogPrompts = "off"
 	case "redacted", "full":
+	case "sealed":
+		if h.Seal == nil {
+			return errors.New("log_prompts sealed: recipients are required")
+		}
+		var err error
+		if h.recipients, err = parseRecipients(h.Seal.Recipients); err != nil {
+			return err
+		}
 	default:
-		return fmt.Errorf("log_prompts: %q is not off, redacted or full", h.LogPrompts)
+		return fmt.Errorf("log_prompts: %q is not off, redacted, full or sealed", h.LogPrompts)
 	}
 	var kinds []redact.Kind
 	for _, k := range h.Redact {
@@ -216,13 +225,18 @@ func capText(s string) string {
 // logPrompt writes the `llm prompt` line: the request's text and the
 // assembled answer, masked before zap sees them when log_prompts is
 // redacted.
-func (h *Handler) logPrompt(identity, model, prompt, answer string) {
-	if h.LogPrompts != "redacted" && h.LogPrompts != "full" {
+func (h *Handler) logPrompt(id, identity, model, prompt, answer string) {
+	if h.LogPrompts == "off" {
 		return
 	}
 	prompt, answer = capText(prompt), capText(answer)
-	if h.LogPrompts == "redacted" {
+	// Sealed entries are masked too when redact is set: defence in depth.
+	if h.LogPrompts == "redacted" || h.LogPrompts == "sealed" && len(h.Redact) > 0 {
 		prompt, answer = h.redactor.String(prompt), h.redactor.String(answer)
+	}
+	if h.LogPrompts == "sealed" {
+		h.logSealed(id, identity, model, prompt, answer)
+		return
 	}
 	h.logger.Info("llm prompt",
 		zap.String("identity", identity),

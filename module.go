@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"filippo.io/age"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/headers"
@@ -221,6 +222,11 @@ type Handler struct {
 	// (verbatim: unsafe, personal data reaches the logs).
 	LogPrompts string `json:"log_prompts,omitempty"`
 
+	// Who can open prompt logs when LogPrompts is `sealed`: each entry is
+	// encrypted to these age recipients before it is written, and the
+	// server holds only their public keys.
+	Seal *SealConfig `json:"seal,omitempty"`
+
 	// What `log_prompts redacted` masks: `phone` (Chinese mobile numbers),
 	// `id_card` (Chinese resident ID numbers with a valid check digit),
 	// `email`, `api_key` (`sk-…`, `AIza…`, long bearer tokens). Default: all.
@@ -295,6 +301,7 @@ type Handler struct {
 	held []poolRef // usage-pool entries, released in Cleanup (state.go)
 
 	redactor     *redact.Redactor
+	recipients   []age.Recipient // log_prompts sealed
 	deny         *denyword.Matcher
 	denyRequest  bool
 	denyResponse bool

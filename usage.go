@@ -580,6 +580,6 @@ func (h *Handler) finish(x *exchange) {
 		if answer == "" && len(rl.jsonBuf) > 0 {
 			answer = answerText(rl.jsonBuf)
 		}
-		h.logPrompt(x.identity, x.in.model, x.prompt, answer)
+		h.logPrompt(x.in.id, x.identity, x.in.model, x.prompt, answer)
 	}
 }
