@@ -120,7 +120,7 @@ func openLog(in io.Reader, out, errs io.Writer, ids []age.Identity) (opened, fai
 		e, uerr := unseal(ids, *line.Sealed)
 		if uerr != nil {
 			failed++
-			fmt.Fprintf(errs, "line %d (request %s): cannot open: %v\n", n, line.RequestID, uerr)
+			_, _ = fmt.Fprintf(errs, "line %d (request %s): cannot open: %v\n", n, line.RequestID, uerr)
 			continue
 		}
 		opened++
