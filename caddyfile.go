@@ -60,6 +60,11 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    retry_backoff       <base> <max>
 //	    unhealthy_after     <n> <cooldown>
 //	    first_token_timeout <duration>
+//	    route {
+//	        if `<expression>` model <name>
+//	        default model <name>
+//	    }
+//	    route_models        <name>...
 //	    key_affinity        auto|prompt_cache_key|user|prefix|header <name>|off
 //	    response_ttl        <duration>
 //	    client_key          <key>|sha256:<hex> [<name>]
@@ -173,6 +178,8 @@ type subdirective struct {
 // subdirectives are the llm_stream options but upstream, which shapes the
 // topology and is read by UnmarshalCaddyfile itself.
 var subdirectives = map[string]subdirective{
+	"route":               {parse: parseRouteOption},
+	"route_models":        {parse: parseRouteModelsOption},
 	"price":               {parse: parsePriceOption, repeatable: true},
 	"prices_file":         {parse: parsePricesFileOption},
 	"response_ttl":        {parse: parseResponseTTLOption},
@@ -259,6 +266,55 @@ func parseAllowPaths(h *Handler, d *caddyfile.Dispenser) error {
 		return d.ArgErr()
 	}
 	h.AllowPaths = append(h.AllowPaths, args...)
+	return nil
+}
+
+// parseRouteOption reads
+//
+//	route {
+//	    if `<expression>` model <name>
+//	    default model <name>
+//	}
+//
+// The expression is compiled here too, so that a bad one fails with its
+// line.
+func parseRouteOption(h *Handler, d *caddyfile.Dispenser) error {
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	h.Route = new(RouteRules)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "if":
+			args := d.RemainingArgs()
+			if len(args) != 3 || args[1] != "model" {
+				return d.Err("route: want if `<expression>` model <name>")
+			}
+			if _, err := compileRouteExpr(args[0]); err != nil {
+				return d.Err(err.Error())
+			}
+			h.Route.Rules = append(h.Route.Rules, RouteRule{If: args[0], Model: args[2]})
+		case "default":
+			args := d.RemainingArgs()
+			if len(args) != 2 || args[0] != "model" {
+				return d.Err("route: want default model <name>")
+			}
+			h.Route.Default = args[1]
+		default:
+			return d.Errf("route: unrecognized '%s' (want if or default)", d.Val())
+		}
+	}
+	if len(h.Route.Rules) == 0 && h.Route.Default == "" {
+		return d.Err("route: no rule and no default")
+	}
+	return nil
+}
+
+func parseRouteModelsOption(h *Handler, d *caddyfile.Dispenser) error {
+	h.RouteModels = d.RemainingArgs()
+	if len(h.RouteModels) == 0 {
+		return d.ArgErr()
+	}
 	return nil
 }
 

@@ -1,6 +1,7 @@
 package llmstream
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -78,47 +79,89 @@ const maxLoggedText = 64 << 10
 
 // requestText is the text a request sends to the model: the string
 // contents of messages, system, prompt and input (also inside content
-// parts), one piece a line. Tool definitions and other members are left out.
+// parts), one piece a line. Tool definitions and other members are left
+// out. It walks the body's bytes (valid JSON, checked when it was read)
+// without decoding it into values.
 func requestText(body []byte) string {
-	var top map[string]json.RawMessage
-	if json.Unmarshal(body, &top) != nil {
-		return ""
-	}
-	var sb strings.Builder
-	for _, k := range []string{"system", "messages", "prompt", "input", "contents"} {
-		if raw, ok := top[k]; ok {
-			var v any
-			if json.Unmarshal(raw, &v) == nil {
-				collectText(&sb, v, k)
+	var top [len(textMembers)][]byte
+	forEachMember(body, func(key, v []byte) {
+		for i, k := range textMembers {
+			if string(key) == k {
+				top[i] = v
 			}
+		}
+	})
+	var sb strings.Builder
+	for i, k := range textMembers {
+		if top[i] != nil {
+			collectText(&sb, top[i], k)
 		}
 	}
 	return sb.String()
 }
 
-// collectText walks a decoded JSON value and writes the strings that are
-// message text: strings directly under the top member, and the values of
+// textMembers are the top-level members that hold a request's text, in
+// the order it is written.
+var textMembers = [...]string{"system", "messages", "prompt", "input", "contents"}
+
+// collectText walks a JSON value and writes the strings that are message
+// text: strings directly under the top member, and the values of
 // "content", "text" and "parts" members below it.
-func collectText(sb *strings.Builder, v any, key string) {
-	switch t := v.(type) {
-	case string:
+func collectText(sb *strings.Builder, v []byte, key string) {
+	if len(v) == 0 {
+		return
+	}
+	switch v[0] {
+	case '"':
 		switch key {
 		case "system", "prompt", "input", "content", "text":
 			if sb.Len() > 0 {
 				sb.WriteByte('\n')
 			}
-			sb.WriteString(t)
+			writeJSONString(sb, v)
 		}
-	case []any:
-		for _, e := range t {
-			collectText(sb, e, key)
-		}
-	case map[string]any:
-		for _, k := range []string{"content", "text", "parts"} {
-			if e, ok := t[k]; ok {
-				collectText(sb, e, k)
+	case '[':
+		for i := skipSpace(v, 1); i < len(v) && v[i] != ']'; {
+			end := skipValue(v, i)
+			if end <= i {
+				return
+			}
+			collectText(sb, v[i:end], key)
+			if i = skipSpace(v, end); i < len(v) && v[i] == ',' {
+				i = skipSpace(v, i+1)
 			}
 		}
+	case '{':
+		var parts [3][]byte // content, text, parts
+		forEachMember(v, func(k, e []byte) {
+			switch string(k) {
+			case "content":
+				parts[0] = e
+			case "text":
+				parts[1] = e
+			case "parts":
+				parts[2] = e
+			}
+		})
+		for i, k := range [...]string{"content", "text", "parts"} {
+			if parts[i] != nil {
+				collectText(sb, parts[i], k)
+			}
+		}
+	}
+}
+
+// writeJSONString writes the value of a JSON string literal: its bytes
+// when it has no escapes, else decoded.
+func writeJSONString(sb *strings.Builder, lit []byte) {
+	inner := lit[1 : len(lit)-1]
+	if bytes.IndexByte(inner, '\\') < 0 {
+		sb.Write(inner)
+		return
+	}
+	var s string
+	if json.Unmarshal(lit, &s) == nil {
+		sb.WriteString(s)
 	}
 }
 

@@ -2,8 +2,10 @@ package llmstream
 
 import (
 	"bufio"
+	"encoding/json"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -249,5 +251,111 @@ func TestDenyWordsInJSONAnswers(t *testing.T) {
 	rest, _ := io.ReadAll(resp.Body)
 	if string(rest) != "-second-part" {
 		t.Errorf("rest of the audio: %q", rest)
+	}
+}
+
+// requestTextDecoded is requestText as it was written first, decoding the
+// body into values: the reference the byte walker must agree with.
+func requestTextDecoded(body []byte) string {
+	var top map[string]json.RawMessage
+	if json.Unmarshal(body, &top) != nil {
+		return ""
+	}
+	var sb strings.Builder
+	var collect func(v any, key string)
+	collect = func(v any, key string) {
+		switch t := v.(type) {
+		case string:
+			switch key {
+			case "system", "prompt", "input", "content", "text":
+				if sb.Len() > 0 {
+					sb.WriteByte('\n')
+				}
+				sb.WriteString(t)
+			}
+		case []any:
+			for _, e := range t {
+				collect(e, key)
+			}
+		case map[string]any:
+			for _, k := range []string{"content", "text", "parts"} {
+				if e, ok := t[k]; ok {
+					collect(e, k)
+				}
+			}
+		}
+	}
+	for _, k := range []string{"system", "messages", "prompt", "input", "contents"} {
+		if raw, ok := top[k]; ok {
+			var v any
+			if json.Unmarshal(raw, &v) == nil {
+				collect(v, k)
+			}
+		}
+	}
+	return sb.String()
+}
+
+// The byte walker finds the same text as decoding the body would, for
+// every API's shape, escapes and nesting included.
+func TestRequestTextAgreesWithDecoding(t *testing.T) {
+	bodies := []string{
+		`{"model":"m","messages":[{"role":"system","content":"Be \"brief\"\n\u00e9\ud83d\ude00"},{"role":"user","content":[{"type":"text","text":"look"},{"type":"image_url","image_url":{"url":"data:x"}}]}]}`,
+		`{"system":[{"type":"text","text":"S1","cache_control":{"type":"ephemeral"}}],"messages":[{"role":"user","content":"Q"}],"max_tokens":5}`,
+		`{"instructions":"I","input":[{"role":"user","content":[{"type":"input_text","text":"T"}]},{"type":"function_call_output","output":"o"}]}`,
+		`{"input":"just a string","model":"m"}`,
+		`{"contents":[{"role":"user","parts":[{"text":"G1"},{"inlineData":{"mimeType":"image/png","data":"x"}}]},{"role":"model","parts":[{"text":"G2"}]}]}`,
+		`{"prompt":["a","b"],"messages":[],"system":"late system","input":{"content":"nested"}}`,
+		` { "messages" : [ { "content" : "spaced" , "role" : "user" } ] , "messages":[{"content":"dup wins"}] } `,
+		`{"model":"m","tools":[{"type":"function","function":{"name":"f","description":"not text"}}]}`,
+		`[1,2,3]`,
+	}
+	for _, p := range providerStreams(0) {
+		bodies = append(bodies, p.body)
+	}
+	for _, b := range bodies {
+		if got, want := requestText([]byte(b)), requestTextDecoded([]byte(b)); got != want {
+			t.Errorf("%s:\ngot  %q\nwant %q", b, got, want)
+		}
+	}
+}
+
+func BenchmarkRequestText(b *testing.B) {
+	body := []byte(`{"model":"auto","stream":true,"messages":[{"role":"system","content":"You are careful."},{"role":"user","content":"Please review this contract for me."}]}`)
+	b.ReportAllocs()
+	for b.Loop() {
+		_ = requestText(body)
+	}
+}
+
+// skipString finds the end of every JSON string literal json.Marshal can
+// write, whatever its escapes, and the rest of the body is untouched.
+func TestSkipStringEndsWhereTheLiteralEnds(t *testing.T) {
+	pieces := []string{`\`, `"`, `\\`, `a`, "\n", `é`, `\"`, `/`}
+	rng := rand.New(rand.NewPCG(1, 2))
+	for range 5000 {
+		var sb strings.Builder
+		for range rng.IntN(12) {
+			sb.WriteString(pieces[rng.IntN(len(pieces))])
+		}
+		lit, _ := json.Marshal(sb.String())
+		b := append(append([]byte{}, lit...), `,"next":1}`...)
+		if end := skipString(b, 0); end != len(lit) {
+			t.Fatalf("%s: ends at %d, want %d", b, end, len(lit))
+		}
+	}
+}
+
+// A member name written with escapes is found by the name it decodes to,
+// so rewriting the model cannot be dodged by spelling "model" otherwise.
+func TestTopLevelValueDecodesEscapedNames(t *testing.T) {
+	for _, body := range []string{`{"mod\u0065l":"auto","x":1}`, `{"x":{"model":"inner"},"model":"auto"}`, ` { "model" : "auto" } `} {
+		s, e := topLevelValue([]byte(body), "model")
+		if s < 0 || body[s:e] != `"auto"` {
+			t.Errorf("%s: found %d..%d", body, s, e)
+		}
+		if got := string(withModel([]byte(body), "chosen")); !strings.Contains(got, `"chosen"`) || strings.Contains(got, `"auto"`) {
+			t.Errorf("%s: rewritten to %s", body, got)
+		}
 	}
 }

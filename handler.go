@@ -25,6 +25,7 @@ type exchange struct {
 	prompt string   // its text, for deny words and prompt logs
 
 	// route, cache, reserve
+	asked     string // the model asked for, when a route rule chose another
 	cands     []*Upstream
 	cache     *cacheState
 	hideUsage bool       // the include_usage chunk is asked for and hidden from the client

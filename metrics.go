@@ -20,6 +20,7 @@ var metrics = struct {
 	tokens         *prometheus.CounterVec
 	cost           *prometheus.CounterVec
 	affinity       *prometheus.CounterVec
+	routed         *prometheus.CounterVec
 	affinityHit    prometheus.Counter // its two series, looked up once
 	affinityMoved  prometheus.Counter
 	openStreams    prometheus.Gauge
@@ -57,6 +58,7 @@ func initMetrics() {
 	metrics.cost = prometheus.NewCounterVec(prometheus.CounterOpts(opts("cost_usd_total", "What answers cost at the configured prices, in US dollars, by model and identity.")), []string{"model", "identity"})
 	metrics.affinity = prometheus.NewCounterVec(prometheus.CounterOpts(opts("affinity_total", "Requests under key_affinity: hit (the conversation's own upstream and key) or moved (it rested, was unhealthy, or the request failed over).")), []string{"result"})
 	metrics.affinityHit, metrics.affinityMoved = metrics.affinity.WithLabelValues("hit"), metrics.affinity.WithLabelValues("moved")
+	metrics.routed = prometheus.NewCounterVec(prometheus.CounterOpts(opts("routed_total", "Requests whose model a route rule chose, by the model asked for and the model chosen.")), []string{"asked", "chosen"})
 	metrics.openStreams = prometheus.NewGauge(prometheus.GaugeOpts(opts("open_streams", "Answers being relayed now.")))
 	metrics.disconnects = prometheus.NewCounter(prometheus.CounterOpts(opts("client_disconnects_total", "Clients that left before the answer ended.")))
 	metrics.openSockets = prometheus.NewGauge(prometheus.GaugeOpts(opts("websockets_open", "WebSocket connections open.")))
@@ -76,7 +78,7 @@ func registerMetrics(ctx caddy.Context) error {
 		return nil
 	}
 	for _, c := range []prometheus.Collector{
-		metrics.requests, metrics.ttft, metrics.duration, metrics.interToken, metrics.tokens, metrics.cost, metrics.affinity,
+		metrics.requests, metrics.ttft, metrics.duration, metrics.interToken, metrics.tokens, metrics.cost, metrics.affinity, metrics.routed,
 		metrics.openStreams, metrics.disconnects, metrics.stops, metrics.openSockets, metrics.heartbeats, metrics.retries,
 		metrics.failovers, metrics.limitRejects, metrics.denyWordBlocks, metrics.cache,
 	} {

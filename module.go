@@ -172,6 +172,15 @@ type Handler struct {
 	// limited per client address.
 	Limit *Limits `json:"limit,omitempty"`
 
+	// Rules that choose the model from what a request asks (content-aware
+	// routing), applied to the models in RouteModels (default: every
+	// request) before the normal routing takes the chosen model.
+	Route *RouteRules `json:"route,omitempty"`
+
+	// The model names the route rules apply to, e.g. `auto`. Default:
+	// every request.
+	RouteModels []string `json:"route_models,omitempty"`
+
 	// What models cost, in US dollars per million tokens: the cost of each
 	// answer goes to the usage line (`cost_usd`), the `{llm.cost_usd}`
 	// placeholder and the cost counter, and counts against `limit spend`.
@@ -284,6 +293,7 @@ type Handler struct {
 	allowPaths    []string
 	pathMatcher   caddyhttp.MatchPath
 	prices        *priceList
+	rules         *modelRules  // the compiled route rules
 	leases        *leaseKeeper // renews the leases of requests in flight
 	responses     recall       // Responses API answer id → its upstream and key
 	usageRecords  recall       // request or answer id → its usage record
@@ -376,6 +386,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.inflight = new(sync.WaitGroup)
 	if err := h.provisionAccess(); err != nil {
+		return err
+	}
+	if err := h.provisionRouteRules(); err != nil {
 		return err
 	}
 	if err := h.provisionUsageEndpoint(); err != nil {

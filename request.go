@@ -142,9 +142,14 @@ func topLevelValue(b []byte, key string) (int, int) {
 		}
 		ks := i
 		i = skipString(b, i)
-		var k string
-		if json.Unmarshal(b[ks:i], &k) != nil {
-			return -1, -1
+		match := string(b[ks+1:max(ks+1, i-1)]) == key
+		if bytes.IndexByte(b[ks:i], '\\') >= 0 {
+			// An escaped name ("mod\u0065l") is the name it decodes to.
+			var k string
+			if json.Unmarshal(b[ks:i], &k) != nil {
+				return -1, -1
+			}
+			match = k == key
 		}
 		i = skipSpace(b, i)
 		if i >= len(b) || b[i] != ':' {
@@ -152,7 +157,7 @@ func topLevelValue(b []byte, key string) (int, int) {
 		}
 		vs := skipSpace(b, i+1)
 		ve := skipValue(b, vs)
-		if k == key {
+		if match {
 			return vs, ve
 		}
 		i = skipSpace(b, ve)
@@ -172,15 +177,24 @@ func skipSpace(b []byte, i int) int {
 
 // skipString returns the index after the string starting at b[i] == '"'.
 func skipString(b []byte, i int) int {
-	for i++; i < len(b); i++ {
-		switch b[i] {
-		case '\\':
-			i++
-		case '"':
-			return i + 1
+	for i++; i < len(b); {
+		q := bytes.IndexByte(b[i:], '"')
+		if q < 0 {
+			return len(b)
 		}
+		end := i + q
+		// The quote ends the string unless an odd run of backslashes
+		// escapes it.
+		n := 0
+		for k := end - 1; k >= i && b[k] == '\\'; k-- {
+			n++
+		}
+		if n%2 == 0 {
+			return end + 1
+		}
+		i = end + 1
 	}
-	return i
+	return len(b)
 }
 
 // skipValue returns the index after the value starting at b[i].

@@ -285,6 +285,7 @@ func (h *Handler) newPlan(cands []*Upstream, conversation string) *plan {
 
 // route is the stage that finds the upstreams serving the request's model.
 func (h *Handler) route(x *exchange) bool {
+	h.chooseModel(x)
 	x.cands = h.router.candidates(x.in.model)
 	if len(x.cands) == 0 {
 		_ = h.reject(x.w, x.in.model, &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "model_not_found",

@@ -368,13 +368,14 @@ func splice(b []byte, from, to int, s string) []byte {
 
 // llmPlaceholders are the {llm.*} placeholders of one request.
 type llmPlaceholders struct {
-	model, upstream, identity string
-	usage                     usage
-	ttft                      time.Duration
-	cache                     string
-	requestID, upstreamID     string
-	cost                      int64
-	priced                    bool
+	model, chosen         string
+	upstream, identity    string
+	usage                 usage
+	ttft                  time.Duration
+	cache                 string
+	requestID, upstreamID string
+	cost                  int64
+	priced                bool
 }
 
 func (p *llmPlaceholders) get(key string) (any, bool) {
@@ -385,6 +386,8 @@ func (p *llmPlaceholders) get(key string) (any, bool) {
 	switch name {
 	case "model":
 		return p.model, true
+	case "model_chosen":
+		return p.chosen, true
 	case "upstream":
 		return p.upstream, true
 	case "identity":
@@ -417,6 +420,15 @@ func (p *llmPlaceholders) get(key string) (any, bool) {
 		}
 	}
 	return nil, false
+}
+
+// chosenModel is the model a route rule chose instead of the one asked
+// for, or "".
+func chosenModel(x *exchange) string {
+	if x.asked == "" {
+		return ""
+	}
+	return x.in.model
 }
 
 // usd converts nano-dollars to US dollars.
@@ -469,7 +481,7 @@ func (h *Handler) recordUsage(x *exchange, snap relaySnapshot) {
 	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
 		// Looked up only when a placeholder is used (access logs, headers
 		// of later handlers): nothing is copied into the replacer's map.
-		p := &llmPlaceholders{model: in.model, upstream: upstream, identity: identity, usage: *u,
+		p := &llmPlaceholders{model: cmp.Or(x.asked, in.model), chosen: chosenModel(x), upstream: upstream, identity: identity, usage: *u,
 			ttft: ttft, cache: cacheResult, requestID: in.id, upstreamID: upstreamID, cost: x.cost, priced: x.priced}
 		repl.Map(p.get)
 	}
@@ -503,7 +515,8 @@ func (h *Handler) recordUsage(x *exchange, snap relaySnapshot) {
 	h.logger.Info("llm usage",
 		zap.String("identity", identity),
 		zap.String("client_ip", clientIP(r)),
-		zap.String("model", in.model),
+		zap.String("model", cmp.Or(x.asked, in.model)),
+		zap.String("model_chosen", chosenModel(x)),
 		zap.String("upstream", upstream),
 		zap.Int("status", status),
 		zap.Int64("prompt_tokens", u.prompt),
