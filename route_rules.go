@@ -10,6 +10,7 @@ import (
 	"cel.dev/cel-go/cel"
 	"cel.dev/cel-go/common/types"
 	"cel.dev/cel-go/interpreter"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 )
 
@@ -82,7 +83,10 @@ type modelRules struct {
 	first    cel.Program
 	models   []string
 	fallback string
+	counters sync.Map // routedKey → prometheus.Counter: the label lookup once per pair
 }
+
+type routedKey struct{ asked, chosen string }
 
 func (h *Handler) provisionRouteRules() error {
 	if h.Route == nil {
@@ -147,7 +151,18 @@ func (h *Handler) chooseModel(x *exchange) {
 	if x.in.isJSON {
 		x.in.body = withModel(x.in.body, chosen)
 	}
-	metrics.routed.WithLabelValues(h.modelLabel(x.asked), h.modelLabel(chosen)).Inc()
+	h.rules.routed(h.modelLabel(x.asked), h.modelLabel(chosen)).Inc()
+}
+
+// routed is the decision counter of one asked and chosen model label.
+func (r *modelRules) routed(asked, chosen string) prometheus.Counter {
+	k := routedKey{asked, chosen}
+	if c, ok := r.counters.Load(k); ok {
+		return c.(prometheus.Counter)
+	}
+	c := metrics.routed.WithLabelValues(asked, chosen)
+	r.counters.Store(k, c)
+	return c
 }
 
 // requestFacts are what route expressions see, computed from the body on
