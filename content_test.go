@@ -359,3 +359,13 @@ func TestTopLevelValueDecodesEscapedNames(t *testing.T) {
 		}
 	}
 }
+
+// quoteJSON writes what json.Marshal writes.
+func TestQuoteJSONAsMarshal(t *testing.T) {
+	for _, s := range []string{"gpt-4o", "", `a"b`, `back\slash`, "tab\t", "é", "<&>", "model/with:colon", "\u2028"} {
+		want, _ := json.Marshal(s)
+		if got := quoteJSON(s); string(got) != string(want) {
+			t.Errorf("%q: %s, want %s", s, got, want)
+		}
+	}
+}

@@ -115,12 +115,23 @@ func readRequest(r *http.Request, max int64) (*inbound, *apiError) {
 
 // withModel returns the body with the top-level "model" member's value
 // replaced by name; every other byte is unchanged. The body is valid JSON.
+// quoteJSON is name as a JSON string, as json.Marshal writes it.
+func quoteJSON(name string) []byte {
+	for i := 0; i < len(name); i++ {
+		if c := name[i]; c < 0x20 || c >= 0x7f || c == '"' || c == '\\' || c == '<' || c == '>' || c == '&' {
+			v, _ := json.Marshal(name)
+			return v
+		}
+	}
+	return []byte(`"` + name + `"`)
+}
+
 func withModel(body []byte, name string) []byte {
 	start, end := topLevelValue(body, "model")
 	if start < 0 {
 		return body
 	}
-	v, _ := json.Marshal(name)
+	v := quoteJSON(name)
 	out := make([]byte, 0, len(body)-(end-start)+len(v))
 	out = append(out, body[:start]...)
 	out = append(out, v...)
