@@ -79,6 +79,10 @@ func TestSealedPromptLogs(t *testing.T) {
 
 	open := func(key string) (string, string, error) {
 		cmd := exec.Command(bin, "llm-stream", "open-log", "--identity", key, logFile)
+		if key == newKey { // as in the README: the log on standard input
+			cmd = exec.Command(bin, "llm-stream", "open-log", "--identity", key)
+			cmd.Stdin = strings.NewReader(logs)
+		}
 		var out, errs bytes.Buffer
 		cmd.Stdout, cmd.Stderr = &out, &errs
 		err := cmd.Run()
