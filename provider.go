@@ -20,13 +20,15 @@ type dialect struct {
 	// none: as a query parameter or a header, with this default.
 	versionQuery, versionHeader string
 	defaultVersion              string
+	// Its gen_ai.provider.name in OpenTelemetry spans (telemetry.go).
+	genAIName string
 }
 
 var dialects = map[string]dialect{
-	"openai":    {keyHeader: "Authorization", bearer: true}, // and OpenAI-compatible providers
-	"azure":     {keyHeader: "Api-Key", versionQuery: "api-version", defaultVersion: "2024-10-21"},
-	"anthropic": {keyHeader: "X-Api-Key", versionHeader: "Anthropic-Version", defaultVersion: "2023-06-01"},
-	"gemini":    {keyHeader: "X-Goog-Api-Key"},
+	"openai":    {keyHeader: "Authorization", bearer: true, genAIName: "openai"}, // and OpenAI-compatible providers
+	"azure":     {keyHeader: "Api-Key", versionQuery: "api-version", defaultVersion: "2024-10-21", genAIName: "azure.ai.openai"},
+	"anthropic": {keyHeader: "X-Api-Key", versionHeader: "Anthropic-Version", defaultVersion: "2023-06-01", genAIName: "anthropic"},
+	"gemini":    {keyHeader: "X-Goog-Api-Key", genAIName: "gcp.gemini"},
 }
 
 // providerNames lists the dialects, for messages.

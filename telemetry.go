@@ -16,15 +16,6 @@ import (
 // the older gen_ai.system) and an event at the first token. No prompt or
 // answer text goes into spans.
 
-// genAIProvider maps the handler's provider styles to
-// gen_ai.provider.name values.
-var genAIProvider = map[string]string{
-	"openai":    "openai",
-	"azure":     "azure.ai.openai",
-	"anthropic": "anthropic",
-	"gemini":    "gcp.gemini",
-}
-
 // genAIOperation is gen_ai.operation.name for a request path.
 func genAIOperation(path string) string {
 	switch {
@@ -60,7 +51,7 @@ func (h *Handler) traceGenAI(x *exchange, snap relaySnapshot) {
 		attrs = append(attrs, attribute.Int64("gen_ai.request.max_tokens", x.in.maxTokens))
 	}
 	if up := x.at.up; up != nil && !x.last.cached {
-		str("gen_ai.provider.name", genAIProvider[up.Provider])
+		str("gen_ai.provider.name", dialects[up.Provider].genAIName)
 		str("server.address", up.base.Hostname())
 		if p, err := strconv.Atoi(up.base.Port()); err == nil {
 			attrs = append(attrs, attribute.Int("server.port", p))
