@@ -14,43 +14,54 @@ import (
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/redistest"
 )
 
-// An instance killed (OOM, kill -9) while it holds a caller's concurrency
-// slot must not lock the caller out: the slot is a lease the holder renews,
-// and it is free within the lease time.
-func TestKilledInstanceFreesItsSlotWithinTheLease(t *testing.T) {
+// An instance killed (OOM, kill -9) while it holds what limits a caller
+// — a concurrency slot, or a spend reservation — must not lock the
+// caller out: both are leases the holder renews, free within the lease.
+func TestKilledInstanceFreesWhatItHeldWithinTheLease(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs a second Caddy process")
 	}
-	rds := redistest.Start(t)
-	release := make(chan struct{})
-	defer close(release)
-	up := holdUpstream(t, release)
 	const lease = 3 * time.Second
-	directives := `llm_stream ` + up.URL + ` {
+	for _, tc := range []struct {
+		name, limit, body string
+		refused           int
+		code              string
+	}{
+		{"concurrency slot", "concurrent 1", chatBody, http.StatusTooManyRequests, "concurrent_limit_exceeded"},
+		// max_tokens 1000 at $8/M reserves $0.008 of the $0.01.
+		{"spend reservation", "spend 0.01 1h", `{"model":"m","stream":true,"max_tokens":1000,"messages":[]}`, http.StatusPaymentRequired, "spend_limit_exceeded"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rds := redistest.Start(t)
+			release := make(chan struct{})
+			defer close(release)
+			up := holdUpstream(t, release)
+			directives := `llm_stream ` + up.URL + ` {
 		allow_paths /v1/*
+		price m input 1 output 8
 		limit {
-			concurrent 1
+			` + tc.limit + `
 			slot_lease 3s
 		}
 		store redis ` + rds.Addr + `
 	}`
-	a, proc := startProcessCmd(t, directives)
-	c := startCaddy(t, directives)
-
-	held := send(t, "POST", a+"/v1/hold/chat/completions", streamBody, nil)
-	defer held.Body.Close()
-	if held.StatusCode != http.StatusOK {
-		t.Fatalf("the stream on the first instance: %d", held.StatusCode)
+			a, proc := startProcessCmd(t, directives)
+			c := startCaddy(t, directives)
+			held := send(t, "POST", a+"/v1/hold/chat/completions", tc.body, nil)
+			defer held.Body.Close()
+			if held.StatusCode != http.StatusOK {
+				t.Fatalf("the stream on the first instance: %d", held.StatusCode)
+			}
+			bufio.NewReader(held.Body).ReadString('\n')
+			// Longer than a lease: the holder renews it while the stream lives.
+			time.Sleep(lease + time.Second)
+			if resp, got := do(t, "POST", c.base()+"/v1/chat/completions", tc.body, nil); resp.StatusCode != tc.refused || !strings.Contains(got, tc.code) {
+				t.Fatalf("while the first instance streams (past one lease): %d %s, want %d %s", resp.StatusCode, got, tc.refused, tc.code)
+			}
+			took := killUntilAdmitted(t, proc, c.base()+"/v1/chat/completions", tc.body, lease)
+			t.Logf("%s of the killed instance free %s after kill -9 (lease %s)", tc.name, took.Round(time.Millisecond), lease)
+		})
 	}
-	bufio.NewReader(held.Body).ReadString('\n')
-	// Longer than a lease: the holder renews it while the stream lives.
-	time.Sleep(lease + time.Second)
-	if resp, got := do(t, "POST", c.base()+"/v1/chat/completions", chatBody, nil); resp.StatusCode != http.StatusTooManyRequests || !strings.Contains(got, "concurrent") {
-		t.Fatalf("while the first instance streams (past one lease): %d %s, want 429 concurrent", resp.StatusCode, got)
-	}
-
-	took := killUntilAdmitted(t, proc, c.base()+"/v1/chat/completions", chatBody, lease)
-	t.Logf("slot of the killed instance free %s after kill -9 (lease %s)", took.Round(time.Millisecond), lease)
 }
 
 // killUntilAdmitted kills proc (SIGKILL: no cleanup runs) and posts body

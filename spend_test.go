@@ -285,44 +285,6 @@ func TestSpendLimitAcrossThreeInstances(t *testing.T) {
 	}
 }
 
-// An instance killed (kill -9) while its stream holds a spend reservation
-// does not keep the budget: the reservation lapses with the lease.
-func TestKilledInstancesReservationLapses(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds and runs a second Caddy process")
-	}
-	rds := redistest.Start(t)
-	release := make(chan struct{})
-	defer close(release)
-	up := holdUpstream(t, release)
-	const lease = 3 * time.Second
-	directives := `llm_stream ` + up.URL + ` {
-		allow_paths /v1/*
-		price m input 1 output 8
-		limit {
-			spend 0.01 1h
-			slot_lease 3s
-		}
-		store redis ` + rds.Addr + `
-	}`
-	a, proc := startProcessCmd(t, directives)
-	c := startCaddy(t, directives)
-	// Reserves 1000 × $8/M = $0.008 of the $0.01.
-	big := `{"model":"m","stream":true,"max_tokens":1000,"messages":[]}`
-	held := send(t, "POST", a+"/v1/hold/chat/completions", big, nil)
-	defer held.Body.Close()
-	if held.StatusCode != http.StatusOK {
-		t.Fatalf("the stream on the first instance: %d", held.StatusCode)
-	}
-	io.ReadAtLeast(held.Body, make([]byte, 1), 1)
-	time.Sleep(lease + time.Second) // renewed past one lease
-	if resp, got := do(t, "POST", c.base()+"/v1/chat/completions", big, nil); resp.StatusCode != http.StatusPaymentRequired {
-		t.Fatalf("while the first instance streams: %d %s, want 402", resp.StatusCode, got)
-	}
-	took := killUntilAdmitted(t, proc, c.base()+"/v1/chat/completions", big, lease)
-	t.Logf("reservation of the killed instance lapsed %s after kill -9 (lease %s)", took.Round(time.Millisecond), lease)
-}
-
 // BenchmarkMoneyPath compares, side by side in one loop, a streamed
 // request through ServeHTTP on the healthy path with a request limit (in
 // memory, or in Redis) with the same request when prices, a spend limit
