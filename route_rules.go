@@ -105,7 +105,8 @@ func (h *Handler) provisionRouteRules() error {
 		if _, err := compileRouteExpr(rule.If); err != nil { // each checked alone, for its message
 			return err
 		}
-		chain = fmt.Sprintf("(%s) ? %d : (%s)", rule.If, i, chain)
+		// (The line end closes a // comment the expression may end with.)
+		chain = fmt.Sprintf("(%s\n) ? %d : (%s)", rule.If, i, chain)
 	}
 	for _, rule := range h.Route.Rules {
 		r.models = append(r.models, rule.Model)

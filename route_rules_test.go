@@ -23,6 +23,7 @@ const costRules = `route {
 			if ` + "`has_tools && messages > 1`" + ` model gpt-4.1
 			if ` + "`prompt_tokens > 2000`" + ` model gpt-4.1-long
 			if ` + "`text.matches(\"(?i)\\\\b(contract|lease)\\\\b\")`" + ` model o3
+			if `+"`max_tokens > 8000 // long answers`"+` model gpt-4.1-big
 			default model gpt-4.1-mini
 		}
 		route_models auto fast`
@@ -45,6 +46,7 @@ func TestRouteRulesChooseTheModel(t *testing.T) {
 		{"tools with one message", `{"model":"auto","tools":[{"type":"function","function":{"name":"f","parameters":{}}}],"messages":[{"role":"user","content":"hi"}]}`, "gpt-4.1-mini"},
 		{"a long prompt", `{"model":"fast","messages":[{"role":"user","content":"` + long + `"}]}`, "gpt-4.1-long"},
 		{"a legal question", `{"model":"auto","messages":[{"role":"user","content":"Who pays under this Lease?"}]}`, "o3"},
+		{"a commented rule", `{"model":"auto","max_tokens":9000,"messages":[{"role":"user","content":"hi"}]}`, "gpt-4.1-big"},
 		{"a model asked for by name", `{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Who pays under this lease?"}]}`, "gpt-4o-mini"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
