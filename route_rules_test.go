@@ -23,7 +23,7 @@ const costRules = `route {
 			if ` + "`has_tools && messages > 1`" + ` model gpt-4.1
 			if ` + "`prompt_tokens > 2000`" + ` model gpt-4.1-long
 			if ` + "`text.matches(\"(?i)\\\\b(contract|lease)\\\\b\")`" + ` model o3
-			if `+"`max_tokens > 8000 // long answers`"+` model gpt-4.1-big
+			if ` + "`max_tokens > 8000 // long answers`" + ` model gpt-4.1-big
 			default model gpt-4.1-mini
 		}
 		route_models auto fast`
