@@ -122,7 +122,7 @@ type admission struct {
 func (h *Handler) reserve(x *exchange) bool {
 	tokens := x.in.tokenEstimate()
 	var spend int64
-	if h.limits.Spend > 0 {
+	if h.limits.Spend > 0 && x.in.model != "" { // no model (a models list): nothing to pay
 		var ok bool
 		if spend, ok = h.spendReserve(x); !ok {
 			h.cacheAbandon(x.cache)

@@ -35,6 +35,10 @@ func usageAnswer(usage string) upstreamOption {
 		b, _ := io.ReadAll(r.Body)
 		m := model.FindStringSubmatch(string(b))
 		w.Header().Set("Content-Type", "application/json")
+		if m == nil { // GET /v1/models
+			io.WriteString(w, `{"object":"list","data":[{"id":"m","object":"model"}]}`)
+			return
+		}
 		io.WriteString(w, `{"id":"chatcmpl-c","object":"chat.completion","model":"`+m[1]+`","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":`+usage+`}`)
 	})
 }
@@ -180,6 +184,11 @@ func TestSpendLimitInOneInstance(t *testing.T) {
 	resp, got := do(t, "POST", c.base()+"/v1/chat/completions", `{"model":"unpriced","messages":[]}`, team)
 	if resp.StatusCode != http.StatusForbidden || !strings.Contains(got, `"code":"model_not_priced"`) {
 		t.Fatalf("a model without a price under a spend limit: %d %s", resp.StatusCode, got)
+	}
+	// A request that names no model (the upstream's model list) costs
+	// nothing and is not refused for want of a price.
+	if resp, got := do(t, "GET", c.base()+"/v1/models", "", team); resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET /v1/models under a spend limit: %d %s", resp.StatusCode, got)
 	}
 }
 
