@@ -133,8 +133,8 @@ func (h *Handler) provisionRouteRules() error {
 // cover: the chosen model replaces the asked one in the body, and the
 // asked one is kept for the usage line.
 func (h *Handler) chooseModel(x *exchange) {
-	if h.rules == nil || len(h.RouteModels) > 0 && !slices.Contains(h.RouteModels, x.in.model) {
-		return
+	if h.rules == nil || !x.in.isJSON || len(h.RouteModels) > 0 && !slices.Contains(h.RouteModels, x.in.model) {
+		return // (a request without a JSON body, such as GET /v1/models, asks nothing to route by)
 	}
 	f := requestFacts{in: x.in, identity: x.identity}
 	chosen := h.rules.fallback
