@@ -7,7 +7,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
@@ -15,6 +14,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/headers"
 	"github.com/dustin/go-humanize"
 
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/cfparse"
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/redact"
 )
 
@@ -385,7 +385,7 @@ func parseUsageEndpointOption(h *Handler, d *caddyfile.Dispenser) error {
 }
 
 func parseResponseTTLOption(h *Handler, d *caddyfile.Dispenser) error {
-	return parseDuration(d, &h.ResponseTTL)
+	return cfparse.Duration(d, &h.ResponseTTL)
 }
 
 func parseLimitOption(h *Handler, d *caddyfile.Dispenser) error {
@@ -461,7 +461,7 @@ func parseOnDisconnectOption(h *Handler, d *caddyfile.Dispenser) error {
 		h.OnDisconnect = "drain"
 		if d.NextArg() {
 			d.Prev()
-			if err := parseDuration(d, &h.DrainMax); err != nil {
+			if err := cfparse.Duration(d, &h.DrainMax); err != nil {
 				return err
 			}
 		}
@@ -573,10 +573,10 @@ func parseRetryOnOption(h *Handler, d *caddyfile.Dispenser) error {
 }
 
 func parseRetryBackoffOption(h *Handler, d *caddyfile.Dispenser) error {
-	if err := parseDurationArg(d, &h.RetryBackoff); err != nil {
+	if err := cfparse.DurationArg(d, &h.RetryBackoff); err != nil {
 		return err
 	}
-	if err := parseDuration(d, &h.RetryBackoffMax); err != nil {
+	if err := cfparse.Duration(d, &h.RetryBackoffMax); err != nil {
 		return err
 	}
 	if h.RetryBackoffMax < h.RetryBackoff {
@@ -594,14 +594,14 @@ func parseUnhealthyAfterOption(h *Handler, d *caddyfile.Dispenser) error {
 		return d.Errf("bad unhealthy_after count '%s'", d.Val())
 	}
 	h.UnhealthyAfter = n
-	if err := parseDuration(d, &h.UnhealthyCooldown); err != nil {
+	if err := cfparse.Duration(d, &h.UnhealthyCooldown); err != nil {
 		return err
 	}
 	return nil
 }
 
 func parseFirstTokenTimeoutOption(h *Handler, d *caddyfile.Dispenser) error {
-	if err := parseDuration(d, &h.FirstTokenTimeout); err != nil {
+	if err := cfparse.Duration(d, &h.FirstTokenTimeout); err != nil {
 		return err
 	}
 	return nil
@@ -647,21 +647,21 @@ func parseHeaderUpOption(h *Handler, d *caddyfile.Dispenser) error {
 }
 
 func parseDialTimeoutOption(h *Handler, d *caddyfile.Dispenser) error {
-	if err := parseDuration(d, &h.DialTimeout); err != nil {
+	if err := cfparse.Duration(d, &h.DialTimeout); err != nil {
 		return err
 	}
 	return nil
 }
 
 func parseFirstByteTimeoutOption(h *Handler, d *caddyfile.Dispenser) error {
-	if err := parseDuration(d, &h.FirstByteTimeout); err != nil {
+	if err := cfparse.Duration(d, &h.FirstByteTimeout); err != nil {
 		return err
 	}
 	return nil
 }
 
 func parseIdleTimeoutOption(h *Handler, d *caddyfile.Dispenser) error {
-	if err := parseDuration(d, &h.IdleTimeout); err != nil {
+	if err := cfparse.Duration(d, &h.IdleTimeout); err != nil {
 		return err
 	}
 	return nil
@@ -679,7 +679,7 @@ func parseHeartbeatOption(h *Handler, d *caddyfile.Dispenser) error {
 		return nil
 	}
 	d.Prev()
-	if err := parseDuration(d, &h.Heartbeat); err != nil {
+	if err := cfparse.Duration(d, &h.Heartbeat); err != nil {
 		return err
 	}
 	if h.Heartbeat == 0 {
@@ -722,7 +722,7 @@ func parseLimit(d *caddyfile.Dispenser) (*Limits, error) {
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		opt := d.Val()
 		if opt == "slot_lease" {
-			if err := parseDuration(d, &l.SlotLease); err != nil {
+			if err := cfparse.Duration(d, &l.SlotLease); err != nil {
 				return nil, err
 			}
 			continue
@@ -736,7 +736,7 @@ func parseLimit(d *caddyfile.Dispenser) (*Limits, error) {
 				return nil, d.Errf("limit spend: bad amount of US dollars '%s'", d.Val())
 			}
 			l.Spend = usd
-			if err := parseDuration(d, &l.SpendWindow); err != nil {
+			if err := cfparse.Duration(d, &l.SpendWindow); err != nil {
 				return nil, err
 			}
 			continue
@@ -748,10 +748,10 @@ func parseLimit(d *caddyfile.Dispenser) (*Limits, error) {
 		switch opt {
 		case "requests":
 			l.Requests = n
-			err = parseDuration(d, &l.RequestWindow)
+			err = cfparse.Duration(d, &l.RequestWindow)
 		case "tokens":
 			l.Tokens = n
-			err = parseDuration(d, &l.TokenWindow)
+			err = cfparse.Duration(d, &l.TokenWindow)
 		case "concurrent":
 			l.Concurrent = n
 			if d.NextArg() {
@@ -883,7 +883,7 @@ func parseStoreTLS(d *caddyfile.Dispenser) (*StoreTLS, error) {
 // parseCache reads `cache <ttl> { … }`.
 func parseCache(d *caddyfile.Dispenser) (*CacheConfig, error) {
 	cc := new(CacheConfig)
-	if err := parseDuration(d, &cc.TTL); err != nil {
+	if err := cfparse.Duration(d, &cc.TTL); err != nil {
 		return nil, err
 	}
 	if err := checkCacheTTL(time.Duration(cc.TTL)); err != nil {
@@ -1039,18 +1039,6 @@ func parseUpstreamOption(d *caddyfile.Dispenser, u *Upstream, opt string) error 
 	return nil
 }
 
-// parseDuration reads a line's last argument: one positive (or zero)
-// duration.
-func parseDuration(d *caddyfile.Dispenser, into *caddy.Duration) error {
-	if err := parseDurationArg(d, into); err != nil {
-		return err
-	}
-	if d.NextArg() {
-		return d.ArgErr()
-	}
-	return nil
-}
-
 // parseSmooth reads `smooth <max_chars> <interval>`.
 func parseSmooth(d *caddyfile.Dispenser) (*SmoothConfig, error) {
 	sc := new(SmoothConfig)
@@ -1062,7 +1050,7 @@ func parseSmooth(d *caddyfile.Dispenser) (*SmoothConfig, error) {
 		return nil, d.Errf("smooth: max_chars '%s' is not a positive number", d.Val())
 	}
 	sc.MaxChars = n
-	if err := parseDuration(d, &sc.Interval); err != nil {
+	if err := cfparse.Duration(d, &sc.Interval); err != nil {
 		return nil, err
 	}
 	if err := checkSmoothInterval(time.Duration(sc.Interval)); err != nil {
@@ -1107,7 +1095,7 @@ func parseWebSocket(d *caddyfile.Dispenser) (*WebSocketConfig, error) {
 				continue
 			}
 			d.Prev()
-			if err := parseDuration(d, &wc.PingInterval); err != nil {
+			if err := cfparse.Duration(d, &wc.PingInterval); err != nil {
 				return nil, err
 			}
 		case "origins":
@@ -1120,23 +1108,6 @@ func parseWebSocket(d *caddyfile.Dispenser) (*WebSocketConfig, error) {
 		}
 	}
 	return wc, nil
-}
-
-// parseDurationArg reads the next argument as a positive (or zero)
-// duration.
-func parseDurationArg(d *caddyfile.Dispenser, into *caddy.Duration) error {
-	if !d.NextArg() {
-		return d.ArgErr()
-	}
-	dur, err := caddy.ParseDuration(d.Val())
-	if err != nil {
-		return d.Errf("bad duration value '%s': %v", d.Val(), err)
-	}
-	if dur < 0 {
-		return d.Errf("duration must not be negative, got %s", time.Duration(dur))
-	}
-	*into = caddy.Duration(dur)
-	return nil
 }
 
 // parseHeaderOp reads `header_up [+|-]<field> [<value> [<replacement>]]`

@@ -49,14 +49,6 @@ func (e *apiError) write(w http.ResponseWriter) {
 	_, _ = w.Write(b)
 }
 
-// writeJSON answers 200 with v as JSON.
-func writeJSON(w http.ResponseWriter, v any) {
-	b, _ := json.Marshal(v)
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
-	_, _ = w.Write(b)
-}
-
 // errNotPriced refuses a request for a model without a price while a
 // spend limit applies: its cost could not be counted.
 func errNotPriced(model string) *apiError {

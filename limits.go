@@ -112,7 +112,6 @@ func (h *Handler) provisionLimits() error {
 type admission struct {
 	a       store.Admission
 	skipped bool // nothing recorded (no limits, or fail-open)
-	leased  bool // its lease is renewed by the handler's leaseKeeper
 }
 
 // reserve is the stage that claims what the limits allow: a request slot,
@@ -185,7 +184,6 @@ func (h *Handler) admitLimits(ctx context.Context, identity string, reserve, spe
 	}
 	h.inflight.Add(1)
 	if h.leases != nil {
-		ad.leased = true
 		h.leases.add(ad)
 	}
 	return ad, nil
@@ -299,7 +297,7 @@ func (h *Handler) settle(ad *admission, u *usage, cost int64) {
 		return
 	}
 	defer h.inflight.Done()
-	if ad.leased {
+	if h.leases != nil {
 		h.leases.remove(ad)
 	}
 	var delta int64

@@ -10,6 +10,18 @@ import (
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/redistest"
 )
 
+// limitedBy starts llm_stream in front of up with a `requests 2 1m` limit
+// kept in the given store.
+func limitedBy(t *testing.T, up *fakeUpstream, store string) *instance {
+	t.Helper()
+	return startCaddy(t, `llm_stream `+up.URL+` {
+		limit {
+			requests 2 1m
+		}
+		`+store+`
+	}`)
+}
+
 // limitHolds checks through base that a `requests 2 1m` limit is enforced
 // for the anonymous caller: two answers, then 429.
 func limitHolds(t *testing.T, base string) {
@@ -39,12 +51,7 @@ func TestRedisACLUserAndPassword(t *testing.T) {
 		}`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c := startCaddy(t, `llm_stream `+up.URL+` {
-		limit {
-			requests 2 1m
-		}
-		`+tc.store+`
-	}`)
+			c := limitedBy(t, up, tc.store)
 			limitHolds(t, c.base())
 			if strings.Contains(c.logs(), userPW) {
 				t.Error("the Redis password reached the log")
@@ -53,12 +60,7 @@ func TestRedisACLUserAndPassword(t *testing.T) {
 	}
 	t.Run("wrong password", func(t *testing.T) {
 		t.Setenv("TEST_REDIS_URL", "redis://llm:wrong-pw-123@"+rds.Addr)
-		c := startCaddy(t, `llm_stream `+up.URL+` {
-		limit {
-			requests 2 1m
-		}
-		store redis {env.TEST_REDIS_URL}
-	}`)
+		c := limitedBy(t, up, `store redis {env.TEST_REDIS_URL}`)
 		resp, got := do(t, "POST", c.base()+"/v1/chat/completions", chatBody, nil)
 		if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(got, "limiter_unavailable") {
 			t.Fatalf("wrong password, fail closed: %d %s", resp.StatusCode, got)
@@ -97,22 +99,12 @@ func TestRedisTLS(t *testing.T) {
 		}`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c := startCaddy(t, `llm_stream `+up.URL+` {
-		limit {
-			requests 2 1m
-		}
-		`+tc.store+`
-	}`)
+			c := limitedBy(t, up, tc.store)
 			limitHolds(t, c.base())
 		})
 	}
 	t.Run("unknown CA refused", func(t *testing.T) {
-		c := startCaddy(t, `llm_stream `+up.URL+` {
-		limit {
-			requests 2 1m
-		}
-		store redis rediss://`+rds.Addr+`
-	}`)
+		c := limitedBy(t, up, "store redis rediss://"+rds.Addr)
 		if resp, got := do(t, "POST", c.base()+"/v1/chat/completions", chatBody, nil); resp.StatusCode != http.StatusServiceUnavailable {
 			t.Fatalf("a server whose certificate is not trusted: %d %s, want 503", resp.StatusCode, got)
 		}

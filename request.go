@@ -9,6 +9,8 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/wire"
 )
 
 // inbound is what the handler learns from the client's request, read once.
@@ -310,23 +312,5 @@ func (h *Handler) serveModels(w http.ResponseWriter) {
 			names = append(names, n)
 		}
 	}
-	writeModelList(w, names, "llm_stream", 0)
-}
-
-// writeModelList writes an OpenAI model list.
-func writeModelList(w http.ResponseWriter, names []string, owner string, created int64) {
-	type model struct {
-		ID      string `json:"id"`
-		Object  string `json:"object"`
-		Created int64  `json:"created"`
-		OwnedBy string `json:"owned_by"`
-	}
-	list := struct {
-		Object string  `json:"object"`
-		Data   []model `json:"data"`
-	}{Object: "list", Data: []model{}}
-	for _, name := range names {
-		list.Data = append(list.Data, model{ID: name, Object: "model", Created: created, OwnedBy: owner})
-	}
-	writeJSON(w, list)
+	wire.WriteModelList(w, names, "llm_stream", 0)
 }

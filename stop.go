@@ -10,6 +10,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/stop"
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/wire"
 )
 
 // errStopped is the cause of a generation stopped through stop_endpoint or
@@ -105,7 +106,7 @@ func (h *Handler) serveStop(w http.ResponseWriter, r *http.Request, owner string
 		return h.reject(w, "", &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "generation_not_found",
 			Message: "no generation with id " + id + " is in progress"})
 	}
-	writeJSON(w, struct {
+	wire.WriteJSON(w, struct {
 		ID      string `json:"id"`
 		Object  string `json:"object"`
 		Stopped bool   `json:"stopped"`

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/wire"
 )
 
 // usage_endpoint: GET <usage_endpoint>/<id> answers what the handler
@@ -115,6 +117,6 @@ func (h *Handler) serveUsage(w http.ResponseWriter, r *http.Request, owner strin
 			Message: "no finished request with id " + id + " is known here (records are kept " + usageRecordTTL.String() + ")"})
 	}
 	rec.Owner = ""
-	writeJSON(w, rec)
+	wire.WriteJSON(w, rec)
 	return nil
 }

@@ -20,7 +20,9 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/cfparse"
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/pace"
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/wire"
 )
 
 func init() {
@@ -219,20 +221,7 @@ func promptTokens(req mockRequest) int {
 }
 
 func (m *Mock) serveModels(w http.ResponseWriter) {
-	type model struct {
-		ID      string `json:"id"`
-		Object  string `json:"object"`
-		Created int64  `json:"created"`
-		OwnedBy string `json:"owned_by"`
-	}
-	list := struct {
-		Object string  `json:"object"`
-		Data   []model `json:"data"`
-	}{Object: "list", Data: []model{}}
-	for _, name := range m.Models {
-		list.Data = append(list.Data, model{ID: name, Object: "model", Created: 1700000000, OwnedBy: "llm_mock"})
-	}
-	writeJSON(w, list)
+	wire.WriteModelList(w, m.Models, "llm_mock", 1700000000)
 }
 
 // writeError answers with an error in the OpenAI shape.
@@ -250,13 +239,6 @@ func newID() string {
 	var b [16]byte
 	_, _ = rand.Read(b[:])
 	return hex.EncodeToString(b[:])
-}
-
-func writeJSON(w http.ResponseWriter, v any) {
-	b, _ := json.Marshal(v)
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
-	_, _ = w.Write(b)
 }
 
 func usageJSON(prompt, completion int) string {
@@ -433,14 +415,14 @@ func (m *Mock) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			m.Tokens = n
 		case "interval":
-			if err := parseDuration(d, &m.Interval); err != nil {
+			if err := cfparse.Duration(d, &m.Interval); err != nil {
 				return err
 			}
 			if m.Interval == 0 {
 				m.Interval = -1 // "interval 0": no pause
 			}
 		case "first_token_delay":
-			if err := parseDuration(d, &m.FirstTokenDelay); err != nil {
+			if err := cfparse.Duration(d, &m.FirstTokenDelay); err != nil {
 				return err
 			}
 		case "models":
@@ -463,22 +445,3 @@ var (
 	_ caddyhttp.MiddlewareHandler = (*Mock)(nil)
 	_ caddyfile.Unmarshaler       = (*Mock)(nil)
 )
-
-// parseDuration reads one duration argument and nothing after it.
-func parseDuration(d *caddyfile.Dispenser, into *caddy.Duration) error {
-	if !d.NextArg() {
-		return d.ArgErr()
-	}
-	dur, err := caddy.ParseDuration(d.Val())
-	if err != nil {
-		return d.Errf("bad duration value '%s': %v", d.Val(), err)
-	}
-	if dur < 0 {
-		return d.Errf("duration must not be negative, got %s", dur)
-	}
-	*into = caddy.Duration(dur)
-	if d.NextArg() {
-		return d.ArgErr()
-	}
-	return nil
-}
