@@ -153,11 +153,20 @@ func (c *instance) load(directives string) {
 	if err := caddy.Load(cfg, true); err != nil {
 		c.t.Fatalf("loading config: %v", err)
 	}
-	// A reload closes idle keep-alive connections; a POST on one of them
-	// would fail with EOF (clients retry only idempotent requests).
+	afterReload()
+	waitListening(c.t, c.port)
+}
+
+// afterReload lets the old servers finish closing their listeners (Caddy
+// starts their shutdowns in goroutines and returns; "the scheduler might
+// still pause them right before calling Shutdown()", its comment says),
+// then drops idle keep-alive connections: a POST on one the old server
+// closed, or on a connection it accepted in that window, fails with EOF
+// (clients retry only idempotent requests).
+func afterReload() {
+	time.Sleep(50 * time.Millisecond)
 	http.DefaultClient.CloseIdleConnections()
 	noCompressClient.CloseIdleConnections()
-	waitListening(c.t, c.port)
 }
 
 func loadConfig(t testing.TB, caddyfile string) []byte {
@@ -199,8 +208,7 @@ func (c *instance) reload(directives string) {
 		b, _ := io.ReadAll(resp.Body)
 		c.t.Fatalf("reload: %d %s", resp.StatusCode, b)
 	}
-	http.DefaultClient.CloseIdleConnections()
-	noCompressClient.CloseIdleConnections()
+	afterReload()
 }
 
 // logs returns what Caddy logged so far.
