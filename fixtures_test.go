@@ -154,8 +154,11 @@ func flushWrite(w http.ResponseWriter, s string) {
 }
 
 // noCompressClient leaves Accept-Encoding and decoding to the test, the
-// way a streaming client that wants bytes as they come does.
-var noCompressClient = &http.Client{Transport: &http.Transport{DisableCompression: true}}
+// way a streaming client that wants bytes as they come does. Each request
+// has a connection of its own: a connection a stream ended on, kept for
+// the next request, may be one a server that is shutting down (a reload)
+// is about to close, and a POST on it fails.
+var noCompressClient = &http.Client{Transport: &http.Transport{DisableCompression: true, DisableKeepAlives: true}}
 
 // send makes one request as a client would and returns the response with
 // its body unread. A body is sent as JSON.
