@@ -108,13 +108,14 @@ func TestMetricsAfterKnownWorkload(t *testing.T) {
 		}
 	}
 	// open_streams is process-wide: streams of earlier tests may still be
-	// winding down, so it must come back to where it was.
+	// winding down (and end meanwhile), so it must come back to where it
+	// was or below; the two streams of this test must not stay counted.
 	openBefore := value(before, "caddy_llm_stream_open_streams", nil)
 	for i := 0; value(after, "caddy_llm_stream_open_streams", nil) > openBefore && i < 200; i++ {
 		sleepBriefly()
 		after = scrape(t, c.base()+"/metrics")
 	}
-	if v := value(after, "caddy_llm_stream_open_streams", nil); v != openBefore {
+	if v := value(after, "caddy_llm_stream_open_streams", nil); v > openBefore {
 		t.Errorf("open_streams %v after the streams ended, was %v before", v, openBefore)
 	}
 	if strings.Contains(scrapeText(t, c.base()+"/metrics"), "sk-metrics-client") {
