@@ -2,9 +2,11 @@ package llmstream
 
 import (
 	"bytes"
+	"encoding/binary"
 	"math"
-	"strconv"
 	"strings"
+
+	"github.com/cespare/xxhash/v2"
 )
 
 // Key affinity keeps a conversation on one upstream and key, so that the
@@ -57,22 +59,26 @@ func promptPrefix(in *inbound) string {
 	if !in.isJSON {
 		return ""
 	}
-	h := fnv(fnvOffset, in.model)
-	var turns, input []byte
+	var d xxhash.Digest
+	d.Reset()
+	part := func(b []byte) {
+		_, _ = d.Write(b)
+		_, _ = d.Write(partEnd) // "a"+"bc" is not "ab"+"c"
+	}
+	_, _ = d.WriteString(in.model)
+	_, _ = d.Write(partEnd)
 	found := false
-	forEachMember(in.body, func(key, v []byte) {
-		switch string(key) {
-		case "system", "instructions", "systemInstruction":
-			h, found = fnvBytes(h, v), true
-		case "messages", "contents":
-			turns = v
-		case "input":
-			input = v
+	for _, v := range in.system {
+		if v != nil {
+			part(v)
+			found = true
 		}
-	})
+	}
+	turns, input := in.turns, in.input
 	if turns == nil && len(input) > 0 {
 		if input[0] != '[' {
-			return "prefix:" + strconv.FormatUint(fnvBytes(h, input), 36) // one string: the whole conversation
+			part(input) // one string: the whole conversation
+			return prefixName(d.Sum64())
 		}
 		turns = input
 	}
@@ -80,7 +86,8 @@ func promptPrefix(in *inbound) string {
 		for i := skipSpace(turns, 1); i < len(turns) && turns[i] != ']'; {
 			end := skipValue(turns, i)
 			t := turns[i:end]
-			h, found = fnvBytes(h, t), true
+			part(t)
+			found = true
 			if !bytes.Contains(t, systemRole) && !bytes.Contains(t, developerRole) {
 				break // the first turn past the system prompt
 			}
@@ -92,11 +99,23 @@ func promptPrefix(in *inbound) string {
 	if !found {
 		return ""
 	}
-	return "prefix:" + strconv.FormatUint(h, 36)
+	return prefixName(d.Sum64())
 }
 
-// forEachMember calls f with the raw key (between its quotes) and value of
-// each top-level member of a valid JSON object.
+// prefixName names a conversation by its prefix's hash: its eight bytes
+// (it is only hashed again, never shown).
+func prefixName(h uint64) string {
+	b := [15]byte{'p', 'r', 'e', 'f', 'i', 'x', ':'}
+	binary.LittleEndian.PutUint64(b[7:], h)
+	return string(b[:])
+}
+
+// partEnd separates the parts of a hashed prefix: a byte no JSON text has.
+var partEnd = []byte{0xff}
+
+// forEachMember calls f with the key and raw value of each top-level
+// member of a valid JSON object (nothing when b is not one). A key is
+// passed as the bytes between its quotes, decoded when it has escapes.
 func forEachMember(b []byte, f func(key, value []byte)) {
 	i := skipSpace(b, 0)
 	if i >= len(b) || b[i] != '{' {
@@ -109,7 +128,14 @@ func forEachMember(b []byte, f func(key, value []byte)) {
 		}
 		vs := skipSpace(b, i+1)
 		ve := skipValue(b, vs)
-		f(b[ks+1:max(ks+1, ke-1)], b[vs:ve])
+		key := b[ks+1 : max(ks+1, ke-1)]
+		if bytes.IndexByte(key, '\\') >= 0 {
+			// "mod\u0065l" is the member model
+			if k, ok := jsonString(b[ks:ke]); ok {
+				key = []byte(k)
+			}
+		}
+		f(key, b[vs:ve])
 		if i = skipSpace(b, ve); i >= len(b) || b[i] != ',' {
 			return
 		}
@@ -122,42 +148,32 @@ var (
 	developerRole = []byte(`"developer"`)
 )
 
-// FNV-1a, 64 bits: the same on every instance and after every restart, so
-// that they all send a conversation to the same upstream and key.
-const (
-	fnvOffset = 14695981039346656037
-	fnvPrime  = 1099511628211
-)
-
-func fnv(h uint64, s string) uint64 {
-	for i := 0; i < len(s); i++ {
-		h ^= uint64(s[i])
-		h *= fnvPrime
-	}
-	return h
-}
-
-func fnvBytes(h uint64, b []byte) uint64 {
-	for _, c := range b {
-		h ^= uint64(c)
-		h *= fnvPrime
-	}
-	return h
-}
+// The hashes are xxHash64, unseeded: the same on every instance and after
+// every restart, so that they all send a conversation to the same upstream
+// and key.
 
 // conversationHash is the conversation's half of every rendezvous score.
-func conversationHash(conv string) uint64 { return fnv(fnvOffset, conv) }
+func conversationHash(conv string) uint64 { return xxhash.Sum64String(conv) }
 
-// weight is the rendezvous score of a conversation on one upstream or key
-// (by its URL, or its key's fingerprint): the highest wins. Weighted by
-// the logarithmic method: -w / ln(u), u uniform in (0,1).
-func weight(conv uint64, id string, w int) float64 {
-	h := fnv(conv, id)
-	h ^= h >> 33 // finalise: FNV's high bits mix poorly
+// idHash is an upstream's (by its URL) or a key's (by its fingerprint)
+// half, computed once at provisioning.
+func idHash(id string) uint64 { return xxhash.Sum64String(id) ^ 0x9e3779b97f4a7c15 }
+
+// score is the rendezvous score of a conversation on one key: uniform
+// over 64 bits, the highest wins.
+func score(conv, id uint64) uint64 {
+	h := conv ^ id
+	h ^= h >> 33 // murmur3's finaliser: every bit of both halves counts
 	h *= 0xff51afd7ed558ccd
 	h ^= h >> 33
 	h *= 0xc4ceb9fe1a85ec53
 	h ^= h >> 33
-	u := (float64(h>>11) + 0.5) / (1 << 53)
+	return h
+}
+
+// weight is the rendezvous score of a conversation on an upstream of
+// weight w, by the logarithmic method: -w / ln(u), u uniform in (0,1).
+func weight(conv, id uint64, w int) float64 {
+	u := (float64(score(conv, id)>>11) + 0.5) / (1 << 53)
 	return -float64(max(w, 1)) / math.Log(u)
 }

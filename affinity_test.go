@@ -221,7 +221,12 @@ func keyFor(t *testing.T, base, body, session string) string {
 // turn, in each API's shape.
 func TestPromptPrefix(t *testing.T) {
 	prefix := func(body string) string {
-		return promptPrefix(&inbound{isJSON: true, model: "m", body: []byte(body)})
+		in := &inbound{isJSON: true, body: []byte(body)}
+		if err := in.readFields(); err != nil {
+			t.Fatal(err)
+		}
+		in.model = "m"
+		return promptPrefix(in)
 	}
 	for _, tc := range []struct{ name, turn1, turn2, other string }{
 		{"openai", `{"model":"m","messages":[{"role":"system","content":"S"},{"role":"user","content":"Q1"}]}`,

@@ -199,16 +199,19 @@ func (h *Handler) spendReserve(x *exchange) (int64, bool) {
 		answer = defaultAnswerReserve
 	}
 	prompt := int64(len(x.in.body)) / 3
-	r, ok := h.prices.lookup(x.in.model)
-	most := r.estimate(prompt, answer)
+	if len(x.cands) == 0 {
+		r, ok := h.prices.lookup(x.in.model)
+		return r.estimate(prompt, answer), ok
+	}
+	var most int64
 	for _, up := range x.cands {
-		r, ok = h.prices.lookup(up.upstreamModel(x.in.model), x.in.model)
+		r, ok := h.prices.lookup(up.upstreamModel(x.in.model), x.in.model)
 		if !ok {
 			return 0, false
 		}
 		most = max(most, r.estimate(prompt, answer))
 	}
-	return most, ok
+	return most, true
 }
 
 // rateOf is the price of the answer's model: as sent upstream (after a
@@ -308,9 +311,9 @@ func (h *Handler) settle(ad *admission, u *usage, cost int64) {
 	default:
 		delta = u.total() - ad.a.Reserve
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	if err := h.store.Settle(ctx, h.limits, ad.a, delta, cost); err != nil {
+	// Not the request's context: the client may be gone. The Redis
+	// client's own timeouts bound the wait.
+	if err := h.store.Settle(context.Background(), h.limits, ad.a, delta, cost); err != nil {
 		h.logger.Error("settling limits failed", zap.String("identity", ad.a.ID), zap.Error(err))
 	}
 }

@@ -5,6 +5,8 @@ import (
 	"path"
 	"sync"
 
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/memo"
+
 	"github.com/caddyserver/caddy/v2"
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -36,6 +38,18 @@ var metrics = struct {
 }{}
 
 const metricsNS, metricsSub = "caddy", "llm_stream"
+
+// costChildren are the cost counter's series, looked up once per model and
+// identity (WithLabelValues hashes and validates its labels every time).
+var costChildren = memo.Map[[2]string, prometheus.Counter]{Max: 1024}
+
+func costCounter(model, identity string) prometheus.Counter {
+	k := [2]string{model, identity}
+	if c, ok := costChildren.Get(k); ok {
+		return c
+	}
+	return costChildren.Put(k, metrics.cost.WithLabelValues(model, identity))
+}
 
 func init() { initMetrics() }
 
@@ -119,10 +133,8 @@ func (h *Handler) modelLabel(model string) string {
 		if _, ok := h.prices.exact[model]; ok {
 			return model
 		}
-		for _, g := range h.prices.globs {
-			if ok, _ := path.Match(g.pattern, model); ok {
-				return g.pattern
-			}
+		if m := h.prices.matchGlob(model); m.ok {
+			return m.pattern
 		}
 	}
 	return "other"

@@ -8,6 +8,8 @@ import (
 	"path"
 	"sort"
 	"strings"
+
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/memo"
 )
 
 // Price is what one model (or every model a glob matches) costs, in US
@@ -47,6 +49,16 @@ const nanoUSD = 1e9
 type priceList struct {
 	exact map[string]rate
 	globs []globRate
+	// matched remembers which glob prices a name (a glob match costs more
+	// than the rest of the money path); names come from clients, so only
+	// the first few hundred are remembered.
+	matched memo.Map[string, globMatch]
+}
+
+type globMatch struct {
+	rate
+	pattern string
+	ok      bool
 }
 
 type globRate struct {
@@ -90,14 +102,33 @@ func (pl *priceList) lookup(names ...string) (rate, bool) {
 			return r, true
 		}
 	}
-	for _, n := range names {
-		for _, g := range pl.globs {
-			if ok, _ := path.Match(g.pattern, n); ok && n != "" {
-				return g.rate, true
-			}
+	for i, n := range names {
+		if i > 0 && n == names[0] {
+			continue // not renamed: asked and sent are one name
+		}
+		if m := pl.matchGlob(n); m.ok {
+			return m.rate, true
 		}
 	}
 	return rate{}, false
+}
+
+// matchGlob is the first glob price that matches name.
+func (pl *priceList) matchGlob(name string) globMatch {
+	if len(pl.globs) == 0 || name == "" {
+		return globMatch{}
+	}
+	if m, ok := pl.matched.Get(name); ok {
+		return m
+	}
+	var m globMatch
+	for _, g := range pl.globs {
+		if ok, _ := path.Match(g.pattern, name); ok {
+			m = globMatch{g.rate, g.pattern, true}
+			break
+		}
+	}
+	return pl.matched.Put(name, m)
 }
 
 // cost is what the usage costs at the rate, in nano-dollars.

@@ -30,6 +30,11 @@ type inbound struct {
 	// the largest answer asked for: max_tokens, max_completion_tokens or
 	// max_output_tokens
 	maxTokens int64
+	// where the conversation begins (raw values in body), for key
+	// affinity: system prompts (system, instructions, systemInstruction),
+	// the turns (messages, contents) and Responses input
+	system       [3][]byte
+	turns, input []byte
 }
 
 // tokenEstimate is what a request may cost at most, as far as can be
@@ -67,52 +72,85 @@ func readRequest(r *http.Request, max int64) (*inbound, *apiError) {
 		return nil, &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: "invalid_json",
 			Message: "the request body is not valid JSON"}
 	}
-	var fields struct {
-		Model  json.RawMessage `json:"model"`
-		Stream json.RawMessage `json:"stream"`
-		User   json.RawMessage `json:"user"`
-
-		PromptCacheKey     json.RawMessage `json:"prompt_cache_key"`
-		PreviousResponseID json.RawMessage `json:"previous_response_id"`
-		Metadata           struct {
-			UserID json.RawMessage `json:"user_id"`
-		} `json:"metadata"`
-
-		MaxTokens           *int64 `json:"max_tokens"`
-		MaxCompletionTokens *int64 `json:"max_completion_tokens"`
-		MaxOutputTokens     *int64 `json:"max_output_tokens"`
+	if err := in.readFields(); err != nil {
+		return nil, err
 	}
-	if bytes.HasPrefix(bytes.TrimLeft(in.body, " \t\r\n"), []byte("{")) {
-		// Valid JSON: this only fails on type mismatches, which are
-		// reported below for the fields we read.
-		_ = json.Unmarshal(in.body, &fields)
-	}
-	if len(fields.Model) > 0 && string(fields.Model) != "null" {
-		if err := json.Unmarshal(fields.Model, &in.model); err != nil {
-			return nil, fieldError("model", "a string")
+	return in, nil
+}
+
+// readFields takes the top-level members routing and relaying need from a
+// valid JSON body in one pass over its bytes, without decoding the rest.
+// As with encoding/json, the last of repeated members counts.
+func (in *inbound) readFields() *apiError {
+	var model, stream, user, cacheKey, previous, metadata []byte
+	forEachMember(in.body, func(key, v []byte) {
+		switch string(key) {
+		case "model":
+			model = v
+		case "stream":
+			stream = v
+		case "user":
+			user = v
+		case "prompt_cache_key":
+			cacheKey = v
+		case "previous_response_id":
+			previous = v
+		case "metadata":
+			metadata = v
+		case "max_tokens", "max_completion_tokens", "max_output_tokens":
+			if n, err := strconv.ParseInt(string(v), 10, 64); err == nil && n > in.maxTokens {
+				in.maxTokens = n
+			}
+		case "system":
+			in.system[0] = v
+		case "instructions":
+			in.system[1] = v
+		case "systemInstruction":
+			in.system[2] = v
+		case "messages", "contents":
+			in.turns = v
+		case "input":
+			in.input = v
+		}
+	})
+	if model != nil && string(model) != "null" {
+		var ok bool
+		if in.model, ok = jsonString(model); !ok {
+			return fieldError("model", "a string")
 		}
 	}
-	if len(fields.Stream) > 0 && string(fields.Stream) != "null" {
-		if err := json.Unmarshal(fields.Stream, &in.stream); err != nil {
-			return nil, fieldError("stream", "a boolean")
-		}
-	}
-	for _, v := range []*int64{fields.MaxTokens, fields.MaxCompletionTokens, fields.MaxOutputTokens} {
-		if v != nil && *v > in.maxTokens {
-			in.maxTokens = *v
+	if stream != nil && string(stream) != "null" {
+		switch string(stream) {
+		case "true":
+			in.stream = true
+		case "false":
+		default:
+			return fieldError("stream", "a boolean")
 		}
 	}
 	// only for routing: a value of another type names no conversation
-	for _, f := range []struct {
-		raw json.RawMessage
-		dst *string
-	}{{fields.User, &in.user}, {fields.PromptCacheKey, &in.promptCacheKey}, {fields.Metadata.UserID, &in.metadataUser},
-		{fields.PreviousResponseID, &in.previousResponse}} {
-		if len(f.raw) > 0 {
-			_ = json.Unmarshal(f.raw, f.dst)
+	in.user, _ = jsonString(user)
+	in.promptCacheKey, _ = jsonString(cacheKey)
+	in.previousResponse, _ = jsonString(previous)
+	forEachMember(metadata, func(key, v []byte) {
+		if string(key) == "user_id" {
+			in.metadataUser, _ = jsonString(v)
 		}
+	})
+	return nil
+}
+
+// jsonString decodes a raw JSON value that is a string.
+func jsonString(v []byte) (string, bool) {
+	if len(v) < 2 || v[0] != '"' {
+		return "", false
 	}
-	return in, nil
+	if bytes.IndexByte(v, '\\') < 0 {
+		return string(v[1 : len(v)-1]), true
+	}
+	var s string
+	err := json.Unmarshal(v, &s)
+	return s, err == nil
 }
 
 // withModel returns the body with the top-level "model" member's value

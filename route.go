@@ -97,7 +97,7 @@ func order(cands []*Upstream, healthy func(*Upstream) bool, rnd func() float64, 
 		if rnd != nil {
 			rs[i].weightK = math.Pow(rnd(), 1/float64(u.Weight))
 		} else {
-			rs[i].weightK = weight(conv, u.URL, u.Weight) // rendezvous: the same order for the same conversation
+			rs[i].weightK = weight(conv, u.urlHash, u.Weight) // rendezvous: the same order for the same conversation
 		}
 	}
 	sort.SliceStable(rs, func(i, j int) bool {
@@ -174,9 +174,9 @@ func (p *plan) pick(u *Upstream, mayReuse bool) attempt {
 // conversation's first choice with affinity, else the next in rotation.
 func (p *plan) start(u *Upstream) int {
 	if p.sticky {
-		best, top := 0, -1.0
+		best, top := 0, uint64(0)
 		for i, k := range u.keys {
-			if s := weight(p.conv, k.id, 1); s > top {
+			if s := score(p.conv, k.idHash); i == 0 || s > top {
 				best, top = i, s
 			}
 		}
@@ -191,18 +191,18 @@ func (p *plan) start(u *Upstream) int {
 func (p *plan) freshKey(u *Upstream) *apiKey {
 	if p.sticky {
 		var best, spare *apiKey
-		top, spareTop := -1.0, -1.0
+		var top, spareTop uint64
 		for _, k := range u.keys {
 			if slices.Contains(p.tried, k) {
 				continue
 			}
-			s := weight(p.conv, k.id, 1)
+			s := score(p.conv, k.idHash)
 			switch {
 			case !p.resting(k):
-				if s > top {
+				if best == nil || s > top {
 					best, top = k, s
 				}
-			case s > spareTop:
+			case spare == nil || s > spareTop:
 				spare, spareTop = k, s
 			}
 		}
@@ -239,7 +239,7 @@ func (p *plan) firstChoice(cands []*Upstream, at attempt) bool {
 		if u.Priority != at.up.Priority {
 			continue
 		}
-		if s := weight(p.conv, u.URL, u.Weight); s > top {
+		if s := weight(p.conv, u.urlHash, u.Weight); s > top {
 			best, top = u, s
 		}
 	}

@@ -33,11 +33,15 @@ func testUpstream(name string, models []string, rename map[string]string, weight
 		}
 	}
 	for _, k := range keys {
-		u.keys = append(u.keys, &apiKey{secret: k, id: fingerprint(k), rest: new(keyRest)})
+		u.keys = append(u.keys, newAPIKey(k))
 	}
 	if len(u.keys) == 0 {
-		u.keys = []*apiKey{{id: "none", rest: new(keyRest)}}
+		u.keys = []*apiKey{newAPIKey("")}
 	}
+	for _, k := range u.keys {
+		k.rest = new(keyRest)
+	}
+	u.urlHash = idHash(u.URL)
 	return u
 }
 

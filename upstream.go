@@ -70,6 +70,7 @@ type Upstream struct {
 	globPrefix []string // literal start of each glob
 	transport  http.RoundTripper
 	rr         atomic.Uint64   // key rotation
+	urlHash    uint64          // the URL's half of every rendezvous score
 	health     *upstreamHealth // pooled: survives reloads
 	stateKey   string          // health's pool key, shared with other instances
 }
@@ -78,8 +79,14 @@ type Upstream struct {
 type apiKey struct {
 	secret   string
 	id       string
+	idHash   uint64   // id's half of every rendezvous score
 	rest     *keyRest // pooled: survives reloads
 	stateKey string   // rest's pool key, shared with other instances
+}
+
+func newAPIKey(secret string) *apiKey {
+	id := fingerprint(secret)
+	return &apiKey{secret: secret, id: id, idHash: idHash(id)}
 }
 
 // provision resolves keys, indexes models and loads the transport.
@@ -114,11 +121,12 @@ func (u *Upstream) provision(ctx caddy.Context, h *Handler) error {
 			h.logger.Warn("api_key is a literal in the config; prefer {env.NAME} or {file.path}",
 				zap.String("key", fingerprint(secret)))
 		}
-		u.keys = append(u.keys, &apiKey{secret: secret, id: fingerprint(secret)})
+		u.keys = append(u.keys, newAPIKey(secret))
 	}
 	if len(u.keys) == 0 {
-		u.keys = []*apiKey{{id: fingerprint("")}} // local servers without keys
+		u.keys = []*apiKey{newAPIKey("")} // local servers without keys
 	}
+	u.urlHash = idHash(u.URL)
 	u.exact = map[string]bool{}
 	for _, m := range u.Models {
 		if strings.ContainsAny(m, "*?[") {

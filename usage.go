@@ -498,7 +498,7 @@ func (h *Handler) recordUsage(x *exchange, snap relaySnapshot) {
 			idLabel = identity // a configured key name, never a raw key
 		}
 		if x.priced && x.cost > 0 {
-			metrics.cost.WithLabelValues(model, idLabel).Add(usd(x.cost))
+			costCounter(model, idLabel).Add(usd(x.cost))
 		}
 		for _, k := range [...]struct {
 			kind string

@@ -9,7 +9,7 @@ import (
 // Memory is the in-process Store.
 type Memory struct {
 	mu       sync.Mutex
-	counters map[string]counter
+	counters map[counterKey]counter
 	slots    *Slots
 	admits   int
 }
@@ -31,6 +31,13 @@ type slot struct {
 // NewSlots returns an empty set of slots.
 func NewSlots() *Slots { return &Slots{held: map[string]map[string]slot{}} }
 
+// counterKey names one window's count of one kind for one identity.
+type counterKey struct {
+	kind byte // 'r' requests, 't' tokens, '$' spend
+	id   string
+	idx  int64
+}
+
 type counter struct {
 	v   int64
 	exp time.Time
@@ -42,10 +49,10 @@ func NewMemory() *Memory { return NewMemoryWithSlots(NewSlots()) }
 // NewMemoryWithSlots returns an empty in-memory store that keeps its
 // concurrency slots in slots.
 func NewMemoryWithSlots(slots *Slots) *Memory {
-	return &Memory{counters: map[string]counter{}, slots: slots}
+	return &Memory{counters: map[counterKey]counter{}, slots: slots}
 }
 
-func (m *Memory) get(k string, now time.Time) int64 {
+func (m *Memory) get(k counterKey, now time.Time) int64 {
 	c, ok := m.counters[k]
 	if !ok || now.After(c.exp) {
 		return 0
@@ -53,7 +60,7 @@ func (m *Memory) get(k string, now time.Time) int64 {
 	return c.v
 }
 
-func (m *Memory) add(k string, v int64, now time.Time, ttl time.Duration) {
+func (m *Memory) add(k counterKey, v int64, now time.Time, ttl time.Duration) {
 	c := m.counters[k]
 	if now.After(c.exp) {
 		c.v = 0
@@ -72,13 +79,13 @@ func (m *Memory) Admit(_ context.Context, l Limits, a Admission) (Decision, erro
 	ti, tw, tleft := window(a.Now, l.TokenWindow)
 	si, sw, sleft := window(a.Now, l.SpendWindow)
 	if l.Requests > 0 {
-		est := float64(m.get(reqKey("", a.ID, ri), a.Now)) + float64(m.get(reqKey("", a.ID, ri-1), a.Now))*rw
+		est := float64(m.get(counterKey{'r', a.ID, ri}, a.Now)) + float64(m.get(counterKey{'r', a.ID, ri - 1}, a.Now))*rw
 		if est+1 > float64(l.Requests) {
 			return Decision{Limit: "requests", RetryAfter: retryAfter(rleft)}, nil
 		}
 	}
 	if l.Tokens > 0 {
-		est := float64(m.get(tokKey("", a.ID, ti), a.Now)) + float64(m.get(tokKey("", a.ID, ti-1), a.Now))*tw
+		est := float64(m.get(counterKey{'t', a.ID, ti}, a.Now)) + float64(m.get(counterKey{'t', a.ID, ti - 1}, a.Now))*tw
 		if est+float64(a.Reserve) > float64(l.Tokens) {
 			return Decision{Limit: "tokens", RetryAfter: retryAfter(tleft)}, nil
 		}
@@ -99,17 +106,17 @@ func (m *Memory) Admit(_ context.Context, l Limits, a Admission) (Decision, erro
 			return Decision{Limit: "concurrent", RetryAfter: time.Second}, nil
 		}
 		if l.Spend > 0 {
-			spent := float64(m.get(spendKey("", a.ID, si), a.Now)) + float64(m.get(spendKey("", a.ID, si-1), a.Now))*sw
+			spent := float64(m.get(counterKey{'$', a.ID, si}, a.Now)) + float64(m.get(counterKey{'$', a.ID, si - 1}, a.Now))*sw
 			if spent+float64(reserved+a.Spend) > float64(l.Spend) {
 				return Decision{Limit: "spend", RetryAfter: retryAfter(sleft)}, nil
 			}
 		}
 	}
 	if l.Requests > 0 {
-		m.add(reqKey("", a.ID, ri), 1, a.Now, 2*l.RequestWindow)
+		m.add(counterKey{'r', a.ID, ri}, 1, a.Now, 2*l.RequestWindow)
 	}
 	if l.Tokens > 0 {
-		m.add(tokKey("", a.ID, ti), a.Reserve, a.Now, 2*l.TokenWindow)
+		m.add(counterKey{'t', a.ID, ti}, a.Reserve, a.Now, 2*l.TokenWindow)
 	}
 	if l.inFlight() {
 		if m.slots.held[a.ID] == nil {
@@ -130,19 +137,16 @@ func (m *Memory) Settle(_ context.Context, l Limits, a Admission, delta, cost in
 	defer m.mu.Unlock()
 	if l.Spend > 0 && cost > 0 {
 		si, _, _ := window(a.Now, l.SpendWindow)
-		m.add(spendKey("", a.ID, si), cost, time.Now(), 2*l.SpendWindow)
+		m.add(counterKey{'$', a.ID, si}, cost, time.Now(), 2*l.SpendWindow)
 	}
 	if l.inFlight() {
 		m.slots.mu.Lock()
-		delete(m.slots.held[a.ID], a.Slot)
-		if len(m.slots.held[a.ID]) == 0 {
-			delete(m.slots.held, a.ID)
-		}
+		delete(m.slots.held[a.ID], a.Slot) // an empty set stays for the next request; sweep drops it
 		m.slots.mu.Unlock()
 	}
 	if l.Tokens > 0 && delta != 0 {
 		ti, _, _ := window(a.Now, l.TokenWindow)
-		k := tokKey("", a.ID, ti)
+		k := counterKey{'t', a.ID, ti}
 		if c, ok := m.counters[k]; ok {
 			c.v += delta
 			m.counters[k] = c
@@ -178,6 +182,13 @@ func (m *Memory) sweep(now time.Time) {
 			delete(m.counters, k)
 		}
 	}
+	m.slots.mu.Lock()
+	for id, held := range m.slots.held {
+		if len(held) == 0 {
+			delete(m.slots.held, id)
+		}
+	}
+	m.slots.mu.Unlock()
 }
 
 // Close implements Store.
