@@ -5,10 +5,10 @@ import (
 	"path"
 	"sync"
 
-	"github.com/caddy-llm-stream/caddy-llm-stream/internal/memo"
-
 	"github.com/caddyserver/caddy/v2"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/memo"
 )
 
 // metrics are created once per process and registered into the registry

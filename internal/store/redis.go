@@ -2,24 +2,72 @@ package store
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/tls"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
 )
 
 // Redis is the Store shared by several Caddy instances. Every admission is
-// one Lua script, so all checks and all records happen atomically in one
-// round trip; settling is another. The keys of one script share the
-// identity's hash tag, so the scripts run on a Redis Cluster too.
+// one Lua script on one hash per identity, so all checks and all records
+// happen atomically in one round trip (and on a Redis Cluster too).
+//
+// What a request settles (its real usage and cost, the end of its
+// reservation) is written with the identity's next admission on this
+// instance, or at most flushDelay later: the answer's end waits for no
+// round trip. Until then the request's reservation, never less than what
+// it may cost, stays counted, so a budget is never overrun by waiting.
+// Under a concurrency cap the slot is freed at once instead, so that a
+// client's next request finds it free.
 type Redis struct {
 	client redis.UniversalClient
 	prefix string
+	// instance names this store in the hashes: each instance keeps its own
+	// requests in flight there, in one leased field per identity.
+	instance string
+
+	mu      sync.Mutex
+	local   map[string]*held // identity → this instance's part
+	flushAt *time.Timer      // armed while settlements wait
 }
+
+// held is what this instance holds for one identity: its requests in
+// flight, what they reserved, and settlements not yet written.
+type held struct {
+	mu           sync.Mutex // held over a write's round trip: one identity's writes keep their order
+	gone         bool       // dropped from local: look it up again
+	count, spend int64
+	settled      []settlement
+	l            Limits    // the limits of the last request, for the flush
+	last         time.Time // the last admission: the time of writes without one
+}
+
+// leaseEnd is how long a part written without an admission is leased:
+// a lease from now (or from the last admission, if that is later).
+func (me *held) leaseEnd() time.Time {
+	now := time.Now()
+	if me.last.After(now) {
+		now = me.last
+	}
+	return now.Add(me.l.SlotTTL)
+}
+
+// settlement is one request's end, to be counted in its admission's
+// windows.
+type settlement struct {
+	tokIdx, delta, spendIdx, cost int64
+}
+
+// flushDelay is the longest a settlement waits for the identity's next
+// admission before it is written on its own.
+const flushDelay = 20 * time.Millisecond
 
 // RedisOptions say how to reach Redis the way operators run it: one server,
 // a Cluster, or a master found through Sentinel; with an ACL user, a
@@ -96,116 +144,132 @@ func NewRedis(o RedisOptions) (*Redis, error) {
 		return nil, errors.New("a Redis Cluster has only database 0")
 	}
 	u.SentinelPassword = o.SentinelPassword
-	return &Redis{client: redis.NewUniversalClient(u), prefix: o.Prefix}, nil
+	var id [6]byte
+	_, _ = rand.Read(id[:])
+	return &Redis{client: redis.NewUniversalClient(u), prefix: o.Prefix, instance: hex.EncodeToString(id[:]),
+		local: map[string]*held{}}, nil
 }
 
-// KEYS: req cur, req prev, tok cur, tok prev, slots, usd cur, usd prev,
-// usd reservations
-// ARGV: now_ms, req_limit, req_prev_weight, req_ttl_ms, tok_limit,
-// tok_prev_weight, tok_ttl_ms, reserve, conc_limit, slot, slot_expiry_ms,
-// slot_ttl_ms, spend_limit, spend_prev_weight, spend_reserve, in_flight
-var admitScript = redis.NewScript(`
-local now = tonumber(ARGV[1])
-local reqLimit, reqW = tonumber(ARGV[2]), tonumber(ARGV[3])
-local tokLimit, tokW = tonumber(ARGV[5]), tonumber(ARGV[6])
-local reserve, concLimit = tonumber(ARGV[8]), tonumber(ARGV[9])
-local spendLimit, spendW, spendReserve = tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
-local inFlight = ARGV[16] == '1'
-local function n(k) return tonumber(redis.call('GET', k) or '0') end
-if reqLimit > 0 and n(KEYS[1]) + n(KEYS[2]) * reqW + 1 > reqLimit then
-	return {0, 'requests'}
-end
-if tokLimit > 0 and n(KEYS[3]) + n(KEYS[4]) * tokW + reserve > tokLimit then
-	return {0, 'tokens'}
-end
-if inFlight then
-	-- leases that ran out: their holders died; so do their reservations
-	local gone = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now)
-	if #gone > 0 then
-		redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
-		redis.call('HDEL', KEYS[8], unpack(gone))
-	end
-end
-if concLimit > 0 and redis.call('ZCARD', KEYS[5]) >= concLimit then
-	return {0, 'concurrent'}
-end
-if spendLimit > 0 then
-	local held = 0
-	for _, v in ipairs(redis.call('HVALS', KEYS[8])) do held = held + tonumber(v) end
-	if n(KEYS[6]) + n(KEYS[7]) * spendW + held + spendReserve > spendLimit then
-		return {0, 'spend'}
-	end
-end
-if reqLimit > 0 then
-	redis.call('INCR', KEYS[1])
-	redis.call('PEXPIRE', KEYS[1], ARGV[4])
-end
-if tokLimit > 0 then
-	redis.call('INCRBY', KEYS[3], reserve)
-	redis.call('PEXPIRE', KEYS[3], ARGV[7])
-end
-if inFlight then
-	redis.call('ZADD', KEYS[5], ARGV[11], ARGV[10])
-	redis.call('PEXPIRE', KEYS[5], ARGV[12])
-end
-if spendLimit > 0 then
-	redis.call('HSET', KEYS[8], ARGV[10], spendReserve)
-	redis.call('PEXPIRE', KEYS[8], ARGV[12])
-end
-return {1, ''}
-`)
+// Everything an identity's limits keep in Redis is one hash, so an
+// admission reads it with one HMGET and records with one HSET, whatever
+// limits apply (each Redis call from a script costs microseconds):
+//
+//	rw rc rp   request window: index, count in it, count in the one before
+//	tw tc tp   token window, likewise
+//	sw sc sp   spend window (nano-dollars), likewise
+//	n held     requests in flight, and what they reserved, in all
+//	i:<inst>   one instance's part of them: "<count> <reserved> <lease end ms>"
+//	a          the last write (ms): the hash exists
+//
+// An instance that stops renewing its part (it died) loses it when the
+// lease ends: parts are swept only when a concurrency or spend check would
+// refuse, so the usual admission never walks them.
 
-// KEYS: slots, tok (of the reservation's window), usd (of the admission's
-// window), usd reservations
-// ARGV: slot, delta, cost, usd_ttl_ms
-var settleScript = redis.NewScript(`
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[4], ARGV[1])
-local d = tonumber(ARGV[2])
-if d ~= 0 and redis.call('EXISTS', KEYS[2]) == 1 then
-	redis.call('INCRBY', KEYS[2], d)
+// KEYS: the identity's hash
+// ARGV: 1 now_ms, 2 admit (1, or 0 to write this instance's part only),
+// 3 req_limit, 4 req_idx, 5 req_prev_weight, 6 tok_limit, 7 tok_idx,
+// 8 tok_prev_weight, 9 reserve, 10 conc_limit, 11 spend_limit,
+// 12 spend_idx, 13 spend_prev_weight, 14 spend_reserve, 15 instance,
+// 16 its count, 17 its reserved spend, 18 lease_end_ms, 19 key_ttl_ms,
+// 20 in_flight; then settlements: tok_idx, delta, spend_idx, cost ...
+var admitScript = redis.NewScript(`
+local key, now, admit = KEYS[1], tonumber(ARGV[1]), ARGV[2] == '1'
+local rl, ri, rw = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local tl, ti, tw, reserve = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local cl = tonumber(ARGV[10])
+local sl, si, sw, spend = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
+local me, myCount, myHeld = 'i:' .. ARGV[15], tonumber(ARGV[16]), tonumber(ARGV[17])
+local inFlight = ARGV[20] == '1'
+local v = redis.call('HMGET', key, 'rw', 'rc', 'rp', 'tw', 'tc', 'tp', 'sw', 'sc', 'sp', 'n', 'held', me)
+-- a window's index and counts as of idx; a newer window another instance
+-- (its clock a little ahead) started is the current one
+local function win(o, idx)
+	local w = tonumber(v[o])
+	if not w then return idx, 0, 0 end
+	local c, p = tonumber(v[o+1]) or 0, tonumber(v[o+2]) or 0
+	if w >= idx then return w, c, p end
+	if w == idx - 1 then return idx, 0, c end
+	return idx, 0, 0
 end
-local c = tonumber(ARGV[3])
-if c > 0 then
-	redis.call('INCRBY', KEYS[3], c)
-	redis.call('PEXPIRE', KEYS[3], ARGV[4])
+local rIdx, rc, rp = win(1, ri)
+local tIdx, tc, tp = win(4, ti)
+local sIdx, sc, sp = win(7, si)
+-- this instance's part replaces what Redis last heard of it
+local oldCount, oldHeld = 0, 0
+if v[12] then
+	local c, h = string.match(v[12], '^(%d+) (%d+)')
+	oldCount, oldHeld = tonumber(c), tonumber(h)
 end
-return 1
+local n = math.max((tonumber(v[10]) or 0) - oldCount, 0) + myCount
+local held = math.max((tonumber(v[11]) or 0) - oldHeld, 0) + myHeld
+-- what ended since: usage and cost count in their admission's window
+for k = 21, #ARGV, 4 do
+	local t, d, s, c = tonumber(ARGV[k]), tonumber(ARGV[k+1]), tonumber(ARGV[k+2]), tonumber(ARGV[k+3])
+	if d ~= 0 then
+		if tIdx == t then tc = tc + d elseif tIdx == t + 1 then tp = tp + d end
+	end
+	if c > 0 then
+		if sIdx == s then sc = sc + c elseif sIdx == s + 1 then sp = sp + c end
+	end
+end
+local why = nil
+if admit then
+	if rl > 0 and rc + rp * rw + 1 > rl then
+		why = 'requests'
+	elseif tl > 0 and tc + tp * tw + reserve > tl then
+		why = 'tokens'
+	elseif inFlight and ((cl > 0 and n >= cl) or (sl > 0 and sc + sp * sw + held + spend > sl)) then
+		-- parts whose lease ran out: their instances died
+		local all, gone = redis.call('HGETALL', key), {}
+		for i = 1, #all, 2 do
+			if string.sub(all[i], 1, 2) == 'i:' and all[i] ~= me then
+				local c, h, lease = string.match(all[i+1], '^(%d+) (%d+) (%d+)$')
+				if tonumber(lease) <= now then
+					gone[#gone+1] = all[i]
+					n, held = math.max(n - tonumber(c), 0), math.max(held - tonumber(h), 0)
+				end
+			end
+		end
+		if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
+		if cl > 0 and n >= cl then
+			why = 'concurrent'
+		elseif sl > 0 and sc + sp * sw + held + spend > sl then
+			why = 'spend'
+		end
+	end
+	if not why then
+		if rl > 0 then rc = rc + 1 end
+		if tl > 0 then tc = tc + reserve end
+		if inFlight then
+			n, held, myCount, myHeld = n + 1, held + spend, myCount + 1, myHeld + spend
+		end
+	end
+end
+redis.call('HSET', key, 'a', ARGV[1], 'rw', rIdx, 'rc', rc, 'rp', rp, 'tw', tIdx, 'tc', tc, 'tp', tp,
+	'sw', sIdx, 'sc', sc, 'sp', sp, 'n', n, 'held', held, me, myCount .. ' ' .. myHeld .. ' ' .. ARGV[18])
+redis.call('PEXPIRE', key, ARGV[19])
+if why then return {0, why} end
+return {1, ''}
 `)
 
 func ms(d time.Duration) int64 { return d.Milliseconds() }
 
+// keyTTL is how long an identity's hash outlives its last write: two of
+// its longest window, or a lease.
+func keyTTL(l Limits) int64 {
+	return ms(max(2*l.RequestWindow, 2*l.TokenWindow, 2*l.SpendWindow, l.SlotTTL)) + 1
+}
+
 // Admit implements Store.
 func (r *Redis) Admit(ctx context.Context, l Limits, a Admission) (Decision, error) {
-	ri, rw, rleft := window(a.Now, l.RequestWindow)
-	ti, tw, tleft := window(a.Now, l.TokenWindow)
-	si, sw, sleft := window(a.Now, l.SpendWindow)
-	keys := []string{
-		reqKey(r.prefix, a.ID, ri), reqKey(r.prefix, a.ID, ri-1),
-		tokKey(r.prefix, a.ID, ti), tokKey(r.prefix, a.ID, ti-1),
-		slotKey(r.prefix, a.ID),
-		spendKey(r.prefix, a.ID, si), spendKey(r.prefix, a.ID, si-1),
-		reservedKey(r.prefix, a.ID),
+	ok, why, err := r.write(ctx, l, a, true, a.Now.Add(l.SlotTTL))
+	if err != nil || ok {
+		return Decision{Allowed: ok}, err
 	}
-	now := a.Now.UnixMilli()
-	inFlight := "0"
-	if l.inFlight() {
-		inFlight = "1"
-	}
-	res, err := admitScript.Run(ctx, r.client, keys,
-		now, l.Requests, strconv.FormatFloat(rw, 'f', 6, 64), ms(2*l.RequestWindow)+1,
-		l.Tokens, strconv.FormatFloat(tw, 'f', 6, 64), ms(2*l.TokenWindow)+1,
-		a.Reserve, l.Concurrent, a.Slot, now+ms(l.SlotTTL), ms(l.SlotTTL)+1,
-		l.Spend, strconv.FormatFloat(sw, 'f', 6, 64), a.Spend, inFlight,
-	).Slice()
-	if err != nil {
-		return Decision{}, err
-	}
-	if ok, _ := res[0].(int64); ok == 1 {
-		return Decision{Allowed: true}, nil
-	}
-	d := Decision{}
-	d.Limit, _ = res[1].(string)
+	_, _, rleft := window(a.Now, l.RequestWindow)
+	_, _, tleft := window(a.Now, l.TokenWindow)
+	_, _, sleft := window(a.Now, l.SpendWindow)
+	d := Decision{Limit: why}
 	switch d.Limit {
 	case "requests":
 		d.RetryAfter = retryAfter(rleft)
@@ -219,46 +283,199 @@ func (r *Redis) Admit(ctx context.Context, l Limits, a Admission) (Decision, err
 	return d, nil
 }
 
-// Settle implements Store.
+// part is this instance's part of an identity, locked.
+func (r *Redis) part(id string, create bool) *held {
+	for {
+		r.mu.Lock()
+		me := r.local[id]
+		if me == nil && create {
+			me = &held{}
+			r.local[id] = me
+		}
+		r.mu.Unlock()
+		if me == nil {
+			return nil
+		}
+		me.mu.Lock()
+		if !me.gone {
+			return me
+		}
+		me.mu.Unlock()
+	}
+}
+
+// write runs the script for one identity: with admit, it admits a's
+// request; either way it writes this instance's part and the settlements
+// waiting. The part stays locked over the round trip, so that this
+// instance's writes for one identity keep their order.
+func (r *Redis) write(ctx context.Context, l Limits, a Admission, admit bool, leaseEnd time.Time) (bool, string, error) {
+	me := r.part(a.ID, true)
+	defer me.mu.Unlock()
+	if !admit {
+		a.Now = me.last
+	}
+	ri, rw, _ := window(a.Now, l.RequestWindow)
+	ti, tw, _ := window(a.Now, l.TokenWindow)
+	si, sw, _ := window(a.Now, l.SpendWindow)
+	now := a.Now.UnixMilli()
+	admitArg, inFlight := "0", "0"
+	if admit {
+		admitArg = "1"
+	}
+	if l.inFlight() {
+		inFlight = "1"
+	}
+	spend := int64(0)
+	if l.Spend > 0 {
+		spend = a.Spend
+	}
+	args := make([]any, 0, 20+4*len(me.settled))
+	args = append(args, now, admitArg, l.Requests, ri, weightArg(rw), l.Tokens, ti, weightArg(tw), a.Reserve, l.Concurrent,
+		l.Spend, si, weightArg(sw), spend, r.instance, me.count, me.spend, leaseEnd.UnixMilli(), keyTTL(l), inFlight)
+	for _, st := range me.settled {
+		args = append(args, st.tokIdx, st.delta, st.spendIdx, st.cost)
+	}
+	res, err := admitScript.Run(ctx, r.client, []string{limitsKey(r.prefix, a.ID)}, args...).Slice()
+	if err != nil {
+		return false, "", err
+	}
+	me.settled = me.settled[:0]
+	if ok, _ := res[0].(int64); ok != 1 {
+		why, _ := res[1].(string)
+		return false, why, nil
+	}
+	if admit {
+		if l.inFlight() {
+			me.count++
+			me.spend += spend
+		}
+		if a.Now.After(me.last) {
+			me.last = a.Now
+		}
+	}
+	me.l = l
+	return true, "", nil
+}
+
+func weightArg(w float64) string { return strconv.FormatFloat(w, 'f', 6, 64) }
+
+// Settle implements Store: the settlement waits for the identity's next
+// admission (or flushDelay), except under a concurrency cap.
 func (r *Redis) Settle(ctx context.Context, l Limits, a Admission, delta, cost int64) error {
-	ti, _, _ := window(a.Now, l.TokenWindow)
-	si, _, _ := window(a.Now, l.SpendWindow)
+	if l.Tokens <= 0 {
+		delta = 0
+	}
 	if l.Spend <= 0 {
 		cost = 0
 	}
-	return settleScript.Run(ctx, r.client,
-		[]string{slotKey(r.prefix, a.ID), tokKey(r.prefix, a.ID, ti), spendKey(r.prefix, a.ID, si), reservedKey(r.prefix, a.ID)},
-		a.Slot, delta, cost, ms(2*l.SpendWindow)+1).Err()
+	if !l.inFlight() && delta == 0 && cost == 0 {
+		return nil // nothing lasts past the admission
+	}
+	me := r.part(a.ID, true)
+	if l.inFlight() && me.count > 0 {
+		me.count--
+		if l.Spend > 0 {
+			me.spend = max(me.spend-a.Spend, 0)
+		}
+	}
+	ti, _, _ := window(a.Now, l.TokenWindow)
+	si, _, _ := window(a.Now, l.SpendWindow)
+	if delta != 0 || cost != 0 {
+		me.settled = append(me.settled, settlement{ti, delta, si, cost})
+	}
+	me.l = l
+	lease := me.leaseEnd()
+	me.mu.Unlock()
+	if l.Concurrent > 0 {
+		// the slot is free now, not at the next admission
+		_, _, err := r.write(ctx, l, Admission{ID: a.ID}, false, lease)
+		return err
+	}
+	r.flushLater()
+	return nil
 }
 
-// Close implements Store.
-func (r *Redis) Close() error { return r.client.Close() }
+// flushLater writes the waiting settlements within flushDelay.
+func (r *Redis) flushLater() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.flushAt == nil {
+		r.flushAt = time.AfterFunc(flushDelay, func() {
+			r.mu.Lock()
+			r.flushAt = nil
+			r.mu.Unlock()
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			_ = r.Flush(ctx)
+		})
+	}
+}
+
+// Flush writes every settlement waiting (Close calls it too) and forgets
+// the identities this instance holds nothing of.
+func (r *Redis) Flush(ctx context.Context) error {
+	r.mu.Lock()
+	ids := make([]string, 0, len(r.local))
+	for id := range r.local {
+		ids = append(ids, id)
+	}
+	r.mu.Unlock()
+	var errs []error
+	for _, id := range ids {
+		me := r.part(id, false)
+		if me == nil {
+			continue
+		}
+		if len(me.settled) == 0 {
+			if me.count == 0 {
+				r.mu.Lock()
+				delete(r.local, id)
+				r.mu.Unlock()
+				me.gone = true
+			}
+			me.mu.Unlock()
+			continue
+		}
+		l, lease := me.l, me.leaseEnd()
+		me.mu.Unlock()
+		if _, _, err := r.write(ctx, l, Admission{ID: id}, false, lease); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Close implements Store: what waits is written first.
+func (r *Redis) Close() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	r.mu.Lock()
+	if r.flushAt != nil {
+		r.flushAt.Stop()
+		r.flushAt = nil
+	}
+	r.mu.Unlock()
+	ferr := r.Flush(ctx)
+	return errors.Join(ferr, r.client.Close())
+}
 
 // Client is the Redis client, for other state kept on the same server.
 func (r *Redis) Client() redis.UniversalClient { return r.client }
 
-// Renew implements Store: each slot's lease (and with it the spend
-// reservation) runs until until, if the slot is still held; one pipeline
-// for the whole batch.
+// Renew implements Store: this instance's part of each identity (and
+// with it every reservation in it) is leased until until; one script per
+// identity.
 func (r *Redis) Renew(ctx context.Context, l Limits, as []Admission, until time.Time) error {
-	_, err := r.client.Pipelined(ctx, func(p redis.Pipeliner) error {
-		seen := map[string]bool{}
-		for _, a := range as {
-			key := slotKey(r.prefix, a.ID)
-			p.ZAddXX(ctx, key, redis.Z{Score: float64(until.UnixMilli()), Member: a.Slot})
-			if seen[a.ID] {
-				continue
-			}
-			seen[a.ID] = true
-			// The keys outlive every lease in them; the lease itself is the
-			// score.
-			ttl := until.Sub(a.Now) + time.Millisecond
-			p.PExpire(ctx, key, ttl)
-			if l.Spend > 0 {
-				p.PExpire(ctx, reservedKey(r.prefix, a.ID), ttl)
-			}
+	seen := map[string]bool{}
+	var errs []error
+	for _, a := range as {
+		if seen[a.ID] {
+			continue
 		}
-		return nil
-	})
-	return err
+		seen[a.ID] = true
+		if _, _, err := r.write(ctx, l, Admission{ID: a.ID}, false, until); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }

@@ -7,7 +7,6 @@ package store
 import (
 	"context"
 	"math"
-	"strconv"
 	"time"
 )
 
@@ -78,25 +77,10 @@ func retryAfter(d time.Duration) time.Duration {
 	return time.Duration(math.Max(1, math.Ceil(d.Seconds()))) * time.Second
 }
 
-// keys for one identity; the {id} hash tag keeps them in one Redis Cluster
-// slot, so one script can touch them all.
-func reqKey(prefix, id string, idx int64) string {
-	return prefix + "{" + id + "}:req:" + strconv.FormatInt(idx, 10)
-}
-
-func tokKey(prefix, id string, idx int64) string {
-	return prefix + "{" + id + "}:tok:" + strconv.FormatInt(idx, 10)
-}
-
-func slotKey(prefix, id string) string { return prefix + "{" + id + "}:slots" }
-
-func spendKey(prefix, id string, idx int64) string {
-	return prefix + "{" + id + "}:usd:" + strconv.FormatInt(idx, 10)
-}
-
-// reservedKey holds the spend reservations of the requests in flight,
-// slot → nano-dollars; a reservation lives as long as its slot's lease.
-func reservedKey(prefix, id string) string { return prefix + "{" + id + "}:usdres" }
+// limitsKey is the hash that holds an identity's counts (redis.go); the
+// {id} hash tag would keep any other key of the identity in the same
+// Redis Cluster slot.
+func limitsKey(prefix, id string) string { return prefix + "{" + id + "}:limits" }
 
 // inFlight reports whether admitted requests are held as leased slots:
 // for a concurrency cap, or for the spend reservations of a budget.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sort"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -13,12 +14,22 @@ import (
 
 // stores runs a test against the memory store and a real redis-server.
 func stores(t *testing.T, f func(t *testing.T, s Store)) {
-	t.Run("memory", func(t *testing.T) { f(t, NewMemory()) })
+	instances(t, func(t *testing.T, s, _ Store) { f(t, s) })
+}
+
+// instances runs a test with two instances sharing one store: one memory
+// store for both (one process), or two Redis stores on one server.
+func instances(t *testing.T, f func(t *testing.T, s, peer Store)) {
+	t.Run("memory", func(t *testing.T) {
+		m := NewMemory()
+		f(t, m, m)
+	})
 	t.Run("redis", func(t *testing.T) {
 		srv := redistest.Start(t)
-		s := mustNewRedis(t, RedisOptions{Addrs: []string{srv.Addr}, Prefix: fmt.Sprintf("test%d:", time.Now().UnixNano())})
-		t.Cleanup(func() { s.Close() })
-		f(t, s)
+		o := RedisOptions{Addrs: []string{srv.Addr}, Prefix: fmt.Sprintf("test%d:", time.Now().UnixNano())}
+		s, peer := mustNewRedis(t, o), mustNewRedis(t, o)
+		t.Cleanup(func() { s.Close(); peer.Close() })
+		f(t, s, peer)
 	})
 }
 
@@ -75,7 +86,7 @@ func TestTokensReserveAndSettle(t *testing.T) {
 }
 
 func TestConcurrentSlotsAtomic(t *testing.T) {
-	stores(t, func(t *testing.T, s Store) {
+	instances(t, func(t *testing.T, s, peer Store) {
 		ctx := context.Background()
 		l := Limits{Concurrent: 5, SlotTTL: time.Hour, Requests: 1000, RequestWindow: time.Minute}
 		now := time.Now()
@@ -87,7 +98,11 @@ func TestConcurrentSlotsAtomic(t *testing.T) {
 			go func(i int) {
 				defer wg.Done()
 				a := Admission{ID: "c", Slot: fmt.Sprint("s", i), Now: now}
-				d, err := s.Admit(ctx, l, a)
+				by := s
+				if i%2 == 1 {
+					by = peer // two instances admit at once
+				}
+				d, err := by.Admit(ctx, l, a)
 				if err != nil {
 					t.Error(err)
 					return
@@ -106,14 +121,28 @@ func TestConcurrentSlotsAtomic(t *testing.T) {
 			t.Fatalf("%d of 40 concurrent admissions passed, want exactly 5", len(admitted))
 		}
 		sort.Slice(admitted, func(i, j int) bool { return admitted[i].Slot < admitted[j].Slot })
-		if err := s.Settle(ctx, l, admitted[0], 0, 0); err != nil {
+		by := s
+		if n, _ := strconv.Atoi(admitted[0].Slot[1:]); n%2 == 1 {
+			by = peer
+		}
+		if err := by.Settle(ctx, l, admitted[0], 0, 0); err != nil {
 			t.Fatal(err)
 		}
 		if d, _ := s.Admit(ctx, l, Admission{ID: "c", Slot: "new", Now: now}); !d.Allowed {
 			t.Fatal("a released slot was not reusable")
 		}
-		// a slot whose holder died is reclaimed after SlotTTL
-		if d, _ := s.Admit(ctx, l, Admission{ID: "c", Slot: "late", Now: now.Add(2 * time.Hour)}); !d.Allowed {
+
+		// The slots of an instance that died are reclaimed when their lease
+		// ends, not before.
+		for i := range 5 {
+			if d, _ := peer.Admit(ctx, l, Admission{ID: "d", Slot: fmt.Sprint("p", i), Now: now}); !d.Allowed {
+				t.Fatalf("admission %d of 5 refused", i)
+			}
+		}
+		if d, _ := s.Admit(ctx, l, Admission{ID: "d", Slot: "early", Now: now.Add(time.Minute)}); d.Allowed {
+			t.Fatal("a sixth request was admitted while the lease of five lasts")
+		}
+		if d, _ := s.Admit(ctx, l, Admission{ID: "d", Slot: "late", Now: now.Add(2 * time.Hour)}); !d.Allowed {
 			t.Fatal("stale slots were not reclaimed")
 		}
 	})
@@ -123,53 +152,117 @@ func TestConcurrentSlotsAtomic(t *testing.T) {
 // flight reserved; a reservation whose holder died stops counting when
 // its lease runs out; what a request cost counts in its window.
 func TestSpendReservationsAndSettlement(t *testing.T) {
-	stores(t, func(t *testing.T, s Store) {
+	instances(t, func(t *testing.T, s, peer Store) {
 		ctx := context.Background()
 		l := Limits{Spend: 1000, SpendWindow: time.Hour, SlotTTL: time.Minute}
 		t0 := time.Unix(36000, 0) // the start of an hour window
-		admit := func(slot string, reserve int64, at time.Duration) (Admission, Decision) {
-			a := Admission{ID: "a", Slot: slot, Spend: reserve, Now: t0.Add(at)}
-			d, err := s.Admit(ctx, l, a)
+		admit := func(by Store, id, slot string, reserve int64, at time.Duration) (Admission, Decision) {
+			a := Admission{ID: id, Slot: slot, Spend: reserve, Now: t0.Add(at)}
+			d, err := by.Admit(ctx, l, a)
 			if err != nil {
 				t.Fatal(err)
 			}
 			return a, d
 		}
-		if _, d := admit("big", 1001, 0); d.Allowed || d.Limit != "spend" || d.RetryAfter != time.Hour {
+		if _, d := admit(s, "a", "big", 1001, 0); d.Allowed || d.Limit != "spend" || d.RetryAfter != time.Hour {
 			t.Fatalf("a reservation over the whole budget: %+v", d)
 		}
-		a1, d := admit("s1", 600, 0)
+		a1, d := admit(s, "a", "a1", 600, 0)
 		if !d.Allowed {
 			t.Fatalf("first request refused: %+v", d)
 		}
-		if _, d := admit("s2", 500, time.Second); d.Allowed {
+		if _, d := admit(s, "a", "s2", 500, time.Second); d.Allowed {
 			t.Fatal("the reservation in flight was not counted")
 		}
 		// It cost 250: 750 remain.
 		if err := s.Settle(ctx, l, a1, 0, 250); err != nil {
 			t.Fatal(err)
 		}
-		a2, d := admit("s2", 500, 2*time.Second)
-		if !d.Allowed {
-			t.Fatalf("after settling, 750 left for 500: %+v", d)
+		if _, d := admit(s, "a", "a2", 400, 2*time.Second); !d.Allowed {
+			t.Fatalf("after settling, 750 left for 400: %+v", d)
 		}
-		if _, d := admit("s3", 300, 3*time.Second); d.Allowed {
-			t.Fatal("spent 250 + held 500 + 300 > 1000 was admitted")
+		// Another instance counts both: 250 spent, 400 held, 300 more fits.
+		if _, d := admit(peer, "a", "p1", 300, 3*time.Second); !d.Allowed {
+			t.Fatalf("the other instance: 250 + 400 + 300 refused: %+v", d)
 		}
-		// a2's holder dies: its reservation lapses with its lease.
-		_ = a2
-		if _, d := admit("s3", 300, 2*time.Second+l.SlotTTL+time.Second); !d.Allowed {
-			t.Fatalf("a dead holder's reservation outlived its lease: %+v", d)
+		if _, d := admit(s, "a", "s3", 100, 4*time.Second); d.Allowed {
+			t.Fatal("spent 250 + held 700 + 100 > 1000 was admitted")
+		}
+		// The other instance dies: what it reserved lapses with its lease.
+		if _, d := admit(s, "a", "s3", 100, 3*time.Second+l.SlotTTL+time.Second); !d.Allowed {
+			t.Fatalf("a dead instance's reservation outlived its lease: %+v", d)
 		}
 		// A renewed lease keeps its reservation.
-		a4, _ := admit("s4", 400, 5*time.Minute)
-		if err := s.Renew(ctx, l, []Admission{a4}, t0.Add(5*time.Minute+3*l.SlotTTL)); err != nil {
+		b1, d := admit(peer, "b", "b1", 900, 5*time.Minute)
+		if !d.Allowed {
+			t.Fatalf("b1 refused: %+v", d)
+		}
+		if err := peer.Renew(ctx, l, []Admission{b1}, t0.Add(5*time.Minute+3*l.SlotTTL)); err != nil {
 			t.Fatal(err)
 		}
-		if _, d := admit("s5", 400, 5*time.Minute+2*l.SlotTTL); d.Allowed {
+		if _, d := admit(s, "b", "b2", 200, 5*time.Minute+2*l.SlotTTL); d.Allowed {
 			t.Fatal("a renewed reservation lapsed")
 		}
 	})
+}
+
+// A settlement reaches the other instances without another admission on
+// the instance that made it (Redis writes it within flushDelay).
+func TestSettlementReachesOtherInstances(t *testing.T) {
+	instances(t, func(t *testing.T, s, peer Store) {
+		ctx := context.Background()
+		l := Limits{Spend: 1000, SpendWindow: time.Hour, Tokens: 100, TokenWindow: time.Hour, SlotTTL: time.Minute}
+		a := Admission{ID: "x", Slot: "1", Spend: 900, Reserve: 90, Now: time.Now()}
+		if d, err := s.Admit(ctx, l, a); err != nil || !d.Allowed {
+			t.Fatal(d, err)
+		}
+		// it used 10 tokens and cost 100: 900 dollars and 90 tokens are free
+		if err := s.Settle(ctx, l, a, -80, 100); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(2 * time.Second)
+		for {
+			d, err := peer.Admit(ctx, l, Admission{ID: "x", Slot: "2", Spend: 850, Reserve: 85, Now: time.Now()})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d.Allowed {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the settlement never reached the other instance: %+v", d)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	})
+}
+
+// Closing the store (Caddy stopping) writes the settlements that were
+// waiting: the next instance counts what the last requests cost.
+func TestCloseWritesSettlements(t *testing.T) {
+	srv := redistest.Start(t)
+	o := RedisOptions{Addrs: []string{srv.Addr}, Prefix: "close:"}
+	ctx := context.Background()
+	l := Limits{Spend: 1000, SpendWindow: time.Hour, SlotTTL: time.Minute}
+	s := mustNewRedis(t, o)
+	a := Admission{ID: "z", Slot: "1", Spend: 500, Now: time.Now()}
+	if d, err := s.Admit(ctx, l, a); err != nil || !d.Allowed {
+		t.Fatal(d, err)
+	}
+	if err := s.Settle(ctx, l, a, 0, 800); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil { // before the flush is due
+		t.Fatal(err)
+	}
+	next := mustNewRedis(t, o)
+	defer next.Close()
+	if d, _ := next.Admit(ctx, l, Admission{ID: "z", Slot: "2", Spend: 300, Now: time.Now()}); d.Allowed {
+		t.Fatal("800 spent + 300 fit a budget of 1000: the settlement was lost on close")
+	}
+	if d, _ := next.Admit(ctx, l, Admission{ID: "z", Slot: "3", Spend: 200, Now: time.Now()}); !d.Allowed {
+		t.Fatalf("800 spent + 200 refused: %+v", d)
+	}
 }
 
 func TestRedisDown(t *testing.T) {
