@@ -4,18 +4,52 @@
 # and through llm_stream, and prints the results side by side.
 # Usage: bench/run.sh [open-streams]   (default 2000)
 # LOAD_ARGS="-only burst" bench/run.sh runs one scenario (see bench/load -h).
+# SHAPE=tls runs the deployed shape instead of plaintext HTTP/1.1: the mock
+# serves HTTP/2 over TLS (as hosted model APIs do) and the proxies serve
+# clients over TLS (as automatic HTTPS does), HTTP/2 to the client unless
+# CLIENT=h1. reverse_proxy speaks HTTP/2 to the mock; nginx HTTP/1.1 over
+# TLS (it cannot proxy to an upstream over HTTP/2); llm_stream as
+# configured by default (HTTP/2 when the upstream offers it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=bench/out
 mkdir -p "$out"
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 open=${1:-2000}
+shape=${SHAPE:-plain}
+client=${CLIENT:-h2}
 
 echo "building caddy and the load tool" >&2
 go build -o "$out/caddy" ./cmd/caddy
 go build -o "$out/load" ./bench/load
 
 MOCK=18081 RP=18082 NGX=18083 LLM=18084
+scheme=http site=http tlsline="" upstream_tls="" rp_tls="" load_tls=()
+if [ "$shape" = tls ]; then
+	# one CA and one certificate for 127.0.0.1, made once
+	tlsdir="$PWD/$out/tls"
+	if [ ! -f "$tlsdir/cert.pem" ]; then
+		mkdir -p "$tlsdir"
+		openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 365 -subj /CN=bench-ca \
+			-keyout "$tlsdir/ca-key.pem" -out "$tlsdir/ca.pem" 2>/dev/null
+		openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=127.0.0.1 \
+			-keyout "$tlsdir/key.pem" -out "$tlsdir/req.pem" 2>/dev/null
+		printf 'subjectAltName=IP:127.0.0.1\n' >"$tlsdir/ext.cnf"
+		openssl x509 -req -in "$tlsdir/req.pem" -CA "$tlsdir/ca.pem" -CAkey "$tlsdir/ca-key.pem" -CAcreateserial \
+			-days 365 -extfile "$tlsdir/ext.cnf" -out "$tlsdir/cert.pem" 2>/dev/null
+	fi
+	scheme=https site=https
+	tlsline="tls $tlsdir/cert.pem $tlsdir/key.pem"
+	upstream_tls="transport http {
+			tls_trust_pool file $tlsdir/ca.pem
+		}"
+	rp_tls="transport http {
+			tls_trust_pool file $tlsdir/ca.pem
+			versions 2
+		}"
+	load_tls=(-ca "$tlsdir/ca.pem")
+	[ "$client" = h2 ] && load_tls+=(-h2)
+fi
 pids=()
 cleanup() {
 	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -33,8 +67,9 @@ global='{
 }'
 cat > "$out/mock.caddyfile" <<CF
 $global
-http://:$MOCK {
+$site://:$MOCK {
 	bind 127.0.0.1
+	$tlsline
 	handle_path /paced/* {
 		llm_mock {
 			tokens 100
@@ -72,28 +107,33 @@ http://:$MOCK {
 CF
 cat > "$out/rp.caddyfile" <<CF
 $global
-http://:$RP {
+$site://:$RP {
 	bind 127.0.0.1
-	reverse_proxy 127.0.0.1:$MOCK {
+	$tlsline
+	reverse_proxy $scheme://127.0.0.1:$MOCK {
 		header_up Authorization "Bearer sk-bench"
+		$rp_tls
 	}
 }
 CF
 cat > "$out/llm.caddyfile" <<CF
 $global
-http://:$LLM {
+$site://:$LLM {
 	bind 127.0.0.1
-	llm_stream http://127.0.0.1:$MOCK {
+	$tlsline
+	llm_stream $scheme://127.0.0.1:$MOCK {
 		api_key sk-bench
 		allow_paths /paced/* /burst/* /steady/* /slow/* /json/*
+		$upstream_tls
 	}
 }
 CF
 
-start() { # name config
+started=""
+start() { # name config; the process id in $started (not in a subshell, so cleanup sees it)
 	"$out/caddy" run --config "$2" --adapter caddyfile >"$out/$1.log" 2>&1 &
-	pids+=($!)
-	echo $!
+	started=$!
+	pids+=("$started")
 }
 wait_port() {
 	for _ in $(seq 100); do
@@ -104,12 +144,24 @@ wait_port() {
 	exit 1
 }
 
-mock_pid=$(start mock "$out/mock.caddyfile")
-rp_pid=$(start rp "$out/rp.caddyfile")
-llm_pid=$(start llm "$out/llm.caddyfile")
+start mock "$out/mock.caddyfile"
+start rp "$out/rp.caddyfile"
+rp_pid=$started
+start llm "$out/llm.caddyfile"
+llm_pid=$started
 wait_port $MOCK; wait_port $RP; wait_port $LLM
 
-targets=("direct=http://127.0.0.1:$MOCK=0" "reverse_proxy=http://127.0.0.1:$RP=$rp_pid")
+targets=("direct=$scheme://127.0.0.1:$MOCK=0" "reverse_proxy=$scheme://127.0.0.1:$RP=$rp_pid")
+ngx_listen="listen 127.0.0.1:$NGX;" ngx_upstream_tls=""
+if [ "$shape" = tls ]; then
+	ngx_listen="listen 127.0.0.1:$NGX ssl$([ "$client" = h2 ] && echo ' http2');
+		ssl_certificate $tlsdir/cert.pem;
+		ssl_certificate_key $tlsdir/key.pem;"
+	ngx_upstream_tls="proxy_ssl_trusted_certificate $tlsdir/ca.pem;
+			proxy_ssl_name 127.0.0.1;
+			proxy_ssl_verify on;
+			proxy_ssl_session_reuse on;"
+fi
 if command -v nginx >/dev/null 2>&1; then
 	cat > "$out/nginx.conf" <<NG
 worker_processes auto;
@@ -120,9 +172,10 @@ http {
 	access_log off;
 	upstream mock { server 127.0.0.1:$MOCK; keepalive 256; }
 	server {
-		listen 127.0.0.1:$NGX;
+		$ngx_listen
 		location / {
-			proxy_pass http://mock;
+			proxy_pass $scheme://mock;
+			$ngx_upstream_tls
 			proxy_http_version 1.1;
 			proxy_set_header Connection "";
 			proxy_set_header Host \$host;
@@ -136,10 +189,11 @@ NG
 	wait_port $NGX
 	master=$(cat "$out/nginx.pid")
 	ngx_pids=$(echo "$master" $(pgrep -P "$master") | tr ' ' ',')
-	targets+=("nginx=http://127.0.0.1:$NGX=$ngx_pids")
+	targets+=("nginx=$scheme://127.0.0.1:$NGX=$ngx_pids")
 else
 	echo "nginx not installed: its column is skipped (apt-get install nginx-light)" >&2
 fi
-targets+=("llm_stream=http://127.0.0.1:$LLM=$llm_pid")
+targets+=("llm_stream=$scheme://127.0.0.1:$LLM=$llm_pid")
 
-"$out/load" -open "$open" ${LOAD_ARGS:-} "${targets[@]}" | tee "$out/results.md"
+echo "shape: $shape$([ "$shape" = tls ] && echo ", $client to the client"), $open open streams" | tee "$out/results.md"
+"$out/load" -open "$open" "${load_tls[@]}" ${LOAD_ARGS:-} "${targets[@]}" | tee -a "$out/results.md"

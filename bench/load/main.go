@@ -12,10 +12,13 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"flag"
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"slices"
 	"strconv"
@@ -39,8 +42,14 @@ func main() {
 		open   = flag.Int("open", 2000, "concurrent slow streams")
 		rpsDur = flag.Duration("rps-time", 4*time.Second, "duration of the requests/s scenario")
 		only   = flag.String("only", "", "run only this scenario (paced, burst, open or rps); for profiling")
+		caFile = flag.String("ca", "", "PEM file of the CA that signed the targets' certificates (https targets)")
+		h2     = flag.Bool("h2", false, "speak HTTP/2 to https targets (as browsers do); else HTTP/1.1")
 	)
 	flag.Parse()
+	if err := setClient(*caFile, *h2); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
 	onlyScenario = *only
 	var targets []target
 	for _, arg := range flag.Args() {
@@ -57,6 +66,11 @@ func main() {
 		}
 		targets = append(targets, t)
 	}
+	if len(targets) > 0 {
+		if u, err := url.Parse(targets[0].url); err == nil {
+			mockPort, _ = strconv.Atoi(u.Port())
+		}
+	}
 	rows := map[string][]string{}
 	add := func(row, v string) { rows[row] = append(rows[row], v) }
 	var direct *result
@@ -72,11 +86,13 @@ func main() {
 			}
 			return fmt.Sprintf("%+.2f", v-base)
 		}
+		add("proto", r.proto)
 		add("ttft", rel(r.ttftP50, direct.ttftP50)+" / "+rel(r.ttftP99, direct.ttftP99))
 		add("chunk", rel(r.chunkP50, direct.chunkP50)+" / "+rel(r.chunkP99, direct.chunkP99))
 		add("cpu", "-") // measured below, in interleaved rounds
 		add("mem", fmt.Sprintf("%.1f", r.memPerStream))
 		add("openttft", rel(r.openTTFTP50, direct.openTTFTP50)+" / "+rel(r.openTTFTP99, direct.openTTFTP99))
+		add("upconns", strconv.Itoa(r.upConns))
 		add("errors", strconv.Itoa(r.errors))
 		add("rps", fmt.Sprintf("%.0f", r.rps))
 		rows["_mem"] = append(rows["_mem"], fmt.Sprint(r.memPerStream))
@@ -102,12 +118,14 @@ func main() {
 	fmt.Println(head)
 	fmt.Println(sep)
 	labels := []struct{ key, text string }{
+		{"proto", "protocol the load tool spoke"},
 		{"ttft", "50 streams × 100 chunks @20 ms: TTFT p50 / p99 (ms)"},
 		{"chunk", "same: per-chunk delay p50 / p99 (ms)"},
 		{"cpu", fmt.Sprintf("100 streams × 500 chunks, no delay: proxy CPU per chunk (µs, median of %d interleaved rounds)", cpuBurstRounds)},
 		{"cpusteady", fmt.Sprintf("100 streams × 500 chunks @2 ms (a chunk a read): proxy CPU per chunk (µs, median of %d interleaved rounds)", cpuSteadyRounds)},
 		{"mem", fmt.Sprintf("%d open slow streams: proxy memory per stream (KB)", *open)},
 		{"openttft", fmt.Sprintf("%d open slow streams (opened 1 per ms): TTFT p50 / p99 (ms)", *open)},
+		{"upconns", "same: the proxy's open connections to the mock"},
 		{"errors", "errors (all scenarios)"},
 		{"rps", "non-streaming requests/s (32 in flight)"},
 	}
@@ -140,6 +158,8 @@ func main() {
 }
 
 type result struct {
+	proto                                string
+	upConns                              int
 	ttftP50, ttftP99, chunkP50, chunkP99 float64
 	memPerStream                         float64
 	openTTFTP50, openTTFTP99             float64
@@ -151,6 +171,34 @@ var client = &http.Client{Transport: &http.Transport{
 	MaxIdleConnsPerHost: 4096,
 	DisableCompression:  true,
 }}
+
+// setClient makes the client trust caFile and, with h2, speak HTTP/2 (many
+// streams over few connections, as a browser does); without h2 it keeps
+// HTTP/1.1 (a connection per stream).
+func setClient(caFile string, h2 bool) error {
+	if caFile == "" {
+		return nil
+	}
+	pem, err := os.ReadFile(caFile)
+	if err != nil {
+		return err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return fmt.Errorf("%s: no certificate", caFile)
+	}
+	tr := &http.Transport{
+		MaxIdleConnsPerHost: 4096,
+		DisableCompression:  true,
+		TLSClientConfig:     &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12},
+		ForceAttemptHTTP2:   h2,
+	}
+	if !h2 {
+		tr.TLSNextProto = map[string]func(string, *tls.Conn) http.RoundTripper{} // HTTP/1.1 only
+	}
+	client = &http.Client{Transport: tr}
+	return nil
+}
 
 const body = `{"model":"mock-1","stream":true,"messages":[{"role":"user","content":"hello"}]}`
 
@@ -259,6 +307,51 @@ func rssKB(pids []int) float64 {
 	return total
 }
 
+// mockPort is the direct target's (the first's) port.
+var mockPort int
+
+// connsTo counts the established TCP connections the processes hold to a
+// loopback port (their sockets in /proc/net/tcp{,6}).
+func connsTo(pids []int, port int) int {
+	inodes := map[string]bool{}
+	for _, pid := range pids {
+		fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+		for _, fd := range fds {
+			l, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name()))
+			if err == nil && strings.HasPrefix(l, "socket:[") {
+				inodes[l[8:len(l)-1]] = true
+			}
+		}
+	}
+	n := 0
+	want := fmt.Sprintf(":%04X", port)
+	for _, f := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		b, _ := os.ReadFile(f)
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			fs := strings.Fields(line)
+			// local, remote, state (01 established), …, inode
+			if len(fs) > 9 && strings.HasSuffix(fs[2], want) && fs[3] == "01" && inodes[fs[9]] {
+				n++
+			}
+		}
+	}
+	return n
+}
+
+// probe is the protocol a request to the target is answered in.
+func probe(url string) string {
+	req, _ := http.NewRequest(http.MethodPost, url+"/json/v1/chat/completions",
+		strings.NewReader(`{"model":"mock-1","messages":[{"role":"user","content":"hello"}]}`))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := client.Do(req)
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return resp.Proto
+}
+
 // onlyScenario limits a run to one scenario, for profiling.
 var onlyScenario string
 
@@ -269,6 +362,7 @@ func runAll(t target, paced, burst, slow string, open int, rpsDur time.Duration)
 	var errs atomic.Int64
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
+	r.proto = probe(t.url)
 
 	// 1. 50 paced streams
 	var mu sync.Mutex
@@ -350,6 +444,7 @@ func runAll(t target, paced, burst, slow string, open int, rpsDur time.Duration)
 		time.Sleep(300 * time.Millisecond)
 		if len(t.pids) > 0 {
 			r.memPerStream = (rssKB(t.pids) - rss0) / float64(open)
+			r.upConns = connsTo(t.pids, mockPort)
 		}
 		wg.Wait()
 		r.openTTFTP50, r.openTTFTP99 = pct(ttfts, .5), pct(ttfts, .99)
