@@ -154,7 +154,9 @@ wait_port $MOCK; wait_port $RP; wait_port $LLM
 targets=("direct=$scheme://127.0.0.1:$MOCK=0" "reverse_proxy=$scheme://127.0.0.1:$RP=$rp_pid")
 ngx_listen="listen 127.0.0.1:$NGX;" ngx_upstream_tls=""
 if [ "$shape" = tls ]; then
-	ngx_listen="listen 127.0.0.1:$NGX ssl$([ "$client" = h2 ] && echo ' http2');
+	ngx_h2=""
+	[ "$client" = h2 ] && ngx_h2=" http2"
+	ngx_listen="listen 127.0.0.1:$NGX ssl$ngx_h2;
 		ssl_certificate $tlsdir/cert.pem;
 		ssl_certificate_key $tlsdir/key.pem;"
 	ngx_upstream_tls="proxy_ssl_trusted_certificate $tlsdir/ca.pem;
