@@ -211,46 +211,88 @@ func (u *usage) readEvent(name, data []byte) {
 	}
 }
 
-// readJSON takes usage from a whole JSON answer (or event data).
+// readJSON takes usage from a whole JSON answer (or event data). It walks
+// the top-level members' bytes and decodes only the few that hold usage
+// and the finish reason: an answer's text is never decoded.
 func (u *usage) readJSON(body []byte) {
-	var v struct {
-		Usage    *usageFields `json:"usage"`
-		Response *struct {
-			Usage *usageFields `json:"usage"`
-		} `json:"response"`
-		UsageMetadata *geminiUsage `json:"usageMetadata"`
-		// why it ended: OpenAI, Anthropic, Gemini
-		Choices []struct {
-			FinishReason string `json:"finish_reason"`
-		} `json:"choices"`
-		StopReason string `json:"stop_reason"`
-		Candidates []struct {
-			FinishReason string `json:"finishReason"`
-		} `json:"candidates"`
-		// Ollama's native API, in its last NDJSON line (done: true).
-		PromptEvalCount *int64 `json:"prompt_eval_count"`
-		EvalCount       *int64 `json:"eval_count"`
+	var usageRaw, responseRaw, gemini, choices, candidates, stop, promptEval, eval []byte
+	forEachMember(body, func(key, v []byte) {
+		switch string(key) {
+		case "usage":
+			usageRaw = v
+		case "response":
+			responseRaw = v
+		case "usageMetadata":
+			gemini = v
+		case "choices": // why it ended: OpenAI, Anthropic, Gemini
+			choices = v
+		case "stop_reason":
+			stop = v
+		case "candidates":
+			candidates = v
+		case "prompt_eval_count": // Ollama's native API, in its last NDJSON line (done: true)
+			promptEval = v
+		case "eval_count":
+			eval = v
+		}
+	})
+	u.finishReason = cmp.Or(firstMember(choices, "finish_reason"), u.finishReason)
+	u.finishReason = cmp.Or(firstMember(candidates, "finishReason"), u.finishReason)
+	if s, ok := jsonString(stop); ok {
+		u.finishReason = cmp.Or(s, u.finishReason)
 	}
-	if json.Unmarshal(body, &v) != nil {
-		return
+	if usageRaw == nil && responseRaw != nil {
+		forEachMember(responseRaw, func(key, v []byte) {
+			if string(key) == "usage" {
+				usageRaw = v
+			}
+		})
 	}
-	if len(v.Choices) > 0 {
-		u.finishReason = cmp.Or(v.Choices[0].FinishReason, u.finishReason)
-	}
-	if len(v.Candidates) > 0 {
-		u.finishReason = cmp.Or(v.Candidates[0].FinishReason, u.finishReason)
-	}
-	u.finishReason = cmp.Or(v.StopReason, u.finishReason)
 	switch {
-	case v.Usage != nil:
-		u.apply(v.Usage)
-	case v.Response != nil && v.Response.Usage != nil:
-		u.apply(v.Response.Usage)
-	case v.UsageMetadata != nil:
-		u.applyGemini(v.UsageMetadata)
-	case v.PromptEvalCount != nil || v.EvalCount != nil:
-		u.apply(&usageFields{PromptTokens: v.PromptEvalCount, CompletionTokens: v.EvalCount})
+	case isObject(usageRaw):
+		var f usageFields
+		if json.Unmarshal(usageRaw, &f) == nil {
+			u.apply(&f)
+		}
+	case isObject(gemini):
+		var g geminiUsage
+		if json.Unmarshal(gemini, &g) == nil {
+			u.applyGemini(&g)
+		}
+	case promptEval != nil || eval != nil:
+		f := usageFields{PromptTokens: jsonInt(promptEval), CompletionTokens: jsonInt(eval)}
+		if f.PromptTokens != nil || f.CompletionTokens != nil {
+			u.apply(&f)
+		}
 	}
+}
+
+// firstMember is the string member key of the first object in a raw JSON
+// array ("" when there is none).
+func firstMember(array []byte, key string) string {
+	if len(array) == 0 || array[0] != '[' {
+		return ""
+	}
+	i := skipSpace(array, 1)
+	first := array[i:skipValue(array, i)]
+	var out string
+	forEachMember(first, func(k, v []byte) {
+		if string(k) == key {
+			out, _ = jsonString(v)
+		}
+	})
+	return out
+}
+
+func isObject(v []byte) bool { return len(v) > 0 && v[0] == '{' }
+
+// jsonInt is a raw JSON integer (nil when v is none).
+func jsonInt(v []byte) *int64 {
+	n, err := strconv.ParseInt(string(v), 10, 64)
+	if err != nil {
+		return nil
+	}
+	return &n
 }
 
 // readNDJSONUsage reads usage from the lines of an NDJSON answer as they
