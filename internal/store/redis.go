@@ -43,10 +43,13 @@ type Redis struct {
 type held struct {
 	mu           sync.Mutex // held over a write's round trip: one identity's writes keep their order
 	gone         bool       // dropped from local: look it up again
-	count, spend int64
-	settled      []settlement
-	l            Limits    // the limits of the last request, for the flush
-	last         time.Time // the last admission: the time of writes without one
+	writing      int        // writes in flight: it must stay in local
+	count, spend int64      // this instance's requests in flight, and what they reserved
+	// what ended since the part was last written: written as changes
+	dCount, dSpend int64
+	settled        []settlement
+	l              Limits    // the limits of the last request, for the flush
+	last           time.Time // the last admission: the time of writes without one
 }
 
 // leaseEnd is how long a part written without an admission is leased:
@@ -170,8 +173,10 @@ func NewRedis(o RedisOptions) (*Redis, error) {
 // 3 req_limit, 4 req_idx, 5 req_prev_weight, 6 tok_limit, 7 tok_idx,
 // 8 tok_prev_weight, 9 reserve, 10 conc_limit, 11 spend_limit,
 // 12 spend_idx, 13 spend_prev_weight, 14 spend_reserve, 15 instance,
-// 16 its count, 17 its reserved spend, 18 lease_end_ms, 19 key_ttl_ms,
-// 20 in_flight; then settlements: tok_idx, delta, spend_idx, cost ...
+// 16 its count, 17 its reserved spend (both as this instance knows them),
+// 18 lease_end_ms, 19 key_ttl_ms, 20 in_flight, 21 count change,
+// 22 reserved change (what ended since this instance last wrote); then
+// settlements: tok_idx, delta, spend_idx, cost ...
 var admitScript = redis.NewScript(`
 local key, now, admit = KEYS[1], tonumber(ARGV[1]), ARGV[2] == '1'
 local rl, ri, rw = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -194,16 +199,20 @@ end
 local rIdx, rc, rp = win(1, ri)
 local tIdx, tc, tp = win(4, ti)
 local sIdx, sc, sp = win(7, si)
--- this instance's part replaces what Redis last heard of it
-local oldCount, oldHeld = 0, 0
+-- this instance's part changes by what ended since it last wrote (writes
+-- of one instance may pass each other: changes add up in any order); a
+-- part swept while its instance lived is written again whole
+local n, held, lease = tonumber(v[10]) or 0, tonumber(v[11]) or 0, tonumber(ARGV[18])
+local dCount, dHeld = tonumber(ARGV[21]), tonumber(ARGV[22])
 if v[12] then
-	local c, h = string.match(v[12], '^(%d+) (%d+)')
-	oldCount, oldHeld = tonumber(c), tonumber(h)
+	local c, h, l = string.match(v[12], '^(%d+) (%d+) (%d+)')
+	myCount, myHeld, lease = math.max(tonumber(c) + dCount, 0), math.max(tonumber(h) + dHeld, 0), math.max(tonumber(l), lease)
+	n, held = math.max(n + dCount, 0), math.max(held + dHeld, 0)
+else
+	n, held = n + myCount, held + myHeld
 end
-local n = math.max((tonumber(v[10]) or 0) - oldCount, 0) + myCount
-local held = math.max((tonumber(v[11]) or 0) - oldHeld, 0) + myHeld
 -- what ended since: usage and cost count in their admission's window
-for k = 21, #ARGV, 4 do
+for k = 23, #ARGV, 4 do
 	local t, d, s, c = tonumber(ARGV[k]), tonumber(ARGV[k+1]), tonumber(ARGV[k+2]), tonumber(ARGV[k+3])
 	if d ~= 0 then
 		if tIdx == t then tc = tc + d elseif tIdx == t + 1 then tp = tp + d end
@@ -246,7 +255,7 @@ if admit then
 	end
 end
 redis.call('HSET', key, 'a', ARGV[1], 'rw', rIdx, 'rc', rc, 'rp', rp, 'tw', tIdx, 'tc', tc, 'tp', tp,
-	'sw', sIdx, 'sc', sc, 'sp', sp, 'n', n, 'held', held, me, myCount .. ' ' .. myHeld .. ' ' .. ARGV[18])
+	'sw', sIdx, 'sc', sc, 'sp', sp, 'n', n, 'held', held, me, string.format('%d %d %d', myCount, myHeld, lease))
 redis.call('PEXPIRE', key, ARGV[19])
 if why then return {0, why} end
 return {1, ''}
@@ -306,14 +315,19 @@ func (r *Redis) part(id string, create bool) *held {
 
 // write runs the script for one identity: with admit, it admits a's
 // request; either way it writes this instance's part and the settlements
-// waiting. The part stays locked over the round trip, so that this
-// instance's writes for one identity keep their order.
+// waiting. The part is locked only to take what waits, not over the round
+// trip: an identity's requests are admitted in parallel.
 func (r *Redis) write(ctx context.Context, l Limits, a Admission, admit bool, leaseEnd time.Time) (bool, string, error) {
 	me := r.part(a.ID, true)
-	defer me.mu.Unlock()
 	if !admit {
 		a.Now = me.last
 	}
+	settled, dCount, dSpend := me.settled, me.dCount, me.dSpend
+	me.settled, me.dCount, me.dSpend = nil, 0, 0
+	count, spendHeld := me.count, me.spend
+	me.writing++
+	me.mu.Unlock()
+
 	ri, rw, _ := window(a.Now, l.RequestWindow)
 	ti, tw, _ := window(a.Now, l.TokenWindow)
 	si, sw, _ := window(a.Now, l.SpendWindow)
@@ -329,17 +343,25 @@ func (r *Redis) write(ctx context.Context, l Limits, a Admission, admit bool, le
 	if l.Spend > 0 {
 		spend = a.Spend
 	}
-	args := make([]any, 0, 20+4*len(me.settled))
+	args := make([]any, 0, 22+4*len(settled))
 	args = append(args, now, admitArg, l.Requests, ri, weightArg(rw), l.Tokens, ti, weightArg(tw), a.Reserve, l.Concurrent,
-		l.Spend, si, weightArg(sw), spend, r.instance, me.count, me.spend, leaseEnd.UnixMilli(), keyTTL(l), inFlight)
-	for _, st := range me.settled {
+		l.Spend, si, weightArg(sw), spend, r.instance, count, spendHeld, leaseEnd.UnixMilli(), keyTTL(l), inFlight, dCount, dSpend)
+	for _, st := range settled {
 		args = append(args, st.tokIdx, st.delta, st.spendIdx, st.cost)
 	}
 	res, err := admitScript.Run(ctx, r.client, []string{limitsKey(r.prefix, a.ID)}, args...).Slice()
+
+	me.mu.Lock() // not gone while writing
+	defer me.mu.Unlock()
+	me.writing--
+	me.l = l
 	if err != nil {
+		// written nothing: what was taken waits for the next write
+		me.settled = append(settled, me.settled...)
+		me.dCount += dCount
+		me.dSpend += dSpend
 		return false, "", err
 	}
-	me.settled = me.settled[:0]
 	if ok, _ := res[0].(int64); ok != 1 {
 		why, _ := res[1].(string)
 		return false, why, nil
@@ -353,7 +375,6 @@ func (r *Redis) write(ctx context.Context, l Limits, a Admission, admit bool, le
 			me.last = a.Now
 		}
 	}
-	me.l = l
 	return true, "", nil
 }
 
@@ -373,10 +394,14 @@ func (r *Redis) Settle(ctx context.Context, l Limits, a Admission, delta, cost i
 	}
 	me := r.part(a.ID, true)
 	if l.inFlight() && me.count > 0 {
-		me.count--
+		reserved := int64(0)
 		if l.Spend > 0 {
-			me.spend = max(me.spend-a.Spend, 0)
+			reserved = min(a.Spend, me.spend)
 		}
+		me.count--
+		me.spend -= reserved
+		me.dCount--
+		me.dSpend -= reserved
 	}
 	ti, _, _ := window(a.Now, l.TokenWindow)
 	si, _, _ := window(a.Now, l.SpendWindow)
@@ -426,8 +451,8 @@ func (r *Redis) Flush(ctx context.Context) error {
 		if me == nil {
 			continue
 		}
-		if len(me.settled) == 0 {
-			if me.count == 0 {
+		if len(me.settled) == 0 && me.dCount == 0 && me.dSpend == 0 {
+			if me.count == 0 && me.writing == 0 {
 				r.mu.Lock()
 				delete(r.local, id)
 				r.mu.Unlock()

@@ -2,9 +2,11 @@ package store
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -262,6 +264,70 @@ func TestCloseWritesSettlements(t *testing.T) {
 	}
 	if d, _ := next.Admit(ctx, l, Admission{ID: "z", Slot: "3", Spend: 200, Now: time.Now()}); !d.Allowed {
 		t.Fatalf("800 spent + 200 refused: %+v", d)
+	}
+}
+
+// Requests of one identity admitted and settled in parallel on two
+// instances leave nothing counted in flight when they have all ended:
+// writes of one instance may pass each other, and their changes add up.
+func TestParallelRequestsLeaveNothingHeld(t *testing.T) {
+	srv := redistest.Start(t)
+	o := RedisOptions{Addrs: []string{srv.Addr}, Prefix: "par:"}
+	a, b := mustNewRedis(t, o), mustNewRedis(t, o)
+	defer a.Close()
+	defer b.Close()
+	ctx := context.Background()
+	l := Limits{Concurrent: 8, Spend: 1 << 40, SpendWindow: time.Hour, Tokens: 1 << 40, TokenWindow: time.Hour, SlotTTL: time.Minute}
+	var wg sync.WaitGroup
+	var admitted sync.Map
+	for i := range 200 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s := a
+			if i%2 == 1 {
+				s = b
+			}
+			ad := Admission{ID: "p", Slot: strconv.Itoa(i), Reserve: 100, Spend: 1000, Now: time.Now()}
+			d, err := s.Admit(ctx, l, ad)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			if d.Allowed {
+				admitted.Store(i, true)
+				if err := s.Settle(ctx, l, ad, -50, 400); err != nil {
+					t.Error(err)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(a.Flush(ctx), b.Flush(ctx)); err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	admitted.Range(func(any, any) bool { n++; return true })
+	all, err := a.Client().HGetAll(ctx, limitsKey("par:", "p")).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if all["n"] != "0" || all["held"] != "0" {
+		t.Errorf("after every request ended: n=%s held=%s", all["n"], all["held"])
+	}
+	for f, v := range all {
+		if strings.HasPrefix(f, "i:") && !strings.HasPrefix(v, "0 0 ") {
+			t.Errorf("an instance still holds %s", v)
+		}
+	}
+	if want := strconv.Itoa(400 * n); all["sc"] != want {
+		t.Errorf("spent %s, want %s for %d requests", all["sc"], want, n)
+	}
+	if want := strconv.Itoa(50 * n); all["tc"] != want {
+		t.Errorf("tokens %s, want %s for %d requests", all["tc"], want, n)
+	}
+	if n < 8 {
+		t.Errorf("only %d of 200 admitted under a cap of 8 in flight", n)
 	}
 }
 
