@@ -36,6 +36,7 @@ type Redis struct {
 	mu      sync.Mutex
 	local   map[string]*held // identity → this instance's part
 	flushAt *time.Timer      // armed while settlements wait
+	closed  bool
 }
 
 // held is what this instance holds for one identity: its requests in
@@ -420,20 +421,26 @@ func (r *Redis) Settle(ctx context.Context, l Limits, a Admission, delta, cost i
 	return nil
 }
 
-// flushLater writes the waiting settlements within flushDelay.
-func (r *Redis) flushLater() {
+// flushLater writes the waiting settlements within flushDelay; while Redis
+// cannot be reached, it tries again every second.
+func (r *Redis) flushLater() { r.flushIn(flushDelay) }
+
+func (r *Redis) flushIn(d time.Duration) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.flushAt == nil {
-		r.flushAt = time.AfterFunc(flushDelay, func() {
-			r.mu.Lock()
-			r.flushAt = nil
-			r.mu.Unlock()
-			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-			defer cancel()
-			_ = r.Flush(ctx)
-		})
+	if r.flushAt != nil || r.closed {
+		return
 	}
+	r.flushAt = time.AfterFunc(d, func() {
+		r.mu.Lock()
+		r.flushAt = nil
+		r.mu.Unlock()
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		if r.Flush(ctx) != nil {
+			r.flushIn(time.Second)
+		}
+	})
 }
 
 // Flush writes every settlement waiting (Close calls it too) and forgets
@@ -475,6 +482,7 @@ func (r *Redis) Close() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	r.mu.Lock()
+	r.closed = true
 	if r.flushAt != nil {
 		r.flushAt.Stop()
 		r.flushAt = nil

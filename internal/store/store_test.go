@@ -331,6 +331,45 @@ func TestParallelRequestsLeaveNothingHeld(t *testing.T) {
 	}
 }
 
+// A settlement made while Redis cannot be reached waits, and is written
+// when Redis answers again, without another request.
+func TestSettlementOutlivesAnOutage(t *testing.T) {
+	srv := redistest.Start(t)
+	o := RedisOptions{Addrs: []string{srv.Addr}, Prefix: "outage:"}
+	ctx := context.Background()
+	l := Limits{Spend: 1000, SpendWindow: time.Hour, SlotTTL: time.Minute}
+	s, peer := mustNewRedis(t, o), mustNewRedis(t, o)
+	defer s.Close()
+	defer peer.Close()
+	a := Admission{ID: "o", Slot: "1", Spend: 500, Now: time.Now()}
+	if d, err := s.Admit(ctx, l, a); err != nil || !d.Allowed {
+		t.Fatal(d, err)
+	}
+	srv.Stop()
+	if err := s.Settle(ctx, l, a, 0, 800); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second) // the first flush fails, and the client's own retry too
+	redistest.StartOn(t, srv.Addr)
+	deadline := time.Now().Add(6 * time.Second)
+	for i := 0; ; i++ {
+		b := Admission{ID: "o", Slot: strconv.Itoa(i), Spend: 300, Now: time.Now()}
+		d, err := peer.Admit(ctx, l, b)
+		if err == nil && !d.Allowed {
+			return // 800 spent: 300 more does not fit
+		}
+		if d.Allowed { // it ends at once, costing nothing
+			if err := peer.Settle(ctx, l, b, 0, 0); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the settlement never reached Redis after the outage: %+v %v", d, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 func TestRedisDown(t *testing.T) {
 	srv := redistest.Start(t)
 	s := mustNewRedis(t, RedisOptions{Addrs: []string{srv.Addr}, Prefix: "down:"})
