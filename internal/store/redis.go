@@ -34,15 +34,15 @@ type Redis struct {
 	instance string
 
 	mu      sync.Mutex
-	local   map[string]*held // identity → this instance's part
-	flushAt *time.Timer      // armed while settlements wait
+	local   map[string]*ownPart // identity → this instance's part
+	flushAt *time.Timer         // armed while settlements wait
 	closed  bool
 }
 
-// held is what this instance holds for one identity: its requests in
+// ownPart is what this instance holds for one identity: its requests in
 // flight, what they reserved, and settlements not yet written.
-type held struct {
-	mu           sync.Mutex // held over a write's round trip: one identity's writes keep their order
+type ownPart struct {
+	mu           sync.Mutex // guards the fields below; never held over a round trip
 	gone         bool       // dropped from local: look it up again
 	writing      int        // writes in flight: it must stay in local
 	count, spend int64      // this instance's requests in flight, and what they reserved
@@ -53,9 +53,9 @@ type held struct {
 	last           time.Time // the last admission: the time of writes without one
 }
 
-// leaseEnd is how long a part written without an admission is leased:
-// a lease from now (or from the last admission, if that is later).
-func (me *held) leaseEnd() time.Time {
+// leaseEnd is when the lease of a part written without an admission ends:
+// one lease from now (or from the last admission, if that is later).
+func (me *ownPart) leaseEnd() time.Time {
 	now := time.Now()
 	if me.last.After(now) {
 		now = me.last
@@ -151,7 +151,7 @@ func NewRedis(o RedisOptions) (*Redis, error) {
 	var id [6]byte
 	_, _ = rand.Read(id[:])
 	return &Redis{client: redis.NewUniversalClient(u), prefix: o.Prefix, instance: hex.EncodeToString(id[:]),
-		local: map[string]*held{}}, nil
+		local: map[string]*ownPart{}}, nil
 }
 
 // Everything an identity's limits keep in Redis is one hash, so an
@@ -294,12 +294,12 @@ func (r *Redis) Admit(ctx context.Context, l Limits, a Admission) (Decision, err
 }
 
 // part is this instance's part of an identity, locked.
-func (r *Redis) part(id string, create bool) *held {
+func (r *Redis) part(id string, create bool) *ownPart {
 	for {
 		r.mu.Lock()
 		me := r.local[id]
 		if me == nil && create {
-			me = &held{}
+			me = &ownPart{}
 			r.local[id] = me
 		}
 		r.mu.Unlock()
