@@ -7,7 +7,6 @@ import (
 	"math"
 	"net/http"
 	"strconv"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -45,10 +44,11 @@ type Limits struct {
 	Spend       float64        `json:"spend,omitempty"`
 	SpendWindow caddy.Duration `json:"spend_window,omitempty"`
 
-	// The lease of a request in flight (its concurrency slot and spend
-	// reservation): the instance holding it renews it every third of this
-	// while the stream lives, so what an instance that crashed or was
-	// killed held is free within this time. Default: 30s.
+	// With `store redis`, the lease of what an instance holds (its
+	// requests' concurrency slots and spend reservations): the instance
+	// renews it every third of this while it holds any, so what an instance
+	// that crashed or was killed held is free within this time. Default:
+	// 30s.
 	SlotLease caddy.Duration `json:"slot_lease,omitempty"`
 }
 
@@ -86,9 +86,6 @@ func (h *Handler) provisionLimits() error {
 		Tokens: l.Tokens, TokenWindow: time.Duration(l.TokenWindow),
 		Concurrent: l.Concurrent, SlotTTL: time.Duration(l.SlotLease),
 		Spend: int64(math.Round(l.Spend * nanoUSD)), SpendWindow: time.Duration(l.SpendWindow),
-	}
-	if l.Concurrent > 0 || l.Spend > 0 {
-		h.leases = &leaseKeeper{h: h, live: map[*admission]struct{}{}, done: make(chan struct{})}
 	}
 	if h.redis != nil {
 		h.store = h.redis
@@ -183,9 +180,6 @@ func (h *Handler) admitLimits(ctx context.Context, identity string, reserve, spe
 		return nil, e
 	}
 	h.inflight.Add(1)
-	if h.leases != nil {
-		h.leases.add(ad)
-	}
 	return ad, nil
 }
 
@@ -223,74 +217,6 @@ func (h *Handler) rateOf(x *exchange) (rate, bool) {
 	return h.prices.lookup(x.in.model)
 }
 
-// leaseKeeper renews the leases of a handler's requests in flight
-// (concurrency slots, spend reservations): one goroutine renews them all
-// every third of the lease, in one batch (one Redis pipeline), instead of
-// a timer per request; an instance that dies stops renewing, and what it
-// held expires within one lease.
-type leaseKeeper struct {
-	h       *Handler
-	mu      sync.Mutex
-	live    map[*admission]struct{}
-	started bool
-	done    chan struct{}
-}
-
-// run renews every third of the lease until stop.
-func (k *leaseKeeper) run() {
-	h, lease := k.h, k.h.limits.SlotTTL
-	t := time.NewTicker(lease / 3)
-	defer t.Stop()
-	var batch []store.Admission
-	for {
-		select {
-		case <-k.done:
-			return
-		case <-t.C:
-		}
-		batch = batch[:0]
-		k.mu.Lock()
-		for ad := range k.live {
-			batch = append(batch, ad.a)
-		}
-		k.mu.Unlock()
-		if len(batch) == 0 {
-			continue
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), lease/3)
-		err := h.store.Renew(ctx, h.limits, batch, time.Now().Add(lease))
-		cancel()
-		if err != nil {
-			h.logger.Warn("renewing the leases of requests in flight failed", zap.Int("requests", len(batch)), zap.Error(err))
-		}
-	}
-}
-
-// add starts renewing ad's lease (and the keeper, on its first request).
-func (k *leaseKeeper) add(ad *admission) {
-	k.mu.Lock()
-	k.live[ad] = struct{}{}
-	if !k.started {
-		k.started = true
-		go k.run()
-	}
-	k.mu.Unlock()
-}
-
-func (k *leaseKeeper) remove(ad *admission) {
-	k.mu.Lock()
-	delete(k.live, ad)
-	k.mu.Unlock()
-}
-
-// stop ends the renewals; Cleanup calls it once the handler's requests
-// ended.
-func (k *leaseKeeper) stop() {
-	if k != nil {
-		close(k.done)
-	}
-}
-
 // settle releases the slot and the spend reservation, corrects the token
 // reservation with the real usage and adds the real cost to the spend.
 // Usage that could not be read keeps its reservation: it is never
@@ -300,9 +226,6 @@ func (h *Handler) settle(ad *admission, u *usage, cost int64) {
 		return
 	}
 	defer h.inflight.Done()
-	if h.leases != nil {
-		h.leases.remove(ad)
-	}
 	var delta int64
 	switch u.status {
 	case usageCached:

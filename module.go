@@ -293,10 +293,9 @@ type Handler struct {
 	allowPaths    []string
 	pathMatcher   caddyhttp.MatchPath
 	prices        *priceList
-	rules         *modelRules  // the compiled route rules
-	leases        *leaseKeeper // renews the leases of requests in flight
-	responses     recall       // Responses API answer id → its upstream and key
-	usageRecords  recall       // request or answer id → its usage record
+	rules         *modelRules // the compiled route rules
+	responses     recall      // Responses API answer id → its upstream and key
+	usageRecords  recall      // request or answer id → its usage record
 	limits        store.Limits
 	store         store.Store
 	redis         *store.Redis    // the `store redis` server
@@ -471,7 +470,6 @@ func (h *Handler) Cleanup() error {
 		if inflight != nil {
 			inflight.Wait()
 		}
-		h.leases.stop()
 		h.releasePools()
 	}()
 	return nil

@@ -24,8 +24,7 @@ type Slots struct {
 }
 
 type slot struct {
-	expiry time.Time
-	spend  int64 // nano-dollars reserved
+	spend int64 // nano-dollars reserved
 }
 
 // NewSlots returns an empty set of slots.
@@ -95,11 +94,7 @@ func (m *Memory) Admit(_ context.Context, l Limits, a Admission) (Decision, erro
 		defer m.slots.mu.Unlock()
 		held := m.slots.held[a.ID]
 		var reserved int64
-		for id, s := range held {
-			if a.Now.After(s.expiry) {
-				delete(held, id) // its holder is gone
-				continue
-			}
+		for _, s := range held {
 			reserved += s.spend
 		}
 		if l.Concurrent > 0 && int64(len(held)) >= l.Concurrent {
@@ -122,7 +117,7 @@ func (m *Memory) Admit(_ context.Context, l Limits, a Admission) (Decision, erro
 		if m.slots.held[a.ID] == nil {
 			m.slots.held[a.ID] = map[string]slot{}
 		}
-		s := slot{expiry: a.Now.Add(l.SlotTTL)}
+		var s slot
 		if l.Spend > 0 {
 			s.spend = a.Spend
 		}
@@ -150,21 +145,6 @@ func (m *Memory) Settle(_ context.Context, l Limits, a Admission, delta, cost in
 		if c, ok := m.counters[k]; ok {
 			c.v += delta
 			m.counters[k] = c
-		}
-	}
-	return nil
-}
-
-// Renew implements Store.
-func (m *Memory) Renew(_ context.Context, _ Limits, as []Admission, until time.Time) error {
-	m.slots.mu.Lock()
-	defer m.slots.mu.Unlock()
-	for _, a := range as {
-		if held := m.slots.held[a.ID]; held != nil {
-			if s, ok := held[a.Slot]; ok {
-				s.expiry = until
-				held[a.Slot] = s
-			}
 		}
 	}
 	return nil

@@ -33,10 +33,12 @@ type Redis struct {
 	// requests in flight there, in one leased field per identity.
 	instance string
 
-	mu      sync.Mutex
-	local   map[string]*ownPart // identity → this instance's part
-	flushAt *time.Timer         // armed while settlements wait
-	closed  bool
+	mu       sync.Mutex
+	local    map[string]*ownPart // identity → this instance's part
+	flushAt  *time.Timer         // armed while settlements wait
+	closed   bool
+	renewing time.Duration // how often the parts' leases are renewed (0: not yet)
+	done     chan struct{} // ends the renewals
 }
 
 // ownPart is what this instance holds for one identity: its requests in
@@ -151,7 +153,7 @@ func NewRedis(o RedisOptions) (*Redis, error) {
 	var id [6]byte
 	_, _ = rand.Read(id[:])
 	return &Redis{client: redis.NewUniversalClient(u), prefix: o.Prefix, instance: hex.EncodeToString(id[:]),
-		local: map[string]*ownPart{}}, nil
+		local: map[string]*ownPart{}, done: make(chan struct{})}, nil
 }
 
 // Everything an identity's limits keep in Redis is one hash, so an
@@ -371,6 +373,7 @@ func (r *Redis) write(ctx context.Context, l Limits, a Admission, admit bool, le
 		if l.inFlight() {
 			me.count++
 			me.spend += spend
+			r.renewEvery(l.SlotTTL / 3)
 		}
 		if a.Now.After(me.last) {
 			me.last = a.Now
@@ -482,6 +485,9 @@ func (r *Redis) Close() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	r.mu.Lock()
+	if !r.closed {
+		close(r.done)
+	}
 	r.closed = true
 	if r.flushAt != nil {
 		r.flushAt.Stop()
@@ -495,20 +501,54 @@ func (r *Redis) Close() error {
 // Client is the Redis client, for other state kept on the same server.
 func (r *Redis) Client() redis.UniversalClient { return r.client }
 
-// Renew implements Store: this instance's part of each identity (and
-// with it every reservation in it) is leased until until; one script per
-// identity.
-func (r *Redis) Renew(ctx context.Context, l Limits, as []Admission, until time.Time) error {
-	seen := map[string]bool{}
-	var errs []error
-	for _, a := range as {
-		if seen[a.ID] {
-			continue
+// renewEvery makes sure this instance's parts are renewed at least every
+// period while it holds requests in flight (called with the part locked,
+// so it takes only r.mu).
+func (r *Redis) renewEvery(period time.Duration) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed || (r.renewing > 0 && r.renewing <= period) {
+		return
+	}
+	first := r.renewing == 0
+	r.renewing = period
+	if first {
+		go r.renewLoop()
+	}
+}
+
+// renewLoop renews the lease of every part that holds requests in flight,
+// one script per identity, until Close: an instance that dies stops
+// renewing, and what it held lapses within one lease.
+func (r *Redis) renewLoop() {
+	for {
+		r.mu.Lock()
+		period := r.renewing
+		r.mu.Unlock()
+		select {
+		case <-r.done:
+			return
+		case <-time.After(period):
 		}
-		seen[a.ID] = true
-		if _, _, err := r.write(ctx, l, Admission{ID: a.ID}, false, until); err != nil {
-			errs = append(errs, err)
+		r.mu.Lock()
+		ids := make([]string, 0, len(r.local))
+		for id := range r.local {
+			ids = append(ids, id)
+		}
+		r.mu.Unlock()
+		for _, id := range ids {
+			me := r.part(id, false)
+			if me == nil {
+				continue
+			}
+			holds, l, lease := me.count > 0, me.l, me.leaseEnd()
+			me.mu.Unlock()
+			if !holds {
+				continue
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), period)
+			_, _, _ = r.write(ctx, l, Admission{ID: id}, false, lease) // a failure: the next round tries again
+			cancel()
 		}
 	}
-	return errors.Join(errs...)
 }

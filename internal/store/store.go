@@ -22,10 +22,11 @@ type Limits struct {
 	// flight reserved.
 	Spend       int64
 	SpendWindow time.Duration
-	// SlotTTL is the lease of a request in flight (its concurrency slot
-	// and its spend reservation): the holder renews it while its stream
-	// lives, so what an instance that died mid-stream held is free within
-	// this time.
+	// SlotTTL is the lease of what an instance holds in a shared store
+	// (its requests' concurrency slots and spend reservations): the store
+	// renews it every third of this while the instance holds any, so what
+	// an instance that died mid-stream held is free within this time. (The
+	// memory store needs no lease: its holders cannot outlive it.)
 	SlotTTL time.Duration
 }
 
@@ -54,9 +55,6 @@ type Store interface {
 	// what it cost (nano-dollars) to the spend, both in the windows the
 	// request was admitted in.
 	Settle(ctx context.Context, l Limits, a Admission, delta, cost int64) error
-	// Renew extends the leases of requests in flight until the given
-	// time, all at once.
-	Renew(ctx context.Context, l Limits, as []Admission, until time.Time) error
 	Close() error
 }
 
