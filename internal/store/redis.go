@@ -38,6 +38,7 @@ type Redis struct {
 	flushAt  *time.Timer         // armed while settlements wait
 	closed   bool
 	renewing time.Duration // how often the parts' leases are renewed (0: not yet)
+	shorter  chan struct{} // the period shrank: wake the renewals
 	done     chan struct{} // ends the renewals
 }
 
@@ -153,7 +154,7 @@ func NewRedis(o RedisOptions) (*Redis, error) {
 	var id [6]byte
 	_, _ = rand.Read(id[:])
 	return &Redis{client: redis.NewUniversalClient(u), prefix: o.Prefix, instance: hex.EncodeToString(id[:]),
-		local: map[string]*ownPart{}, done: make(chan struct{})}, nil
+		local: map[string]*ownPart{}, shorter: make(chan struct{}, 1), done: make(chan struct{})}, nil
 }
 
 // Everything an identity's limits keep in Redis is one hash, so an
@@ -514,6 +515,11 @@ func (r *Redis) renewEvery(period time.Duration) {
 	r.renewing = period
 	if first {
 		go r.renewLoop()
+		return
+	}
+	select { // a config with a shorter lease (a reload): renew now
+	case r.shorter <- struct{}{}:
+	default:
 	}
 }
 
@@ -528,6 +534,7 @@ func (r *Redis) renewLoop() {
 		select {
 		case <-r.done:
 			return
+		case <-r.shorter:
 		case <-time.After(period):
 		}
 		r.mu.Lock()

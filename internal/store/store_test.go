@@ -204,6 +204,30 @@ func TestSpendReservationsAndSettlement(t *testing.T) {
 	})
 }
 
+// A shorter lease configured later (a reload) is renewed in time, though
+// the instance was renewing at the longer lease's pace.
+func TestShorterLeaseAfterReload(t *testing.T) {
+	srv := redistest.Start(t)
+	o := RedisOptions{Addrs: []string{srv.Addr}, Prefix: "reload:"}
+	ctx := context.Background()
+	s, peer := mustNewRedis(t, o), mustNewRedis(t, o)
+	defer s.Close()
+	defer peer.Close()
+	long := Limits{Concurrent: 1, SlotTTL: 30 * time.Second}
+	short := Limits{Concurrent: 1, SlotTTL: time.Second}
+	if d, err := peer.Admit(ctx, long, Admission{ID: "x", Slot: "1", Now: time.Now()}); err != nil || !d.Allowed {
+		t.Fatal(d, err)
+	}
+	time.Sleep(100 * time.Millisecond) // renewing every 10 s now
+	if d, err := peer.Admit(ctx, short, Admission{ID: "y", Slot: "1", Now: time.Now()}); err != nil || !d.Allowed {
+		t.Fatal(d, err)
+	}
+	time.Sleep(3 * short.SlotTTL)
+	if d, _ := s.Admit(ctx, short, Admission{ID: "y", Slot: "2", Now: time.Now()}); d.Allowed {
+		t.Fatal("the request under the shorter lease lost its slot: renewed too late")
+	}
+}
+
 // An instance renews the lease of what it holds while its requests live,
 // and what it held lapses once it stops (it died).
 func TestLeasesRenewWhileHeld(t *testing.T) {
