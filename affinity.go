@@ -113,36 +113,6 @@ func prefixName(h uint64) string {
 // partEnd separates the parts of a hashed prefix: a byte no JSON text has.
 var partEnd = []byte{0xff}
 
-// forEachMember calls f with the key and raw value of each top-level
-// member of a valid JSON object (nothing when b is not one). A key is
-// passed as the bytes between its quotes, decoded when it has escapes.
-func forEachMember(b []byte, f func(key, value []byte)) {
-	i := skipSpace(b, 0)
-	if i >= len(b) || b[i] != '{' {
-		return
-	}
-	for i = skipSpace(b, i+1); i < len(b) && b[i] == '"'; {
-		ks, ke := i, skipString(b, i)
-		if i = skipSpace(b, ke); i >= len(b) || b[i] != ':' {
-			return
-		}
-		vs := skipSpace(b, i+1)
-		ve := skipValue(b, vs)
-		key := b[ks+1 : max(ks+1, ke-1)]
-		if bytes.IndexByte(key, '\\') >= 0 {
-			// "mod\u0065l" is the member model
-			if k, ok := jsonString(b[ks:ke]); ok {
-				key = []byte(k)
-			}
-		}
-		f(key, b[vs:ve])
-		if i = skipSpace(b, ve); i >= len(b) || b[i] != ',' {
-			return
-		}
-		i = skipSpace(b, i+1)
-	}
-}
-
 var (
 	systemRole    = []byte(`"system"`)
 	developerRole = []byte(`"developer"`)

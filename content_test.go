@@ -347,9 +347,12 @@ func TestSkipStringEndsWhereTheLiteralEnds(t *testing.T) {
 }
 
 // A member name written with escapes is found by the name it decodes to,
-// so rewriting the model cannot be dodged by spelling "model" otherwise.
+// and of repeated members the last (the one the provider reads), so
+// rewriting the model cannot be dodged by spelling "model" otherwise or
+// by sending it twice.
 func TestTopLevelValueDecodesEscapedNames(t *testing.T) {
-	for _, body := range []string{`{"mod\u0065l":"auto","x":1}`, `{"x":{"model":"inner"},"model":"auto"}`, ` { "model" : "auto" } `} {
+	for _, body := range []string{`{"mod\u0065l":"auto","x":1}`, `{"x":{"model":"inner"},"model":"auto"}`, ` { "model" : "auto" } `,
+		`{"model":"decoy","model":"auto"}`} {
 		s, e := topLevelValue([]byte(body), "model")
 		if s < 0 || body[s:e] != `"auto"` {
 			t.Errorf("%s: found %d..%d", body, s, e)

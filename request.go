@@ -179,43 +179,51 @@ func withModel(body []byte, name string) []byte {
 }
 
 // topLevelValue finds the byte range of a top-level member's value in a
-// valid JSON object, or -1, -1.
+// valid JSON object, or -1, -1. Of repeated members it is the last, the
+// one encoding/json and the providers' parsers read.
 func topLevelValue(b []byte, key string) (int, int) {
+	start, end := -1, -1
+	members(b, func(k []byte, vs, ve int) {
+		if string(k) == key {
+			start, end = vs, ve
+		}
+	})
+	return start, end
+}
+
+// forEachMember calls f with the key and raw value of each top-level
+// member of a valid JSON object (nothing when b is not one).
+func forEachMember(b []byte, f func(key, value []byte)) {
+	members(b, func(k []byte, vs, ve int) { f(k, b[vs:ve]) })
+}
+
+// members calls f with the key and the value's byte range of each
+// top-level member of a valid JSON object. A key is passed as the bytes
+// between its quotes, decoded when it has escapes: "mod\u0065l" is the
+// member model.
+func members(b []byte, f func(key []byte, vs, ve int)) {
 	i := skipSpace(b, 0)
 	if i >= len(b) || b[i] != '{' {
-		return -1, -1
+		return
 	}
-	i++
-	for {
-		i = skipSpace(b, i)
-		if i >= len(b) || b[i] != '"' {
-			return -1, -1
-		}
-		ks := i
-		i = skipString(b, i)
-		match := string(b[ks+1:max(ks+1, i-1)]) == key
-		if bytes.IndexByte(b[ks:i], '\\') >= 0 {
-			// An escaped name ("mod\u0065l") is the name it decodes to.
-			var k string
-			if json.Unmarshal(b[ks:i], &k) != nil {
-				return -1, -1
-			}
-			match = k == key
-		}
-		i = skipSpace(b, i)
-		if i >= len(b) || b[i] != ':' {
-			return -1, -1
+	for i = skipSpace(b, i+1); i < len(b) && b[i] == '"'; {
+		ks, ke := i, skipString(b, i)
+		if i = skipSpace(b, ke); i >= len(b) || b[i] != ':' {
+			return
 		}
 		vs := skipSpace(b, i+1)
 		ve := skipValue(b, vs)
-		if match {
-			return vs, ve
+		key := b[ks+1 : max(ks+1, ke-1)]
+		if bytes.IndexByte(key, '\\') >= 0 {
+			if k, ok := jsonString(b[ks:ke]); ok {
+				key = []byte(k)
+			}
 		}
-		i = skipSpace(b, ve)
-		if i >= len(b) || b[i] != ',' {
-			return -1, -1
+		f(key, vs, ve)
+		if i = skipSpace(b, ve); i >= len(b) || b[i] != ',' {
+			return
 		}
-		i++
+		i = skipSpace(b, i+1)
 	}
 }
 
