@@ -2,7 +2,6 @@ package llmstream
 
 import (
 	"bytes"
-	"encoding/binary"
 	"math"
 	"strings"
 
@@ -26,25 +25,25 @@ const (
 	affinityHeader   = "header:"
 )
 
-// conversation is what identifies the request's conversation, per
-// key_affinity; "" leaves the request to rotation.
-func (h *Handler) conversation(x *exchange) string {
+// conversation is the hash that names the request's conversation, per
+// key_affinity; 0 leaves the request to rotation.
+func (h *Handler) conversation(x *exchange) uint64 {
 	switch src := h.KeyAffinity; {
 	case src == "":
-		return ""
+		return 0
 	case src == affinityUser:
-		return x.in.user
+		return conversationHash(x.in.user)
 	case src == affinityCacheKey:
-		return x.in.promptCacheKey
+		return conversationHash(x.in.promptCacheKey)
 	case src == affinityPrefix:
 		return promptPrefix(x.in)
 	case strings.HasPrefix(src, affinityHeader):
-		return x.r.Header.Get(src[len(affinityHeader):])
+		return conversationHash(x.r.Header.Get(src[len(affinityHeader):]))
 	}
 	// auto: what the client says the conversation is, else its beginning
-	for _, v := range []string{x.in.promptCacheKey, x.in.user, x.in.metadataUser} {
+	for _, v := range [...]string{x.in.promptCacheKey, x.in.user, x.in.metadataUser} {
 		if v != "" {
-			return v
+			return conversationHash(v)
 		}
 	}
 	return promptPrefix(x.in)
@@ -53,32 +52,25 @@ func (h *Handler) conversation(x *exchange) string {
 // promptPrefix identifies a conversation by its beginning, which every
 // turn repeats: the model, the system prompt and the first user turn
 // (OpenAI messages, Anthropic system + messages, Responses instructions +
-// input, Gemini systemInstruction + contents). "" when the body has none.
-// It scans the body's bytes without decoding it.
-func promptPrefix(in *inbound) string {
+// input, Gemini systemInstruction + contents). 0 when the body has none.
+// It scans the body's bytes without decoding them; each part is hashed
+// on its own, so the spacing between turns does not count.
+func promptPrefix(in *inbound) uint64 {
 	if !in.isJSON {
-		return ""
+		return 0
 	}
-	var d xxhash.Digest
-	d.Reset()
-	part := func(b []byte) {
-		_, _ = d.Write(b)
-		_, _ = d.Write(partEnd) // "a"+"bc" is not "ab"+"c"
-	}
-	_, _ = d.WriteString(in.model)
-	_, _ = d.Write(partEnd)
+	h := xxhash.Sum64String(in.model)
 	found := false
 	for _, v := range in.system {
 		if v != nil {
-			part(v)
+			h = mix(h, xxhash.Sum64(v))
 			found = true
 		}
 	}
 	turns, input := in.turns, in.input
 	if turns == nil && len(input) > 0 {
 		if input[0] != '[' {
-			part(input) // one string: the whole conversation
-			return prefixName(d.Sum64())
+			return nonZero(mix(h, xxhash.Sum64(input))) // one string: the whole conversation
 		}
 		turns = input
 	}
@@ -86,7 +78,7 @@ func promptPrefix(in *inbound) string {
 		for i := skipSpace(turns, 1); i < len(turns) && turns[i] != ']'; {
 			end := skipValue(turns, i)
 			t := turns[i:end]
-			part(t)
+			h = mix(h, xxhash.Sum64(t))
 			found = true
 			if !bytes.Contains(t, systemRole) && !bytes.Contains(t, developerRole) {
 				break // the first turn past the system prompt
@@ -97,21 +89,17 @@ func promptPrefix(in *inbound) string {
 		}
 	}
 	if !found {
-		return ""
+		return 0
 	}
-	return prefixName(d.Sum64())
+	return nonZero(h)
 }
 
-// prefixName names a conversation by its prefix's hash: its eight bytes
-// (it is only hashed again, never shown).
-func prefixName(h uint64) string {
-	b := [15]byte{'p', 'r', 'e', 'f', 'i', 'x', ':'}
-	binary.LittleEndian.PutUint64(b[7:], h)
-	return string(b[:])
-}
+// mix adds a part's hash to the hash of the parts before it (in order:
+// "a","bc" is not "ab","c" nor "bc","a").
+func mix(h, part uint64) uint64 { return score(h*0x9e3779b97f4a7c15, part) }
 
-// partEnd separates the parts of a hashed prefix: a byte no JSON text has.
-var partEnd = []byte{0xff}
+// nonZero keeps a conversation's hash from meaning "none".
+func nonZero(h uint64) uint64 { return max(h, 1) }
 
 var (
 	systemRole    = []byte(`"system"`)
@@ -122,8 +110,14 @@ var (
 // every restart, so that they all send a conversation to the same upstream
 // and key.
 
-// conversationHash is the conversation's half of every rendezvous score.
-func conversationHash(conv string) uint64 { return xxhash.Sum64String(conv) }
+// conversationHash is the conversation's half of every rendezvous score,
+// from what names it; 0 (none) for "".
+func conversationHash(conv string) uint64 {
+	if conv == "" {
+		return 0
+	}
+	return nonZero(xxhash.Sum64String(conv))
+}
 
 // idHash is an upstream's (by its URL) or a key's (by its fingerprint)
 // half, computed once at provisioning.

@@ -220,7 +220,7 @@ func keyFor(t *testing.T, base, body, session string) string {
 // differs between conversations, and ignores what follows the first user
 // turn, in each API's shape.
 func TestPromptPrefix(t *testing.T) {
-	prefix := func(body string) string {
+	prefix := func(body string) uint64 {
 		in := &inbound{isJSON: true, body: []byte(body)}
 		if err := in.readFields(); err != nil {
 			t.Fatal(err)
@@ -243,11 +243,11 @@ func TestPromptPrefix(t *testing.T) {
 			`{"contents":[{"role":"user","parts":[{"text":"Q1"}]}]}`},
 	} {
 		a, b, c := prefix(tc.turn1), prefix(tc.turn2), prefix(tc.other)
-		if a == "" || a != b || a == c {
-			t.Errorf("%s: turn 1 %q, turn 2 %q, another conversation %q", tc.name, a, b, c)
+		if a == 0 || a != b || a == c {
+			t.Errorf("%s: turn 1 %x, turn 2 %x, another conversation %x", tc.name, a, b, c)
 		}
 	}
-	if p := prefix(`{"model":"m"}`); p != "" {
-		t.Errorf("a body without messages named conversation %q", p)
+	if p := prefix(`{"model":"m"}`); p != 0 {
+		t.Errorf("a body without messages named conversation %x", p)
 	}
 }

@@ -43,6 +43,17 @@ type exchange struct {
 
 	// finish
 	usage *usage
+
+	label, labelFor string // the model label, and the model it labels
+}
+
+// exchangeLabel is the model label of the exchange's model (found once: it
+// is needed by several metrics).
+func (h *Handler) exchangeLabel(x *exchange) string {
+	if x.label == "" || x.labelFor != x.in.model {
+		x.label, x.labelFor = h.modelLabel(x.in.model), x.in.model
+	}
+	return x.label
 }
 
 // ServeHTTP proxies one request through the pipeline: admit the caller,

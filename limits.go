@@ -194,7 +194,7 @@ func (h *Handler) spendReserve(x *exchange) (int64, bool) {
 	}
 	prompt := int64(len(x.in.body)) / 3
 	if len(x.cands) == 0 {
-		r, ok := h.prices.lookup(x.in.model)
+		r, ok := h.prices.lookup(x.in.model, "")
 		return r.estimate(prompt, answer), ok
 	}
 	var most int64
@@ -214,7 +214,7 @@ func (h *Handler) rateOf(x *exchange) (rate, bool) {
 	if x.at.up != nil {
 		return h.prices.lookup(x.at.up.upstreamModel(x.in.model), x.in.model)
 	}
-	return h.prices.lookup(x.in.model)
+	return h.prices.lookup(x.in.model, "")
 }
 
 // settle releases the slot and the spend reservation, corrects the token

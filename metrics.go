@@ -114,6 +114,17 @@ func (h *Handler) modelLabel(model string) string {
 	if model == "" {
 		return ""
 	}
+	if h.labels == nil { // not provisioned
+		return h.findLabel(model)
+	}
+	if l, ok := h.labels.Get(model); ok {
+		return l
+	}
+	return h.labels.Put(model, h.findLabel(model))
+}
+
+// findLabel is modelLabel's answer, found anew.
+func (h *Handler) findLabel(model string) string {
 	if _, ok := h.router.byModel[model]; ok {
 		return model
 	}
@@ -130,11 +141,11 @@ func (h *Handler) modelLabel(model string) string {
 		}
 	}
 	if h.prices != nil { // priced names are configured names too
-		if _, ok := h.prices.exact[model]; ok {
+		switch p := h.prices.of(model); {
+		case p.isExact:
 			return model
-		}
-		if m := h.prices.matchGlob(model); m.ok {
-			return m.pattern
+		case p.isGlob:
+			return p.pattern
 		}
 	}
 	return "other"

@@ -21,6 +21,7 @@ import (
 
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/cache"
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/denyword"
+	"github.com/caddy-llm-stream/caddy-llm-stream/internal/memo"
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/redact"
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/stop"
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/store"
@@ -293,9 +294,10 @@ type Handler struct {
 	allowPaths    []string
 	pathMatcher   caddyhttp.MatchPath
 	prices        *priceList
-	rules         *modelRules // the compiled route rules
-	responses     recall      // Responses API answer id → its upstream and key
-	usageRecords  recall      // request or answer id → its usage record
+	labels        *memo.Map[string, string] // model name → its metrics label
+	rules         *modelRules               // the compiled route rules
+	responses     recall                    // Responses API answer id → its upstream and key
+	usageRecords  recall                    // request or answer id → its usage record
 	limits        store.Limits
 	store         store.Store
 	redis         *store.Redis    // the `store redis` server
@@ -328,6 +330,7 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 // and the shared state (the Redis client first, then what uses it).
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
+	h.labels = new(memo.Map[string, string])
 	h.applyDefaults()
 	switch {
 	case h.Upstream != "" && len(h.Upstreams) > 0:

@@ -49,16 +49,18 @@ const nanoUSD = 1e9
 type priceList struct {
 	exact map[string]rate
 	globs []globRate
-	// matched remembers which glob prices a name (a glob match costs more
-	// than the rest of the money path); names come from clients, so only
-	// the first few hundred are remembered.
-	matched memo.Map[string, globMatch]
+	// named remembers what prices a name (a glob match costs more than the
+	// rest of the money path); names come from clients, so only the first
+	// few hundred are remembered.
+	named memo.Map[string, namePrice]
 }
 
-type globMatch struct {
-	rate
-	pattern string
-	ok      bool
+// namePrice is what prices one name: its exact price, else the first glob
+// that matches it.
+type namePrice struct {
+	exact, glob     rate
+	isExact, isGlob bool
+	pattern         string // the glob
 }
 
 type globRate struct {
@@ -92,43 +94,47 @@ func (pl *priceList) add(p Price) {
 	}
 }
 
-// lookup returns the rate of the first of the names that has one.
-func (pl *priceList) lookup(names ...string) (rate, bool) {
-	if pl == nil {
+// lookup returns the rate of sent, the model as sent upstream, else of
+// asked, the model the client asked for: an exact price of either before
+// a glob's.
+func (pl *priceList) lookup(sent, asked string) (rate, bool) {
+	if pl == nil || sent == "" && asked == "" {
 		return rate{}, false
 	}
-	for _, n := range names {
-		if r, ok := pl.exact[n]; ok && n != "" {
-			return r, true
-		}
+	s := pl.of(sent)
+	if s.isExact {
+		return s.exact, true
 	}
-	for i, n := range names {
-		if i > 0 && n == names[0] {
-			continue // not renamed: asked and sent are one name
-		}
-		if m := pl.matchGlob(n); m.ok {
-			return m.rate, true
-		}
+	if asked == sent || asked == "" { // not renamed: one name
+		return s.glob, s.isGlob
 	}
-	return rate{}, false
+	a := pl.of(asked)
+	switch {
+	case a.isExact:
+		return a.exact, true
+	case s.isGlob:
+		return s.glob, true
+	}
+	return a.glob, a.isGlob
 }
 
-// matchGlob is the first glob price that matches name.
-func (pl *priceList) matchGlob(name string) globMatch {
-	if len(pl.globs) == 0 || name == "" {
-		return globMatch{}
+// of is what prices name.
+func (pl *priceList) of(name string) namePrice {
+	if name == "" {
+		return namePrice{}
 	}
-	if m, ok := pl.matched.Get(name); ok {
-		return m
+	if p, ok := pl.named.Get(name); ok {
+		return p
 	}
-	var m globMatch
+	var p namePrice
+	p.exact, p.isExact = pl.exact[name]
 	for _, g := range pl.globs {
 		if ok, _ := path.Match(g.pattern, name); ok {
-			m = globMatch{g.rate, g.pattern, true}
+			p.glob, p.isGlob, p.pattern = g.rate, true, g.pattern
 			break
 		}
 	}
-	return pl.matched.Put(name, m)
+	return pl.named.Put(name, p)
 }
 
 // cost is what the usage costs at the rate, in nano-dollars.

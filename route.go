@@ -266,16 +266,16 @@ func (p *plan) pin(pn *pin) {
 	}
 }
 
-// newPlan ranks the candidates for one request. With a conversation,
-// upstreams of one priority are ranked by their rendezvous score with it
-// (weighted) instead of at random.
-func (h *Handler) newPlan(cands []*Upstream, conversation string) *plan {
+// newPlan ranks the candidates for one request. With a conversation (its
+// hash; 0 for none), upstreams of one priority are ranked by their
+// rendezvous score with it (weighted) instead of at random.
+func (h *Handler) newPlan(cands []*Upstream, conv uint64) *plan {
 	now := time.Now()
 	p := &plan{resting: func(k *apiKey) bool { return h.state.resting(k, now) }}
 	rnd := rand.Float64
-	if conversation != "" {
+	if conv != 0 {
 		p.sticky = true
-		p.conv = conversationHash(conversation)
+		p.conv = conv
 		p.ups = order(cands, func(u *Upstream) bool { return h.state.usable(u, now) }, nil, p.conv)
 		return p
 	}

@@ -161,7 +161,7 @@ func TestKeysRotate(t *testing.T) {
 	u, h := keyPool()
 	count := map[string]int{}
 	for i := 0; i < 300; i++ {
-		at := h.newPlan([]*Upstream{u}, "").next(false)
+		at := h.newPlan([]*Upstream{u}, 0).next(false)
 		count[at.key.secret]++
 	}
 	if count["k1"] != 100 || count["k2"] != 100 || count["k3"] != 100 {
@@ -175,11 +175,11 @@ func TestRestingKeysAreSkipped(t *testing.T) {
 	u, h := keyPool()
 	h.state.rest(u.keys[1], time.Now().Add(time.Minute))
 	for i := 0; i < 30; i++ {
-		if at := h.newPlan([]*Upstream{u}, "").next(false); at.key.secret == "k2" {
+		if at := h.newPlan([]*Upstream{u}, 0).next(false); at.key.secret == "k2" {
 			t.Fatal("a resting key was used while others were free")
 		}
 	}
-	p := h.newPlan([]*Upstream{u}, "")
+	p := h.newPlan([]*Upstream{u}, 0)
 	a1 := p.next(false)
 	a2 := p.next(true)
 	if a1.key == a2.key || a2.up != u {
@@ -190,9 +190,9 @@ func TestRestingKeysAreSkipped(t *testing.T) {
 // Affinity keeps a conversation on one key.
 func TestAffinityKeepsAConversationOnOneKey(t *testing.T) {
 	u, h := keyPool()
-	k := h.newPlan([]*Upstream{u}, "conversation-42").next(false).key
+	k := h.newPlan([]*Upstream{u}, conversationHash("conversation-42")).next(false).key
 	for i := 0; i < 20; i++ {
-		if got := h.newPlan([]*Upstream{u}, "conversation-42").next(false).key; got != k {
+		if got := h.newPlan([]*Upstream{u}, conversationHash("conversation-42")).next(false).key; got != k {
 			t.Fatalf("affinity moved from %s to %s", k.secret, got.secret)
 		}
 	}
@@ -236,7 +236,7 @@ func BenchmarkRoute(b *testing.B) {
 		if len(cands) == 0 {
 			b.Fatal("no candidates for", model)
 		}
-		_ = h.newPlan(cands, "").next(false)
+		_ = h.newPlan(cands, 0).next(false)
 	}
 }
 

@@ -499,7 +499,7 @@ func (h *Handler) recordUsage(x *exchange, snap relaySnapshot) {
 	cacheResult := ""
 	if cs != nil {
 		cacheResult = cs.result
-		metrics.cache.WithLabelValues(h.modelLabel(in.model), cacheResult).Inc()
+		metrics.cache.WithLabelValues(h.exchangeLabel(x), cacheResult).Inc()
 	}
 	status := res.code
 	if !res.done {
@@ -528,7 +528,7 @@ func (h *Handler) recordUsage(x *exchange, snap relaySnapshot) {
 		repl.Map(p.get)
 	}
 	h.keepUsageRecord(x, snap, ttft, tps, cacheResult)
-	model := h.modelLabel(in.model)
+	model := h.exchangeLabel(x)
 	metrics.requests.WithLabelValues(model, upstream, strconv.Itoa(status)).Inc()
 	metrics.duration.WithLabelValues(model, upstream).Observe(duration.Seconds())
 	if ttft > 0 {

@@ -66,10 +66,24 @@ func (me *ownPart) leaseEnd() time.Time {
 	return now.Add(me.l.SlotTTL)
 }
 
-// settlement is one request's end, to be counted in its admission's
-// windows.
+// settlement is what requests that ended settle, to be counted in their
+// admissions' windows.
 type settlement struct {
 	tokIdx, delta, spendIdx, cost int64
+}
+
+// settle adds a settlement to those waiting: requests admitted in the same
+// windows are summed, so what waits (and the script's arguments) does not
+// grow with the requests that ended.
+func (me *ownPart) settle(s settlement) {
+	for i := range me.settled {
+		if st := &me.settled[i]; st.tokIdx == s.tokIdx && st.spendIdx == s.spendIdx {
+			st.delta += s.delta
+			st.cost += s.cost
+			return
+		}
+	}
+	me.settled = append(me.settled, s)
 }
 
 // flushDelay is the longest a settlement waits for the identity's next
@@ -167,6 +181,7 @@ func NewRedis(o RedisOptions) (*Redis, error) {
 //	n held     requests in flight, and what they reserved, in all
 //	i:<inst>   one instance's part of them: "<count> <reserved> <lease end ms>"
 //	a          the last write (ms): the hash exists
+//	e          when the hash expires (ms, by the writers' clocks)
 //
 // An instance that stops renewing its part (it died) loses it when the
 // lease ends: parts are swept only when a concurrency or spend check would
@@ -179,8 +194,10 @@ func NewRedis(o RedisOptions) (*Redis, error) {
 // 12 spend_idx, 13 spend_prev_weight, 14 spend_reserve, 15 instance,
 // 16 its count, 17 its reserved spend (both as this instance knows them),
 // 18 lease_end_ms, 19 key_ttl_ms, 20 in_flight, 21 count change,
-// 22 reserved change (what ended since this instance last wrote); then
-// settlements: tok_idx, delta, spend_idx, cost ...
+// 22 reserved change (what ended since this instance last wrote), 23 tokens
+// and 24 cost settled by requests admitted in this admission's windows
+// (the usual case: two arguments however many ended); then settlements of
+// earlier windows: tok_idx, delta, spend_idx, cost ...
 var admitScript = redis.NewScript(`
 local key, now, admit = KEYS[1], tonumber(ARGV[1]), ARGV[2] == '1'
 local rl, ri, rw = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -189,7 +206,7 @@ local cl = tonumber(ARGV[10])
 local sl, si, sw, spend = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
 local me, myCount, myHeld = 'i:' .. ARGV[15], tonumber(ARGV[16]), tonumber(ARGV[17])
 local inFlight = ARGV[20] == '1'
-local v = redis.call('HMGET', key, 'rw', 'rc', 'rp', 'tw', 'tc', 'tp', 'sw', 'sc', 'sp', 'n', 'held', me)
+local v = redis.call('HMGET', key, 'rw', 'rc', 'rp', 'tw', 'tc', 'tp', 'sw', 'sc', 'sp', 'n', 'held', me, 'e')
 -- a window's index and counts as of idx; a newer window another instance
 -- (its clock a little ahead) started is the current one
 local function win(o, idx)
@@ -210,20 +227,26 @@ local n, held, lease = tonumber(v[10]) or 0, tonumber(v[11]) or 0, tonumber(ARGV
 local dCount, dHeld = tonumber(ARGV[21]), tonumber(ARGV[22])
 if v[12] then
 	local c, h, l = string.match(v[12], '^(%d+) (%d+) (%d+)')
-	myCount, myHeld, lease = math.max(tonumber(c) + dCount, 0), math.max(tonumber(h) + dHeld, 0), math.max(tonumber(l), lease)
-	n, held = math.max(n + dCount, 0), math.max(held + dHeld, 0)
+	myCount, myHeld, l = tonumber(c) + dCount, tonumber(h) + dHeld, tonumber(l)
+	n, held = n + dCount, held + dHeld
+	-- (comparisons, not math.max: a library call costs more here)
+	if myCount < 0 then myCount = 0 end
+	if myHeld < 0 then myHeld = 0 end
+	if n < 0 then n = 0 end
+	if held < 0 then held = 0 end
+	if l > lease then lease = l end
 else
 	n, held = n + myCount, held + myHeld
 end
--- what ended since: usage and cost count in their admission's window
-for k = 23, #ARGV, 4 do
+-- what ended since counts in its admissions' windows: first what was
+-- admitted in this admission's windows (summed), then in earlier ones
+local dt, ds = tonumber(ARGV[23]), tonumber(ARGV[24])
+if tIdx == ti then tc = tc + dt elseif tIdx == ti + 1 then tp = tp + dt end
+if sIdx == si then sc = sc + ds elseif sIdx == si + 1 then sp = sp + ds end
+for k = 25, #ARGV, 4 do
 	local t, d, s, c = tonumber(ARGV[k]), tonumber(ARGV[k+1]), tonumber(ARGV[k+2]), tonumber(ARGV[k+3])
-	if d ~= 0 then
-		if tIdx == t then tc = tc + d elseif tIdx == t + 1 then tp = tp + d end
-	end
-	if c > 0 then
-		if sIdx == s then sc = sc + c elseif sIdx == s + 1 then sp = sp + c end
-	end
+	if tIdx == t then tc = tc + d elseif tIdx == t + 1 then tp = tp + d end
+	if sIdx == s then sc = sc + c elseif sIdx == s + 1 then sp = sp + c end
 end
 local why = nil
 if admit then
@@ -258,9 +281,15 @@ if admit then
 		end
 	end
 end
+-- the hash outlives its last write by key_ttl at least: its expiry is
+-- pushed to twice that only when less than one and a half is left (a
+-- PEXPIRE per write would cost as much as the rest of the writing)
+local ttl, expires = tonumber(ARGV[19]), tonumber(v[13])
+local extend = not expires or expires - now < ttl * 1.5
+if extend then expires = now + 2 * ttl end
 redis.call('HSET', key, 'a', ARGV[1], 'rw', rIdx, 'rc', rc, 'rp', rp, 'tw', tIdx, 'tc', tc, 'tp', tp,
-	'sw', sIdx, 'sc', sc, 'sp', sp, 'n', n, 'held', held, me, string.format('%d %d %d', myCount, myHeld, lease))
-redis.call('PEXPIRE', key, ARGV[19])
+	'sw', sIdx, 'sc', sc, 'sp', sp, 'n', n, 'held', held, me, string.format('%d %d %d', myCount, myHeld, lease), 'e', expires)
+if extend then redis.call('PEXPIRE', key, 2 * ttl) end
 if why then return {0, why} end
 return {1, ''}
 `)
@@ -347,10 +376,14 @@ func (r *Redis) write(ctx context.Context, l Limits, a Admission, admit bool, le
 	if l.Spend > 0 {
 		spend = a.Spend
 	}
-	args := make([]any, 0, 22+4*len(settled))
+	args := make([]any, 0, 24+4*len(settled))
 	args = append(args, now, admitArg, l.Requests, ri, weightArg(rw), l.Tokens, ti, weightArg(tw), a.Reserve, l.Concurrent,
-		l.Spend, si, weightArg(sw), spend, r.instance, count, spendHeld, leaseEnd.UnixMilli(), keyTTL(l), inFlight, dCount, dSpend)
+		l.Spend, si, weightArg(sw), spend, r.instance, count, spendHeld, leaseEnd.UnixMilli(), keyTTL(l), inFlight, dCount, dSpend, 0, 0)
 	for _, st := range settled {
+		if st.tokIdx == ti && st.spendIdx == si { // settled holds one per pair of windows
+			args[22], args[23] = st.delta, st.cost
+			continue
+		}
 		args = append(args, st.tokIdx, st.delta, st.spendIdx, st.cost)
 	}
 	res, err := admitScript.Run(ctx, r.client, []string{limitsKey(r.prefix, a.ID)}, args...).Slice()
@@ -361,7 +394,9 @@ func (r *Redis) write(ctx context.Context, l Limits, a Admission, admit bool, le
 	me.l = l
 	if err != nil {
 		// written nothing: what was taken waits for the next write
-		me.settled = append(settled, me.settled...)
+		for _, st := range settled {
+			me.settle(st)
+		}
 		me.dCount += dCount
 		me.dSpend += dSpend
 		return false, "", err
@@ -411,7 +446,7 @@ func (r *Redis) Settle(ctx context.Context, l Limits, a Admission, delta, cost i
 	ti, _, _ := window(a.Now, l.TokenWindow)
 	si, _, _ := window(a.Now, l.SpendWindow)
 	if delta != 0 || cost != 0 {
-		me.settled = append(me.settled, settlement{ti, delta, si, cost})
+		me.settle(settlement{ti, delta, si, cost})
 	}
 	me.l = l
 	lease := me.leaseEnd()

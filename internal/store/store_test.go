@@ -424,6 +424,30 @@ func TestSettlementOutlivesAnOutage(t *testing.T) {
 	}
 }
 
+// An identity's hash lives as long as its counts matter (two of its
+// longest window after its last write) and then goes: its expiry is
+// pushed back by the writes that need it, not by each write.
+func TestRedisHashExpires(t *testing.T) {
+	srv := redistest.Start(t)
+	s := mustNewRedis(t, RedisOptions{Addrs: []string{srv.Addr}, Prefix: "exp:"})
+	defer s.Close()
+	l := Limits{Requests: 1000, RequestWindow: 500 * time.Millisecond}
+	ctx, key, ttl := context.Background(), limitsKey("exp:", "a"), time.Duration(keyTTL(l))*time.Millisecond
+	for end := time.Now().Add(4 * ttl); time.Now().Before(end); time.Sleep(ttl / 10) {
+		if d, err := s.Admit(ctx, l, Admission{ID: "a", Now: time.Now()}); err != nil || !d.Allowed {
+			t.Fatal(d, err)
+		}
+		left, err := s.client.PTTL(ctx, key).Result()
+		if err != nil || left < ttl-50*time.Millisecond || left > 2*ttl {
+			t.Fatalf("after a write the hash expires in %v (%v), want between %v and %v", left, err, ttl, 2*ttl)
+		}
+	}
+	time.Sleep(2*ttl + 100*time.Millisecond)
+	if n, err := s.client.Exists(ctx, key).Result(); err != nil || n != 0 {
+		t.Fatalf("the hash outlived two of its TTL after the last write: exists %d, %v", n, err)
+	}
+}
+
 func TestRedisDown(t *testing.T) {
 	srv := redistest.Start(t)
 	s := mustNewRedis(t, RedisOptions{Addrs: []string{srv.Addr}, Prefix: "down:"})
