@@ -53,7 +53,7 @@ type attemptResult struct {
 // attempt runs the attempt stage: a stored answer or a cache flight when
 // the cache serves one, else the upstreams one after another.
 func (h *Handler) attempt(x *exchange) {
-	p := h.newPlan(x.cands, h.conversation(x))
+	p := h.newPlan(x.cands, x.conv)
 	p.pin(h.followUp(x))
 	switchKey := false
 	if x.cache.serving() {

@@ -27,6 +27,7 @@ type exchange struct {
 	// route, cache, reserve
 	asked     string // the model asked for, when a route rule chose another
 	cands     []*Upstream
+	conv      uint64 // the conversation's hash, with key_affinity (0: none)
 	cache     *cacheState
 	hideUsage bool       // the include_usage chunk is asked for and hidden from the client
 	admission *admission // the claim on the limits, settled in finish

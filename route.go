@@ -283,7 +283,9 @@ func (h *Handler) newPlan(cands []*Upstream, conv uint64) *plan {
 	return p
 }
 
-// route is the stage that finds the upstreams serving the request's model.
+// route is the stage that finds the upstreams serving the request's model
+// and, with key_affinity, names its conversation (now, while the body just
+// read is at hand, rather than after the limits' round trip).
 func (h *Handler) route(x *exchange) bool {
 	h.chooseModel(x)
 	x.cands = h.router.candidates(x.in.model)
@@ -292,5 +294,6 @@ func (h *Handler) route(x *exchange) bool {
 			Message: "the model " + strconv.Quote(x.in.model) + " is not served here"})
 		return false
 	}
+	x.conv = h.conversation(x)
 	return true
 }
