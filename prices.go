@@ -98,7 +98,7 @@ func (pl *priceList) add(p Price) {
 // asked, the model the client asked for: an exact price of either before
 // a glob's.
 func (pl *priceList) lookup(sent, asked string) (rate, bool) {
-	if pl == nil || sent == "" && asked == "" {
+	if pl == nil || (sent == "" && asked == "") {
 		return rate{}, false
 	}
 	s := pl.of(sent)

@@ -188,7 +188,7 @@ func NewRedis(o RedisOptions) (*Redis, error) {
 // refuse, so the usual admission never walks them.
 
 // KEYS: the identity's hash
-// ARGV: 1 now_ms, 2 admit (1, or 0 to write this instance's part only),
+// ARGV: 1 now_ms (the clock), 2 admit (1, or 0 to write this instance's part only),
 // 3 req_limit, 4 req_idx, 5 req_prev_weight, 6 tok_limit, 7 tok_idx,
 // 8 tok_prev_weight, 9 reserve, 10 conc_limit, 11 spend_limit,
 // 12 spend_idx, 13 spend_prev_weight, 14 spend_reserve, 15 instance,
@@ -352,8 +352,11 @@ func (r *Redis) part(id string, create bool) *ownPart {
 // trip: an identity's requests are admitted in parallel.
 func (r *Redis) write(ctx context.Context, l Limits, a Admission, admit bool, leaseEnd time.Time) (bool, string, error) {
 	me := r.part(a.ID, true)
+	now := a.Now.UnixMilli() // the clock: the hash's last write and expiry
 	if !admit {
-		a.Now = me.last
+		// windows as of the last admission (what it settles counts there),
+		// the clock as it is (a renewal must push the expiry back)
+		a.Now, now = me.last, time.Now().UnixMilli()
 	}
 	settled, dCount, dSpend := me.settled, me.dCount, me.dSpend
 	me.settled, me.dCount, me.dSpend = nil, 0, 0
@@ -364,7 +367,6 @@ func (r *Redis) write(ctx context.Context, l Limits, a Admission, admit bool, le
 	ri, rw, _ := window(a.Now, l.RequestWindow)
 	ti, tw, _ := window(a.Now, l.TokenWindow)
 	si, sw, _ := window(a.Now, l.SpendWindow)
-	now := a.Now.UnixMilli()
 	admitArg, inFlight := "0", "0"
 	if admit {
 		admitArg = "1"

@@ -448,6 +448,27 @@ func TestRedisHashExpires(t *testing.T) {
 	}
 }
 
+// A stream that outlives its admission by many of the hash's TTLs keeps
+// the hash alive through its lease renewals: what it holds never goes
+// missing between two renewals.
+func TestRenewalsKeepTheHash(t *testing.T) {
+	srv := redistest.Start(t)
+	s := mustNewRedis(t, RedisOptions{Addrs: []string{srv.Addr}, Prefix: "long:"})
+	defer s.Close()
+	// renewals every 200 ms; the hash's TTL 651 ms (two request windows),
+	// so an expiry not pushed back by them would leave gaps of ~100 ms
+	l := Limits{Concurrent: 2, SlotTTL: 600 * time.Millisecond, Requests: 1000, RequestWindow: 325 * time.Millisecond}
+	ctx, key := context.Background(), limitsKey("long:", "a")
+	if d, err := s.Admit(ctx, l, Admission{ID: "a", Slot: "s1", Now: time.Now()}); err != nil || !d.Allowed {
+		t.Fatal(d, err)
+	}
+	for end := time.Now().Add(3 * time.Second); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
+		if n, err := s.client.HGet(ctx, key, "n").Result(); err != nil || n != "1" {
+			t.Fatalf("%v after the admission the stream's hash holds n=%q (%v)", time.Since(end.Add(-3*time.Second)), n, err)
+		}
+	}
+}
+
 func TestRedisDown(t *testing.T) {
 	srv := redistest.Start(t)
 	s := mustNewRedis(t, RedisOptions{Addrs: []string{srv.Addr}, Prefix: "down:"})
