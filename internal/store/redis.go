@@ -207,19 +207,21 @@ local sl, si, sw, spend = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[
 local me, myCount, myHeld = 'i:' .. ARGV[15], tonumber(ARGV[16]), tonumber(ARGV[17])
 local inFlight = ARGV[20] == '1'
 local v = redis.call('HMGET', key, 'rw', 'rc', 'rp', 'tw', 'tc', 'tp', 'sw', 'sc', 'sp', 'n', 'held', me, 'e')
--- a window's index and counts as of idx; a newer window another instance
--- (its clock a little ahead) started is the current one
+-- a window's index and counts as of idx, and whether the window is the one
+-- stored; a newer window another instance (its clock a little ahead)
+-- started is the current one
 local function win(o, idx)
 	local w = tonumber(v[o])
 	if not w then return idx, 0, 0 end
 	local c, p = tonumber(v[o+1]) or 0, tonumber(v[o+2]) or 0
-	if w >= idx then return w, c, p end
+	if w >= idx then return w, c, p, true end
 	if w == idx - 1 then return idx, 0, c end
 	return idx, 0, 0
 end
-local rIdx, rc, rp = win(1, ri)
-local tIdx, tc, tp = win(4, ti)
-local sIdx, sc, sp = win(7, si)
+local rIdx, rc, rp, rSame = win(1, ri)
+local tIdx, tc, tp, tSame = win(4, ti)
+local sIdx, sc, sp, sSame = win(7, si)
+local tp0, sp0 = tp, sp -- a settlement of an earlier window may change them
 -- this instance's part changes by what ended since it last wrote (writes
 -- of one instance may pass each other: changes add up in any order); a
 -- part swept while its instance lived is written again whole
@@ -287,8 +289,13 @@ end
 local ttl, expires = tonumber(ARGV[19]), tonumber(v[13])
 local extend = not expires or expires - now < ttl * 1.5
 if extend then expires = now + 2 * ttl end
-redis.call('HSET', key, 'a', ARGV[1], 'rw', rIdx, 'rc', rc, 'rp', rp, 'tw', tIdx, 'tc', tc, 'tp', tp,
-	'sw', sIdx, 'sc', sc, 'sp', sp, 'n', n, 'held', held, me, string.format('%d %d %d', myCount, myHeld, lease), 'e', expires)
+-- what did not change is written back as it was read: a string passes
+-- through, a number costs Redis a conversion (several microseconds for
+-- a write's worth of timestamps and nano-dollars)
+redis.call('HSET', key, 'a', ARGV[1], 'rw', rSame and v[1] or rIdx, 'rc', rc, 'rp', rSame and v[3] or rp,
+	'tw', tSame and v[4] or tIdx, 'tc', tc, 'tp', (tSame and tp == tp0) and v[6] or tp,
+	'sw', sSame and v[7] or sIdx, 'sc', sc, 'sp', (sSame and sp == sp0) and v[9] or sp,
+	'n', n, 'held', held, me, string.format('%d %d %d', myCount, myHeld, lease), 'e', extend and expires or v[13])
 if extend then redis.call('PEXPIRE', key, 2 * ttl) end
 if why then return {0, why} end
 return {1, ''}

@@ -204,6 +204,39 @@ func TestSpendReservationsAndSettlement(t *testing.T) {
 	})
 }
 
+// What a request cost counts in the window it was admitted in, also when
+// it settles after a later request has started the next window.
+func TestSettlementCountsInItsWindow(t *testing.T) {
+	stores(t, func(t *testing.T, s Store) {
+		ctx := context.Background()
+		l := Limits{Spend: 1000, SpendWindow: time.Hour, SlotTTL: time.Minute}
+		t0 := time.Unix(36000+59*60, 0) // a minute before an hour window ends
+		admit := func(reserve int64, at time.Duration) (Admission, Decision) {
+			a := Admission{ID: "a", Slot: fmt.Sprint(at), Spend: reserve, Now: t0.Add(at)}
+			d, err := s.Admit(ctx, l, a)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return a, d
+		}
+		a1, d1 := admit(100, 0)
+		_, d2 := admit(10, 2*time.Minute) // the next window; stays in flight
+		if !d1.Allowed || !d2.Allowed {
+			t.Fatalf("refused: %+v %+v", d1, d2)
+		}
+		if err := s.Settle(ctx, l, a1, 0, 900); err != nil { // it cost 900, in the window before
+			t.Fatal(err)
+		}
+		// 61 s into the window, the one before weighs 0.983: 885 + 10 held
+		if _, d := admit(10, 2*time.Minute+time.Second); !d.Allowed {
+			t.Fatalf("885 + 10 + 10 refused: %+v", d)
+		}
+		if _, d := admit(100, 2*time.Minute+2*time.Second); d.Allowed || d.Limit != "spend" {
+			t.Fatalf("885 + 20 + 100 > 1000 was admitted: the cost settled in the window before was lost: %+v", d)
+		}
+	})
+}
+
 // A shorter lease configured later (a reload) is renewed in time, though
 // the instance was renewing at the longer lease's pace.
 func TestShorterLeaseAfterReload(t *testing.T) {
