@@ -233,14 +233,16 @@ func (p *plan) freshKey(u *Upstream) *apiKey {
 // choice of upstream and key (an affinity hit), as if every upstream and
 // key were healthy and free.
 func (p *plan) firstChoice(cands []*Upstream, at attempt) bool {
-	var best *Upstream
-	top := -1.0
-	for _, u := range cands {
-		if u.Priority != at.up.Priority {
-			continue
-		}
-		if s := weight(p.conv, u.urlHash, u.Weight); s > top {
-			best, top = u, s
+	best := at.up // the only candidate
+	if len(cands) > 1 {
+		top := -1.0
+		for _, u := range cands {
+			if u.Priority != at.up.Priority {
+				continue
+			}
+			if s := weight(p.conv, u.urlHash, u.Weight); s > top {
+				best, top = u, s
+			}
 		}
 	}
 	return best == at.up && at.up.keys[p.start(at.up)] == at.key

@@ -458,13 +458,14 @@ func (r *Redis) Settle(ctx context.Context, l Limits, a Admission, delta, cost i
 		me.settle(settlement{ti, delta, si, cost})
 	}
 	me.l = l
-	lease := me.leaseEnd()
-	me.mu.Unlock()
 	if l.Concurrent > 0 {
 		// the slot is free now, not at the next admission
+		lease := me.leaseEnd()
+		me.mu.Unlock()
 		_, _, err := r.write(ctx, l, Admission{ID: a.ID}, false, lease)
 		return err
 	}
+	me.mu.Unlock()
 	r.flushLater()
 	return nil
 }
