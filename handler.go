@@ -31,6 +31,7 @@ type exchange struct {
 	cache     *cacheState
 	hideUsage bool       // the include_usage chunk is asked for and hidden from the client
 	admission *admission // the claim on the limits, settled in finish
+	priceOf   pricedAt   // the model's rate on one candidate, once found
 	release   func()     // ends the stop_endpoint registration
 
 	// finish
