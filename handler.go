@@ -31,7 +31,6 @@ type exchange struct {
 	cache     *cacheState
 	hideUsage bool       // the include_usage chunk is asked for and hidden from the client
 	admission *admission // the claim on the limits, settled in finish
-	priceOf   pricedAt   // the model's rate on one candidate, once found
 	release   func()     // ends the stop_endpoint registration
 
 	// finish
@@ -45,17 +44,6 @@ type exchange struct {
 
 	// finish
 	usage *usage
-
-	label, labelFor string // the model label, and the model it labels
-}
-
-// exchangeLabel is the model label of the exchange's model (found once: it
-// is needed by several metrics).
-func (h *Handler) exchangeLabel(x *exchange) string {
-	if x.label == "" || x.labelFor != x.in.model {
-		x.label, x.labelFor = h.modelLabel(x.in.model), x.in.model
-	}
-	return x.label
 }
 
 // ServeHTTP proxies one request through the pipeline: admit the caller,

@@ -204,23 +204,13 @@ func (h *Handler) spendReserve(x *exchange) (int64, bool) {
 			return 0, false
 		}
 		most = max(most, r.estimate(prompt, answer))
-		x.priceOf = pricedAt{up, r} // the last one's, for rateOf
 	}
 	return most, true
-}
-
-// pricedAt is the rate of the request's model on one upstream.
-type pricedAt struct {
-	up *Upstream
-	rate
 }
 
 // rateOf is the price of the answer's model: as sent upstream (after a
 // rename), else as asked for.
 func (h *Handler) rateOf(x *exchange) (rate, bool) {
-	if x.at.up != nil && x.at.up == x.priceOf.up {
-		return x.priceOf.rate, true // found by spendReserve
-	}
 	if x.at.up != nil {
 		return h.prices.lookup(x.at.up.upstreamModel(x.in.model), x.in.model)
 	}

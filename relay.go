@@ -190,7 +190,7 @@ func (h *Handler) relayConfig(stream bool) relayConfig {
 func (h *Handler) openRelay(x *exchange) {
 	c := h.relayConfig(x.in.stream)
 	c.paced = h.Smooth != nil
-	c.usage, c.hideUsage, c.model = x.usage, x.hideUsage, h.exchangeLabel(x)
+	c.usage, c.hideUsage, c.model = x.usage, x.hideUsage, h.modelLabel(x.in.model)
 	if h.denyResponse {
 		c.deny = h.deny
 	}

@@ -132,11 +132,7 @@ func (in *inbound) readFields() *apiError {
 	in.user, _ = jsonString(user)
 	in.promptCacheKey, _ = jsonString(cacheKey)
 	in.previousResponse, _ = jsonString(previous)
-	forEachMember(metadata, func(key, v []byte) {
-		if string(key) == "user_id" {
-			in.metadataUser, _ = jsonString(v)
-		}
-	})
+	in.metadataUser, _ = jsonString(member(metadata, "user_id"))
 	return nil
 }
 
@@ -189,6 +185,15 @@ func topLevelValue(b []byte, key string) (int, int) {
 		}
 	})
 	return start, end
+}
+
+// member is the raw value of a top-level member of a valid JSON object
+// (nil when it has none).
+func member(b []byte, key string) []byte {
+	if s, e := topLevelValue(b, key); s >= 0 {
+		return b[s:e]
+	}
+	return nil
 }
 
 // forEachMember calls f with the key and raw value of each top-level

@@ -241,12 +241,8 @@ func (u *usage) readJSON(body []byte) {
 	if s, ok := jsonString(stop); ok {
 		u.finishReason = cmp.Or(s, u.finishReason)
 	}
-	if usageRaw == nil && responseRaw != nil {
-		forEachMember(responseRaw, func(key, v []byte) {
-			if string(key) == "usage" {
-				usageRaw = v
-			}
-		})
+	if usageRaw == nil {
+		usageRaw = member(responseRaw, "usage")
 	}
 	switch {
 	case isObject(usageRaw):
@@ -274,14 +270,8 @@ func firstMember(array []byte, key string) string {
 		return ""
 	}
 	i := skipSpace(array, 1)
-	first := array[i:skipValue(array, i)]
-	var out string
-	forEachMember(first, func(k, v []byte) {
-		if string(k) == key {
-			out, _ = jsonString(v)
-		}
-	})
-	return out
+	s, _ := jsonString(member(array[i:skipValue(array, i)], key))
+	return s
 }
 
 func isObject(v []byte) bool { return len(v) > 0 && v[0] == '{' }
@@ -499,7 +489,7 @@ func (h *Handler) recordUsage(x *exchange, snap relaySnapshot) {
 	cacheResult := ""
 	if cs != nil {
 		cacheResult = cs.result
-		metrics.cache.WithLabelValues(h.exchangeLabel(x), cacheResult).Inc()
+		metrics.cache.WithLabelValues(h.modelLabel(in.model), cacheResult).Inc()
 	}
 	status := res.code
 	if !res.done {
@@ -528,7 +518,7 @@ func (h *Handler) recordUsage(x *exchange, snap relaySnapshot) {
 		repl.Map(p.get)
 	}
 	h.keepUsageRecord(x, snap, ttft, tps, cacheResult)
-	model := h.exchangeLabel(x)
+	model := h.modelLabel(in.model)
 	metrics.requests.WithLabelValues(model, upstream, strconv.Itoa(status)).Inc()
 	metrics.duration.WithLabelValues(model, upstream).Observe(duration.Seconds())
 	if ttft > 0 {

@@ -303,8 +303,8 @@ return {1, ''}
 
 func ms(d time.Duration) int64 { return d.Milliseconds() }
 
-// keyTTL is how long an identity's hash outlives its last write: two of
-// its longest window, or a lease.
+// keyTTL is the least an identity's hash outlives its last write (at most
+// twice that; see the script): two of its longest window, or a lease.
 func keyTTL(l Limits) int64 {
 	return ms(max(2*l.RequestWindow, 2*l.TokenWindow, 2*l.SpendWindow, l.SlotTTL)) + 1
 }
