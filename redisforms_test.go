@@ -128,11 +128,14 @@ func sentinelFailover(t *testing.T, mode string) {
 		auth = "password master-pw-9x\n\t\t\tsentinel_password sentinel-pw-7y"
 	}
 	up := newUpstream(t)
+	// A day's window: the count of the window before weighs in by the time
+	// left (a sliding window), so with a minute's window busy would get one
+	// request back 3 s after a minute's boundary, and this test takes longer.
 	c := startCaddy(t, `llm_stream `+up.URL+` {
 		client_key sk-busy busy
 		client_key sk-quiet quiet
 		limit {
-			requests 20 1m
+			requests 20 24h
 		}
 		store redis `+s.Addr+` {
 			sentinel `+s.Name+`
