@@ -7,7 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"strconv"
+	"math"
 	"strings"
 	"sync"
 	"time"
@@ -52,9 +52,13 @@ type ownPart struct {
 	// what ended since the part was last written: written as changes
 	dCount, dSpend int64
 	settled        []settlement
+	waiting        time.Time // when the oldest of them ended (zero: none waits)
 	l              Limits    // the limits of the last request, for the flush
 	last           time.Time // the last admission: the time of writes without one
 }
+
+// waits reports whether anything waits to be written.
+func (me *ownPart) waits() bool { return len(me.settled) > 0 || me.dCount != 0 || me.dSpend != 0 }
 
 // leaseEnd is when the lease of a part written without an admission ends:
 // one lease from now (or from the last admission, if that is later).
@@ -189,7 +193,7 @@ func NewRedis(o RedisOptions) (*Redis, error) {
 
 // KEYS: the identity's hash
 // ARGV: 1 now_ms (the clock), 2 admit (1, or 0 to write this instance's part only),
-// 3 req_limit, 4 req_idx, 5 req_prev_weight, 6 tok_limit, 7 tok_idx,
+// 3 req_limit, 4 req_idx, 5 req_prev_weight (the weights in millionths), 6 tok_limit, 7 tok_idx,
 // 8 tok_prev_weight, 9 reserve, 10 conc_limit, 11 spend_limit,
 // 12 spend_idx, 13 spend_prev_weight, 14 spend_reserve, 15 instance,
 // 16 its count, 17 its reserved spend (both as this instance knows them),
@@ -199,21 +203,23 @@ func NewRedis(o RedisOptions) (*Redis, error) {
 // (the usual case: two arguments however many ended); then settlements of
 // earlier windows: tok_idx, delta, spend_idx, cost ...
 var admitScript = redis.NewScript(`
-local key, now, admit = KEYS[1], tonumber(ARGV[1]), ARGV[2] == '1'
-local rl, ri, rw = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local tl, ti, tw, reserve = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local cl = tonumber(ARGV[10])
-local sl, si, sw, spend = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
-local me, myCount, myHeld = 'i:' .. ARGV[15], tonumber(ARGV[16]), tonumber(ARGV[17])
+-- (x + 0 turns a string into a number with one strtod, tonumber with two)
+local key, now, admit = KEYS[1], ARGV[1] + 0, ARGV[2] == '1'
+local rl, ri, rw = ARGV[3] + 0, ARGV[4] + 0, ARGV[5] / 1e6
+local tl, ti, tw, reserve = ARGV[6] + 0, ARGV[7] + 0, ARGV[8] / 1e6, ARGV[9] + 0
+local cl = ARGV[10] + 0
+local sl, si, sw, spend = ARGV[11] + 0, ARGV[12] + 0, ARGV[13] / 1e6, ARGV[14] + 0
+local me, myCount, myHeld = 'i:' .. ARGV[15], ARGV[16] + 0, ARGV[17] + 0
 local inFlight = ARGV[20] == '1'
 local v = redis.call('HMGET', key, 'rw', 'rc', 'rp', 'tw', 'tc', 'tp', 'sw', 'sc', 'sp', 'n', 'held', me, 'e')
 -- a window's index and counts as of idx, and whether the window is the one
 -- stored; a newer window another instance (its clock a little ahead)
 -- started is the current one
 local function win(o, idx)
-	local w = tonumber(v[o])
+	local w = v[o]
 	if not w then return idx, 0, 0 end
-	local c, p = tonumber(v[o+1]) or 0, tonumber(v[o+2]) or 0
+	w = w + 0
+	local c, p = (v[o+1] or 0) + 0, (v[o+2] or 0) + 0
 	if w >= idx then return w, c, p, true end
 	if w == idx - 1 then return idx, 0, c end
 	return idx, 0, 0
@@ -225,11 +231,11 @@ local tp0, sp0 = tp, sp -- a settlement of an earlier window may change them
 -- this instance's part changes by what ended since it last wrote (writes
 -- of one instance may pass each other: changes add up in any order); a
 -- part swept while its instance lived is written again whole
-local n, held, lease = tonumber(v[10]) or 0, tonumber(v[11]) or 0, tonumber(ARGV[18])
-local dCount, dHeld = tonumber(ARGV[21]), tonumber(ARGV[22])
+local n, held, lease = (v[10] or 0) + 0, (v[11] or 0) + 0, ARGV[18] + 0
+local dCount, dHeld = ARGV[21] + 0, ARGV[22] + 0
 if v[12] then
 	local c, h, l = string.match(v[12], '^(%d+) (%d+) (%d+)')
-	myCount, myHeld, l = tonumber(c) + dCount, tonumber(h) + dHeld, tonumber(l)
+	myCount, myHeld, l = c + dCount, h + dHeld, l + 0
 	n, held = n + dCount, held + dHeld
 	-- (comparisons, not math.max: a library call costs more here)
 	if myCount < 0 then myCount = 0 end
@@ -242,11 +248,11 @@ else
 end
 -- what ended since counts in its admissions' windows: first what was
 -- admitted in this admission's windows (summed), then in earlier ones
-local dt, ds = tonumber(ARGV[23]), tonumber(ARGV[24])
+local dt, ds = ARGV[23] + 0, ARGV[24] + 0
 if tIdx == ti then tc = tc + dt elseif tIdx == ti + 1 then tp = tp + dt end
 if sIdx == si then sc = sc + ds elseif sIdx == si + 1 then sp = sp + ds end
 for k = 25, #ARGV, 4 do
-	local t, d, s, c = tonumber(ARGV[k]), tonumber(ARGV[k+1]), tonumber(ARGV[k+2]), tonumber(ARGV[k+3])
+	local t, d, s, c = ARGV[k] + 0, ARGV[k+1] + 0, ARGV[k+2] + 0, ARGV[k+3] + 0
 	if tIdx == t then tc = tc + d elseif tIdx == t + 1 then tp = tp + d end
 	if sIdx == s then sc = sc + c elseif sIdx == s + 1 then sp = sp + c end
 end
@@ -286,7 +292,8 @@ end
 -- the hash outlives its last write by key_ttl at least: its expiry is
 -- pushed to twice that only when less than one and a half is left (a
 -- PEXPIRE per write would cost as much as the rest of the writing)
-local ttl, expires = tonumber(ARGV[19]), tonumber(v[13])
+local ttl, expires = ARGV[19] + 0, v[13]
+if expires then expires = expires + 0 end
 local extend = not expires or expires - now < ttl * 1.5
 if extend then expires = now + 2 * ttl end
 -- what did not change is written back as it was read: a string passes
@@ -365,8 +372,8 @@ func (r *Redis) write(ctx context.Context, l Limits, a Admission, admit bool, le
 		// the clock as it is (a renewal must push the expiry back)
 		a.Now, now = me.last, time.Now().UnixMilli()
 	}
-	settled, dCount, dSpend := me.settled, me.dCount, me.dSpend
-	me.settled, me.dCount, me.dSpend = nil, 0, 0
+	settled, dCount, dSpend, waiting := me.settled, me.dCount, me.dSpend, me.waiting
+	me.settled, me.dCount, me.dSpend, me.waiting = nil, 0, 0, time.Time{}
 	count, spendHeld := me.count, me.spend
 	me.writing++
 	me.mu.Unlock()
@@ -408,6 +415,9 @@ func (r *Redis) write(ctx context.Context, l Limits, a Admission, admit bool, le
 		}
 		me.dCount += dCount
 		me.dSpend += dSpend
+		if !waiting.IsZero() && (me.waiting.IsZero() || waiting.Before(me.waiting)) {
+			me.waiting = waiting
+		}
 		return false, "", err
 	}
 	if ok, _ := res[0].(int64); ok != 1 {
@@ -427,7 +437,7 @@ func (r *Redis) write(ctx context.Context, l Limits, a Admission, admit bool, le
 	return true, "", nil
 }
 
-func weightArg(w float64) string { return strconv.FormatFloat(w, 'f', 6, 64) }
+func weightArg(w float64) int64 { return int64(math.Round(w * 1e6)) }
 
 // Settle implements Store: the settlement waits for the identity's next
 // admission (or flushDelay), except under a concurrency cap.
@@ -458,6 +468,9 @@ func (r *Redis) Settle(ctx context.Context, l Limits, a Admission, delta, cost i
 		me.settle(settlement{ti, delta, si, cost})
 	}
 	me.l = l
+	if me.waiting.IsZero() && me.waits() {
+		me.waiting = time.Now()
+	}
 	if l.Concurrent > 0 {
 		// the slot is free now, not at the next admission
 		lease := me.leaseEnd()
@@ -470,8 +483,10 @@ func (r *Redis) Settle(ctx context.Context, l Limits, a Admission, delta, cost i
 	return nil
 }
 
-// flushLater writes the waiting settlements within flushDelay; while Redis
-// cannot be reached, it tries again every second.
+// flushLater writes what waits within flushDelay of its end, unless an
+// admission of its identity took it first (under steady traffic nothing
+// is written on its own); while Redis cannot be reached, it tries again
+// every second.
 func (r *Redis) flushLater() { r.flushIn(flushDelay) }
 
 func (r *Redis) flushIn(d time.Duration) {
@@ -486,15 +501,26 @@ func (r *Redis) flushIn(d time.Duration) {
 		r.mu.Unlock()
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
-		if r.Flush(ctx) != nil {
+		next, err := r.flush(ctx, time.Now().Add(-flushDelay))
+		switch {
+		case err != nil:
 			r.flushIn(time.Second)
+		case !next.IsZero():
+			r.flushIn(time.Until(next))
 		}
 	})
 }
 
-// Flush writes every settlement waiting (Close calls it too) and forgets
-// the identities this instance holds nothing of.
+// Flush writes everything waiting (Close calls it too) and forgets the
+// identities this instance holds nothing of.
 func (r *Redis) Flush(ctx context.Context) error {
+	_, err := r.flush(ctx, time.Time{})
+	return err
+}
+
+// flush writes what has waited since due or longer (everything, if due is
+// zero) and reports when what it left waiting is due.
+func (r *Redis) flush(ctx context.Context, due time.Time) (next time.Time, err error) {
 	r.mu.Lock()
 	ids := make([]string, 0, len(r.local))
 	for id := range r.local {
@@ -507,12 +533,19 @@ func (r *Redis) Flush(ctx context.Context) error {
 		if me == nil {
 			continue
 		}
-		if len(me.settled) == 0 && me.dCount == 0 && me.dSpend == 0 {
+		if !me.waits() {
 			if me.count == 0 && me.writing == 0 {
 				r.mu.Lock()
 				delete(r.local, id)
 				r.mu.Unlock()
 				me.gone = true
+			}
+			me.mu.Unlock()
+			continue
+		}
+		if !due.IsZero() && me.waiting.After(due) {
+			if at := me.waiting.Add(flushDelay); next.IsZero() || at.Before(next) {
+				next = at
 			}
 			me.mu.Unlock()
 			continue
@@ -523,7 +556,7 @@ func (r *Redis) Flush(ctx context.Context) error {
 			errs = append(errs, err)
 		}
 	}
-	return errors.Join(errs...)
+	return next, errors.Join(errs...)
 }
 
 // Close implements Store: what waits is written first.

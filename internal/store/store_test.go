@@ -457,6 +457,70 @@ func TestSettlementOutlivesAnOutage(t *testing.T) {
 	}
 }
 
+// Under steady traffic a settlement rides with its identity's next
+// admission: the store writes nothing on its own (one script per request,
+// not one more every flushDelay). When the traffic stops, what waits is
+// still written within flushDelay, where another instance sees it.
+func TestSteadyTrafficWritesNoFlush(t *testing.T) {
+	srv := redistest.Start(t)
+	o := RedisOptions{Addrs: []string{srv.Addr}, Prefix: "steady:"}
+	s, peer := mustNewRedis(t, o), mustNewRedis(t, o)
+	defer s.Close()
+	defer peer.Close()
+	ctx := context.Background()
+	scripts := func() int {
+		info, err := s.client.Info(ctx, "commandstats").Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		calls := 0
+		for _, line := range strings.Split(info, "\n") {
+			if strings.HasPrefix(line, "cmdstat_evalsha:") || strings.HasPrefix(line, "cmdstat_eval:") {
+				c, _, _ := strings.Cut(strings.TrimPrefix(line[strings.Index(line, ":")+1:], "calls="), ",")
+				n, _ := strconv.Atoi(c)
+				calls += n
+			}
+		}
+		return calls
+	}
+	l := Limits{Spend: 1e12, SpendWindow: time.Hour, SlotTTL: time.Minute}
+	before := scripts()
+	const requests = 100 // 2 ms apart: ten flushDelays and more
+	var last Admission
+	for i := range requests {
+		last = Admission{ID: "a", Slot: strconv.Itoa(i), Spend: 1000, Now: time.Now()}
+		if d, err := s.Admit(ctx, l, last); err != nil || !d.Allowed {
+			t.Fatal(d, err)
+		}
+		if err := s.Settle(ctx, l, last, 0, 7); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	// A scheduler's hiccup of more than flushDelay between two requests
+	// may flush once; a flush every flushDelay would be ten and more.
+	if extra := scripts() - before - requests; extra > 3 {
+		t.Errorf("%d requests ran %d scripts more than one each", requests, extra)
+	}
+	// The last settlement reaches the peer: 700 spent, nothing held, so a
+	// reservation of the rest of the budget fits (not while the last
+	// request's 1000 are still held).
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		d, err := peer.Admit(ctx, l, Admission{ID: "a", Slot: "peer", Spend: 1e12 - 700, Now: time.Now()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d.Allowed {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the last settlement never reached the other instance")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 // An identity's hash lives as long as its counts matter (two of its
 // longest window after its last write) and then goes: its expiry is
 // pushed back by the writes that need it, not by each write.
