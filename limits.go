@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"math"
 	"net/http"
-	"strconv"
-	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -55,8 +53,6 @@ type Limits struct {
 // defaultSlotLease is how long a concurrency slot outlives an instance
 // that died holding it.
 const defaultSlotLease = 30 * time.Second
-
-var slotSeq atomic.Uint64
 
 func (h *Handler) provisionLimits() error {
 	if h.OnDisconnect == "" {
@@ -150,7 +146,6 @@ func (h *Handler) admitLimits(ctx context.Context, identity string, reserve, spe
 		ID:      identity,
 		Reserve: reserve,
 		Spend:   spend,
-		Slot:    strconv.FormatUint(slotSeq.Add(1), 36) + "-" + strconv.FormatInt(time.Now().UnixNano(), 36),
 		Now:     time.Now(),
 	}}
 	d, err := h.store.Admit(ctx, h.limits, ad.a)

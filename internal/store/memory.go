@@ -20,15 +20,18 @@ type Memory struct {
 // count against the next.
 type Slots struct {
 	mu   sync.Mutex
-	held map[string]map[string]slot // identity → slot id → slot
+	held map[string]*held // identity → what its requests in flight hold
 }
 
-type slot struct {
+// held is what an identity's requests in flight hold: a request that ends
+// gives back its own slot and reservation.
+type held struct {
+	n     int64 // requests
 	spend int64 // nano-dollars reserved
 }
 
 // NewSlots returns an empty set of slots.
-func NewSlots() *Slots { return &Slots{held: map[string]map[string]slot{}} }
+func NewSlots() *Slots { return &Slots{held: map[string]*held{}} }
 
 // counterKey names one window's count of one kind for one identity.
 type counterKey struct {
@@ -89,20 +92,20 @@ func (m *Memory) Admit(_ context.Context, l Limits, a Admission) (Decision, erro
 			return Decision{Limit: "tokens", RetryAfter: retryAfter(tleft)}, nil
 		}
 	}
+	var h *held
 	if l.inFlight() {
 		m.slots.mu.Lock()
 		defer m.slots.mu.Unlock()
-		held := m.slots.held[a.ID]
-		var reserved int64
-		for _, s := range held {
-			reserved += s.spend
+		if h = m.slots.held[a.ID]; h == nil {
+			h = &held{}
+			m.slots.held[a.ID] = h
 		}
-		if l.Concurrent > 0 && int64(len(held)) >= l.Concurrent {
+		if l.Concurrent > 0 && h.n >= l.Concurrent {
 			return Decision{Limit: "concurrent", RetryAfter: time.Second}, nil
 		}
 		if l.Spend > 0 {
 			spent := float64(m.get(counterKey{'$', a.ID, si}, a.Now)) + float64(m.get(counterKey{'$', a.ID, si - 1}, a.Now))*sw
-			if spent+float64(reserved+a.Spend) > float64(l.Spend) {
+			if spent+float64(h.spend+a.Spend) > float64(l.Spend) {
 				return Decision{Limit: "spend", RetryAfter: retryAfter(sleft)}, nil
 			}
 		}
@@ -113,15 +116,11 @@ func (m *Memory) Admit(_ context.Context, l Limits, a Admission) (Decision, erro
 	if l.Tokens > 0 {
 		m.add(counterKey{'t', a.ID, ti}, a.Reserve, a.Now, 2*l.TokenWindow)
 	}
-	if l.inFlight() {
-		if m.slots.held[a.ID] == nil {
-			m.slots.held[a.ID] = map[string]slot{}
-		}
-		var s slot
+	if h != nil {
+		h.n++
 		if l.Spend > 0 {
-			s.spend = a.Spend
+			h.spend += a.Spend
 		}
-		m.slots.held[a.ID][a.Slot] = s
 	}
 	return Decision{Allowed: true}, nil
 }
@@ -136,7 +135,12 @@ func (m *Memory) Settle(_ context.Context, l Limits, a Admission, delta, cost in
 	}
 	if l.inFlight() {
 		m.slots.mu.Lock()
-		delete(m.slots.held[a.ID], a.Slot) // an empty set stays for the next request; sweep drops it
+		if h := m.slots.held[a.ID]; h != nil && h.n > 0 { // an empty one stays for the next request; sweep drops it
+			h.n--
+			if l.Spend > 0 {
+				h.spend = max(h.spend-a.Spend, 0)
+			}
+		}
 		m.slots.mu.Unlock()
 	}
 	if l.Tokens > 0 && delta != 0 {
@@ -163,8 +167,8 @@ func (m *Memory) sweep(now time.Time) {
 		}
 	}
 	m.slots.mu.Lock()
-	for id, held := range m.slots.held {
-		if len(held) == 0 {
+	for id, h := range m.slots.held {
+		if h.n == 0 {
 			delete(m.slots.held, id)
 		}
 	}

@@ -35,7 +35,6 @@ type Admission struct {
 	ID      string    // the identity
 	Reserve int64     // tokens reserved for the request
 	Spend   int64     // nano-dollars reserved for the request
-	Slot    string    // a unique id for the request in flight
 	Now     time.Time // the time of the request
 }
 

@@ -92,14 +92,18 @@ func TestConcurrentSlotsAtomic(t *testing.T) {
 		ctx := context.Background()
 		l := Limits{Concurrent: 5, SlotTTL: time.Hour, Requests: 1000, RequestWindow: time.Minute}
 		now := time.Now()
+		type admittedBy struct {
+			a  Admission
+			by Store
+		}
 		var mu sync.Mutex
-		var admitted []Admission
+		var admitted []admittedBy
 		var wg sync.WaitGroup
 		for i := 0; i < 40; i++ {
 			wg.Add(1)
 			go func(i int) {
 				defer wg.Done()
-				a := Admission{ID: "c", Slot: fmt.Sprint("s", i), Now: now}
+				a := Admission{ID: "c", Now: now}
 				by := s
 				if i%2 == 1 {
 					by = peer // two instances admit at once
@@ -111,7 +115,7 @@ func TestConcurrentSlotsAtomic(t *testing.T) {
 				}
 				if d.Allowed {
 					mu.Lock()
-					admitted = append(admitted, a)
+					admitted = append(admitted, admittedBy{a, by})
 					mu.Unlock()
 				} else if d.Limit != "concurrent" {
 					t.Errorf("refused for %s", d.Limit)
@@ -122,15 +126,10 @@ func TestConcurrentSlotsAtomic(t *testing.T) {
 		if len(admitted) != 5 {
 			t.Fatalf("%d of 40 concurrent admissions passed, want exactly 5", len(admitted))
 		}
-		sort.Slice(admitted, func(i, j int) bool { return admitted[i].Slot < admitted[j].Slot })
-		by := s
-		if n, _ := strconv.Atoi(admitted[0].Slot[1:]); n%2 == 1 {
-			by = peer
-		}
-		if err := by.Settle(ctx, l, admitted[0], 0, 0); err != nil {
+		if err := admitted[0].by.Settle(ctx, l, admitted[0].a, 0, 0); err != nil {
 			t.Fatal(err)
 		}
-		if d, _ := s.Admit(ctx, l, Admission{ID: "c", Slot: "new", Now: now}); !d.Allowed {
+		if d, _ := s.Admit(ctx, l, Admission{ID: "c", Now: now}); !d.Allowed {
 			t.Fatal("a released slot was not reusable")
 		}
 
@@ -140,14 +139,14 @@ func TestConcurrentSlotsAtomic(t *testing.T) {
 			return
 		}
 		for i := range 5 {
-			if d, _ := peer.Admit(ctx, l, Admission{ID: "d", Slot: fmt.Sprint("p", i), Now: now}); !d.Allowed {
+			if d, _ := peer.Admit(ctx, l, Admission{ID: "d", Now: now}); !d.Allowed {
 				t.Fatalf("admission %d of 5 refused", i)
 			}
 		}
-		if d, _ := s.Admit(ctx, l, Admission{ID: "d", Slot: "early", Now: now.Add(time.Minute)}); d.Allowed {
+		if d, _ := s.Admit(ctx, l, Admission{ID: "d", Now: now.Add(time.Minute)}); d.Allowed {
 			t.Fatal("a sixth request was admitted while the lease of five lasts")
 		}
-		if d, _ := s.Admit(ctx, l, Admission{ID: "d", Slot: "late", Now: now.Add(2 * time.Hour)}); !d.Allowed {
+		if d, _ := s.Admit(ctx, l, Admission{ID: "d", Now: now.Add(2 * time.Hour)}); !d.Allowed {
 			t.Fatal("stale slots were not reclaimed")
 		}
 	})
@@ -161,36 +160,36 @@ func TestSpendReservationsAndSettlement(t *testing.T) {
 		ctx := context.Background()
 		l := Limits{Spend: 1000, SpendWindow: time.Hour, SlotTTL: time.Minute}
 		t0 := time.Unix(36000, 0) // the start of an hour window
-		admit := func(by Store, id, slot string, reserve int64, at time.Duration) (Admission, Decision) {
-			a := Admission{ID: id, Slot: slot, Spend: reserve, Now: t0.Add(at)}
+		admit := func(by Store, id string, reserve int64, at time.Duration) (Admission, Decision) {
+			a := Admission{ID: id, Spend: reserve, Now: t0.Add(at)}
 			d, err := by.Admit(ctx, l, a)
 			if err != nil {
 				t.Fatal(err)
 			}
 			return a, d
 		}
-		if _, d := admit(s, "a", "big", 1001, 0); d.Allowed || d.Limit != "spend" || d.RetryAfter != time.Hour {
+		if _, d := admit(s, "a", 1001, 0); d.Allowed || d.Limit != "spend" || d.RetryAfter != time.Hour {
 			t.Fatalf("a reservation over the whole budget: %+v", d)
 		}
-		a1, d := admit(s, "a", "a1", 600, 0)
+		a1, d := admit(s, "a", 600, 0)
 		if !d.Allowed {
 			t.Fatalf("first request refused: %+v", d)
 		}
-		if _, d := admit(s, "a", "s2", 500, time.Second); d.Allowed {
+		if _, d := admit(s, "a", 500, time.Second); d.Allowed {
 			t.Fatal("the reservation in flight was not counted")
 		}
 		// It cost 250: 750 remain.
 		if err := s.Settle(ctx, l, a1, 0, 250); err != nil {
 			t.Fatal(err)
 		}
-		if _, d := admit(s, "a", "a2", 400, 2*time.Second); !d.Allowed {
+		if _, d := admit(s, "a", 400, 2*time.Second); !d.Allowed {
 			t.Fatalf("after settling, 750 left for 400: %+v", d)
 		}
 		// Another instance counts both: 250 spent, 400 held, 300 more fits.
-		if _, d := admit(peer, "a", "p1", 300, 3*time.Second); !d.Allowed {
+		if _, d := admit(peer, "a", 300, 3*time.Second); !d.Allowed {
 			t.Fatalf("the other instance: 250 + 400 + 300 refused: %+v", d)
 		}
-		if _, d := admit(s, "a", "s3", 100, 4*time.Second); d.Allowed {
+		if _, d := admit(s, "a", 100, 4*time.Second); d.Allowed {
 			t.Fatal("spent 250 + held 700 + 100 > 1000 was admitted")
 		}
 		// The other instance dies: what it reserved lapses with its lease.
@@ -198,7 +197,7 @@ func TestSpendReservationsAndSettlement(t *testing.T) {
 		if s == peer {
 			return
 		}
-		if _, d := admit(s, "a", "s3", 100, 3*time.Second+l.SlotTTL+time.Second); !d.Allowed {
+		if _, d := admit(s, "a", 100, 3*time.Second+l.SlotTTL+time.Second); !d.Allowed {
 			t.Fatalf("a dead instance's reservation outlived its lease: %+v", d)
 		}
 	})
@@ -212,7 +211,7 @@ func TestSettlementCountsInItsWindow(t *testing.T) {
 		l := Limits{Spend: 1000, SpendWindow: time.Hour, SlotTTL: time.Minute}
 		t0 := time.Unix(36000+59*60, 0) // a minute before an hour window ends
 		admit := func(reserve int64, at time.Duration) (Admission, Decision) {
-			a := Admission{ID: "a", Slot: fmt.Sprint(at), Spend: reserve, Now: t0.Add(at)}
+			a := Admission{ID: "a", Spend: reserve, Now: t0.Add(at)}
 			d, err := s.Admit(ctx, l, a)
 			if err != nil {
 				t.Fatal(err)
@@ -248,15 +247,15 @@ func TestShorterLeaseAfterReload(t *testing.T) {
 	defer peer.Close()
 	long := Limits{Concurrent: 1, SlotTTL: 30 * time.Second}
 	short := Limits{Concurrent: 1, SlotTTL: time.Second}
-	if d, err := peer.Admit(ctx, long, Admission{ID: "x", Slot: "1", Now: time.Now()}); err != nil || !d.Allowed {
+	if d, err := peer.Admit(ctx, long, Admission{ID: "x", Now: time.Now()}); err != nil || !d.Allowed {
 		t.Fatal(d, err)
 	}
 	time.Sleep(100 * time.Millisecond) // renewing every 10 s now
-	if d, err := peer.Admit(ctx, short, Admission{ID: "y", Slot: "1", Now: time.Now()}); err != nil || !d.Allowed {
+	if d, err := peer.Admit(ctx, short, Admission{ID: "y", Now: time.Now()}); err != nil || !d.Allowed {
 		t.Fatal(d, err)
 	}
 	time.Sleep(3 * short.SlotTTL)
-	if d, _ := s.Admit(ctx, short, Admission{ID: "y", Slot: "2", Now: time.Now()}); d.Allowed {
+	if d, _ := s.Admit(ctx, short, Admission{ID: "y", Now: time.Now()}); d.Allowed {
 		t.Fatal("the request under the shorter lease lost its slot: renewed too late")
 	}
 }
@@ -270,11 +269,11 @@ func TestLeasesRenewWhileHeld(t *testing.T) {
 	l := Limits{Concurrent: 1, Spend: 1000, SpendWindow: time.Hour, SlotTTL: time.Second}
 	s, peer := mustNewRedis(t, o), mustNewRedis(t, o)
 	defer s.Close()
-	if d, err := peer.Admit(ctx, l, Admission{ID: "r", Slot: "1", Spend: 900, Now: time.Now()}); err != nil || !d.Allowed {
+	if d, err := peer.Admit(ctx, l, Admission{ID: "r", Spend: 900, Now: time.Now()}); err != nil || !d.Allowed {
 		t.Fatal(d, err)
 	}
 	time.Sleep(3 * l.SlotTTL) // three leases: renewed, or lapsed
-	if d, _ := s.Admit(ctx, l, Admission{ID: "r", Slot: "2", Spend: 200, Now: time.Now()}); d.Allowed {
+	if d, _ := s.Admit(ctx, l, Admission{ID: "r", Spend: 200, Now: time.Now()}); d.Allowed {
 		t.Fatal("a live instance's request lost its slot and reservation")
 	}
 	// The instance stops without its request ending, as a killed one does.
@@ -284,7 +283,7 @@ func TestLeasesRenewWhileHeld(t *testing.T) {
 	peer.mu.Unlock()
 	deadline := time.Now().Add(5 * l.SlotTTL)
 	for {
-		d, err := s.Admit(ctx, l, Admission{ID: "r", Slot: "3", Spend: 200, Now: time.Now()})
+		d, err := s.Admit(ctx, l, Admission{ID: "r", Spend: 200, Now: time.Now()})
 		if err == nil && d.Allowed {
 			return
 		}
@@ -301,7 +300,7 @@ func TestSettlementReachesOtherInstances(t *testing.T) {
 	instances(t, func(t *testing.T, s, peer Store) {
 		ctx := context.Background()
 		l := Limits{Spend: 1000, SpendWindow: time.Hour, Tokens: 100, TokenWindow: time.Hour, SlotTTL: time.Minute}
-		a := Admission{ID: "x", Slot: "1", Spend: 900, Reserve: 90, Now: time.Now()}
+		a := Admission{ID: "x", Spend: 900, Reserve: 90, Now: time.Now()}
 		if d, err := s.Admit(ctx, l, a); err != nil || !d.Allowed {
 			t.Fatal(d, err)
 		}
@@ -311,7 +310,7 @@ func TestSettlementReachesOtherInstances(t *testing.T) {
 		}
 		deadline := time.Now().Add(2 * time.Second)
 		for {
-			d, err := peer.Admit(ctx, l, Admission{ID: "x", Slot: "2", Spend: 850, Reserve: 85, Now: time.Now()})
+			d, err := peer.Admit(ctx, l, Admission{ID: "x", Spend: 850, Reserve: 85, Now: time.Now()})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -334,7 +333,7 @@ func TestCloseWritesSettlements(t *testing.T) {
 	ctx := context.Background()
 	l := Limits{Spend: 1000, SpendWindow: time.Hour, SlotTTL: time.Minute}
 	s := mustNewRedis(t, o)
-	a := Admission{ID: "z", Slot: "1", Spend: 500, Now: time.Now()}
+	a := Admission{ID: "z", Spend: 500, Now: time.Now()}
 	if d, err := s.Admit(ctx, l, a); err != nil || !d.Allowed {
 		t.Fatal(d, err)
 	}
@@ -346,10 +345,10 @@ func TestCloseWritesSettlements(t *testing.T) {
 	}
 	next := mustNewRedis(t, o)
 	defer next.Close()
-	if d, _ := next.Admit(ctx, l, Admission{ID: "z", Slot: "2", Spend: 300, Now: time.Now()}); d.Allowed {
+	if d, _ := next.Admit(ctx, l, Admission{ID: "z", Spend: 300, Now: time.Now()}); d.Allowed {
 		t.Fatal("800 spent + 300 fit a budget of 1000: the settlement was lost on close")
 	}
-	if d, _ := next.Admit(ctx, l, Admission{ID: "z", Slot: "3", Spend: 200, Now: time.Now()}); !d.Allowed {
+	if d, _ := next.Admit(ctx, l, Admission{ID: "z", Spend: 200, Now: time.Now()}); !d.Allowed {
 		t.Fatalf("800 spent + 200 refused: %+v", d)
 	}
 }
@@ -375,7 +374,7 @@ func TestParallelRequestsLeaveNothingHeld(t *testing.T) {
 			if i%2 == 1 {
 				s = b
 			}
-			ad := Admission{ID: "p", Slot: strconv.Itoa(i), Reserve: 100, Spend: 1000, Now: time.Now()}
+			ad := Admission{ID: "p", Reserve: 100, Spend: 1000, Now: time.Now()}
 			d, err := s.Admit(ctx, l, ad)
 			if err != nil {
 				t.Error(err)
@@ -428,7 +427,7 @@ func TestSettlementOutlivesAnOutage(t *testing.T) {
 	s, peer := mustNewRedis(t, o), mustNewRedis(t, o)
 	defer s.Close()
 	defer peer.Close()
-	a := Admission{ID: "o", Slot: "1", Spend: 500, Now: time.Now()}
+	a := Admission{ID: "o", Spend: 500, Now: time.Now()}
 	if d, err := s.Admit(ctx, l, a); err != nil || !d.Allowed {
 		t.Fatal(d, err)
 	}
@@ -440,7 +439,7 @@ func TestSettlementOutlivesAnOutage(t *testing.T) {
 	redistest.StartOn(t, srv.Addr)
 	deadline := time.Now().Add(6 * time.Second)
 	for i := 0; ; i++ {
-		b := Admission{ID: "o", Slot: strconv.Itoa(i), Spend: 300, Now: time.Now()}
+		b := Admission{ID: "o", Spend: 300, Now: time.Now()}
 		d, err := peer.Admit(ctx, l, b)
 		if err == nil && !d.Allowed {
 			return // 800 spent: 300 more does not fit
@@ -487,8 +486,8 @@ func TestSteadyTrafficWritesNoFlush(t *testing.T) {
 	before := scripts()
 	const requests = 100 // 2 ms apart: ten flushDelays and more
 	var last Admission
-	for i := range requests {
-		last = Admission{ID: "a", Slot: strconv.Itoa(i), Spend: 1000, Now: time.Now()}
+	for range requests {
+		last = Admission{ID: "a", Spend: 1000, Now: time.Now()}
 		if d, err := s.Admit(ctx, l, last); err != nil || !d.Allowed {
 			t.Fatal(d, err)
 		}
@@ -507,7 +506,7 @@ func TestSteadyTrafficWritesNoFlush(t *testing.T) {
 	// request's 1000 are still held).
 	deadline := time.Now().Add(2 * time.Second)
 	for {
-		d, err := peer.Admit(ctx, l, Admission{ID: "a", Slot: "peer", Spend: 1e12 - 700, Now: time.Now()})
+		d, err := peer.Admit(ctx, l, Admission{ID: "a", Spend: 1e12 - 700, Now: time.Now()})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -556,7 +555,7 @@ func TestRenewalsKeepTheHash(t *testing.T) {
 	// so an expiry not pushed back by them would leave gaps of ~100 ms
 	l := Limits{Concurrent: 2, SlotTTL: 600 * time.Millisecond, Requests: 1000, RequestWindow: 325 * time.Millisecond}
 	ctx, key := context.Background(), limitsKey("long:", "a")
-	if d, err := s.Admit(ctx, l, Admission{ID: "a", Slot: "s1", Now: time.Now()}); err != nil || !d.Allowed {
+	if d, err := s.Admit(ctx, l, Admission{ID: "a", Now: time.Now()}); err != nil || !d.Allowed {
 		t.Fatal(d, err)
 	}
 	for end := time.Now().Add(3 * time.Second); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
@@ -584,7 +583,7 @@ func BenchmarkAdmit(b *testing.B) {
 		i := 0
 		for b.Loop() {
 			i++
-			a := Admission{ID: fmt.Sprint("id", i%100), Reserve: 500, Slot: fmt.Sprint(i), Now: time.Now()}
+			a := Admission{ID: fmt.Sprint("id", i%100), Reserve: 500, Now: time.Now()}
 			t0 := time.Now()
 			if d, err := s.Admit(ctx, l, a); err != nil || !d.Allowed {
 				b.Fatal(d, err)
