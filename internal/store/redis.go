@@ -268,9 +268,9 @@ if admit then
 		for i = 1, #all, 2 do
 			if string.sub(all[i], 1, 2) == 'i:' and all[i] ~= me then
 				local c, h, lease = string.match(all[i+1], '^(%d+) (%d+) (%d+)$')
-				if tonumber(lease) <= now then
+				if lease + 0 <= now then
 					gone[#gone+1] = all[i]
-					n, held = math.max(n - tonumber(c), 0), math.max(held - tonumber(h), 0)
+					n, held = math.max(n - c, 0), math.max(held - h, 0)
 				end
 			end
 		end
@@ -475,8 +475,11 @@ func (r *Redis) Settle(ctx context.Context, l Limits, a Admission, delta, cost i
 		// the slot is free now, not at the next admission
 		lease := me.leaseEnd()
 		me.mu.Unlock()
-		_, _, err := r.write(ctx, l, Admission{ID: a.ID}, false, lease)
-		return err
+		if _, _, err := r.write(ctx, l, Admission{ID: a.ID}, false, lease); err != nil {
+			r.flushLater() // it waits, and is tried again until Redis answers
+			return err
+		}
+		return nil
 	}
 	me.mu.Unlock()
 	r.flushLater()
@@ -521,14 +524,8 @@ func (r *Redis) Flush(ctx context.Context) error {
 // flush writes what has waited since due or longer (everything, if due is
 // zero) and reports when what it left waiting is due.
 func (r *Redis) flush(ctx context.Context, due time.Time) (next time.Time, err error) {
-	r.mu.Lock()
-	ids := make([]string, 0, len(r.local))
-	for id := range r.local {
-		ids = append(ids, id)
-	}
-	r.mu.Unlock()
 	var errs []error
-	for _, id := range ids {
+	for _, id := range r.identities() {
 		me := r.part(id, false)
 		if me == nil {
 			continue
@@ -557,6 +554,17 @@ func (r *Redis) flush(ctx context.Context, due time.Time) (next time.Time, err e
 		}
 	}
 	return next, errors.Join(errs...)
+}
+
+// identities are those this instance holds a part of.
+func (r *Redis) identities() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ids := make([]string, 0, len(r.local))
+	for id := range r.local {
+		ids = append(ids, id)
+	}
+	return ids
 }
 
 // Close implements Store: what waits is written first.
@@ -615,13 +623,7 @@ func (r *Redis) renewLoop() {
 		case <-r.shorter:
 		case <-time.After(period):
 		}
-		r.mu.Lock()
-		ids := make([]string, 0, len(r.local))
-		for id := range r.local {
-			ids = append(ids, id)
-		}
-		r.mu.Unlock()
-		for _, id := range ids {
+		for _, id := range r.identities() {
 			me := r.part(id, false)
 			if me == nil {
 				continue

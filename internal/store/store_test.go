@@ -28,9 +28,7 @@ func instances(t *testing.T, f func(t *testing.T, s, peer Store)) {
 	})
 	t.Run("redis", func(t *testing.T) {
 		srv := redistest.Start(t)
-		o := RedisOptions{Addrs: []string{srv.Addr}, Prefix: fmt.Sprintf("test%d:", time.Now().UnixNano())}
-		s, peer := mustNewRedis(t, o), mustNewRedis(t, o)
-		t.Cleanup(func() { s.Close(); peer.Close() })
+		s, peer := redisPair(t, RedisOptions{Addrs: []string{srv.Addr}, Prefix: fmt.Sprintf("test%d:", time.Now().UnixNano())})
 		f(t, s, peer)
 	})
 }
@@ -358,10 +356,7 @@ func TestCloseWritesSettlements(t *testing.T) {
 // writes of one instance may pass each other, and their changes add up.
 func TestParallelRequestsLeaveNothingHeld(t *testing.T) {
 	srv := redistest.Start(t)
-	o := RedisOptions{Addrs: []string{srv.Addr}, Prefix: "par:"}
-	a, b := mustNewRedis(t, o), mustNewRedis(t, o)
-	defer a.Close()
-	defer b.Close()
+	a, b := redisPair(t, RedisOptions{Addrs: []string{srv.Addr}, Prefix: "par:"})
 	ctx := context.Background()
 	l := Limits{Concurrent: 8, Spend: 1 << 40, SpendWindow: time.Hour, Tokens: 1 << 40, TokenWindow: time.Hour, SlotTTL: time.Minute}
 	var wg sync.WaitGroup
@@ -421,12 +416,9 @@ func TestParallelRequestsLeaveNothingHeld(t *testing.T) {
 // when Redis answers again, without another request.
 func TestSettlementOutlivesAnOutage(t *testing.T) {
 	srv := redistest.Start(t)
-	o := RedisOptions{Addrs: []string{srv.Addr}, Prefix: "outage:"}
+	s, peer := redisPair(t, RedisOptions{Addrs: []string{srv.Addr}, Prefix: "outage:"})
 	ctx := context.Background()
 	l := Limits{Spend: 1000, SpendWindow: time.Hour, SlotTTL: time.Minute}
-	s, peer := mustNewRedis(t, o), mustNewRedis(t, o)
-	defer s.Close()
-	defer peer.Close()
 	a := Admission{ID: "o", Spend: 500, Now: time.Now()}
 	if d, err := s.Admit(ctx, l, a); err != nil || !d.Allowed {
 		t.Fatal(d, err)
@@ -456,16 +448,45 @@ func TestSettlementOutlivesAnOutage(t *testing.T) {
 	}
 }
 
+// A concurrency slot whose release failed (Redis did not answer) is
+// released as soon as Redis answers again, not a lease later.
+func TestFailedReleaseIsTriedAgain(t *testing.T) {
+	srv := redistest.Start(t)
+	s, peer := redisPair(t, RedisOptions{Addrs: []string{srv.Addr}, Prefix: "release:"})
+	ctx := context.Background()
+	l := Limits{Concurrent: 1, SlotTTL: time.Minute}
+	a := Admission{ID: "c", Now: time.Now()}
+	if d, err := s.Admit(ctx, l, a); err != nil || !d.Allowed {
+		t.Fatal(d, err)
+	}
+	// Redis stops answering (its data kept) for longer than the client's
+	// timeout and retry.
+	if err := s.client.Do(ctx, "CLIENT", "PAUSE", "3000", "ALL").Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Settle(ctx, l, a, 0, 0); err == nil {
+		t.Fatal("the release was written while Redis was paused")
+	}
+	deadline := time.Now().Add(6 * time.Second)
+	for {
+		d, err := peer.Admit(ctx, l, Admission{ID: "c", Now: time.Now()})
+		if err == nil && d.Allowed {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the slot was still held 3 s after Redis answered again: %+v %v", d, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 // Under steady traffic a settlement rides with its identity's next
 // admission: the store writes nothing on its own (one script per request,
 // not one more every flushDelay). When the traffic stops, what waits is
-// still written within flushDelay, where another instance sees it.
+// still written on its own, where another instance sees it.
 func TestSteadyTrafficWritesNoFlush(t *testing.T) {
 	srv := redistest.Start(t)
-	o := RedisOptions{Addrs: []string{srv.Addr}, Prefix: "steady:"}
-	s, peer := mustNewRedis(t, o), mustNewRedis(t, o)
-	defer s.Close()
-	defer peer.Close()
+	s, peer := redisPair(t, RedisOptions{Addrs: []string{srv.Addr}, Prefix: "steady:"})
 	ctx := context.Background()
 	scripts := func() int {
 		info, err := s.client.Info(ctx, "commandstats").Result()
@@ -474,9 +495,9 @@ func TestSteadyTrafficWritesNoFlush(t *testing.T) {
 		}
 		calls := 0
 		for _, line := range strings.Split(info, "\n") {
-			if strings.HasPrefix(line, "cmdstat_evalsha:") || strings.HasPrefix(line, "cmdstat_eval:") {
-				c, _, _ := strings.Cut(strings.TrimPrefix(line[strings.Index(line, ":")+1:], "calls="), ",")
-				n, _ := strconv.Atoi(c)
+			// cmdstat_evalsha:calls=N,usec=...
+			if cmd, stats, _ := strings.Cut(line, ":calls="); cmd == "cmdstat_evalsha" || cmd == "cmdstat_eval" {
+				n, _ := strconv.Atoi(stats[:strings.IndexByte(stats, ',')])
 				calls += n
 			}
 		}
@@ -604,6 +625,13 @@ func BenchmarkAdmit(b *testing.B) {
 		defer s.Close()
 		run(b, s)
 	})
+}
+
+// redisPair is two instances' stores on one server, closed with the test.
+func redisPair(t testing.TB, o RedisOptions) (*Redis, *Redis) {
+	a, b := mustNewRedis(t, o), mustNewRedis(t, o)
+	t.Cleanup(func() { a.Close(); b.Close() })
+	return a, b
 }
 
 func mustNewRedis(t testing.TB, o RedisOptions) *Redis {
