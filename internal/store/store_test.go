@@ -279,16 +279,8 @@ func TestLeasesRenewWhileHeld(t *testing.T) {
 	close(peer.done)
 	peer.closed = true
 	peer.mu.Unlock()
-	deadline := time.Now().Add(5 * l.SlotTTL)
-	for {
-		d, err := s.Admit(ctx, l, Admission{ID: "r", Spend: 200, Now: time.Now()})
-		if err == nil && d.Allowed {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("what a dead instance held outlived its lease: %+v %v", d, err)
-		}
-		time.Sleep(50 * time.Millisecond)
+	if d, err := admittedWithin(s, l, Admission{ID: "r", Spend: 200}, 5*l.SlotTTL); !d.Allowed {
+		t.Fatalf("what a dead instance held outlived its lease: %+v %v", d, err)
 	}
 }
 
@@ -306,19 +298,8 @@ func TestSettlementReachesOtherInstances(t *testing.T) {
 		if err := s.Settle(ctx, l, a, -80, 100); err != nil {
 			t.Fatal(err)
 		}
-		deadline := time.Now().Add(2 * time.Second)
-		for {
-			d, err := peer.Admit(ctx, l, Admission{ID: "x", Spend: 850, Reserve: 85, Now: time.Now()})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if d.Allowed {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("the settlement never reached the other instance: %+v", d)
-			}
-			time.Sleep(5 * time.Millisecond)
+		if d, err := admittedWithin(peer, l, Admission{ID: "x", Spend: 850, Reserve: 85}, 2*time.Second); !d.Allowed {
+			t.Fatalf("the settlement never reached the other instance: %+v %v", d, err)
 		}
 	})
 }
@@ -467,16 +448,8 @@ func TestFailedReleaseIsTriedAgain(t *testing.T) {
 	if err := s.Settle(ctx, l, a, 0, 0); err == nil {
 		t.Fatal("the release was written while Redis was paused")
 	}
-	deadline := time.Now().Add(6 * time.Second)
-	for {
-		d, err := peer.Admit(ctx, l, Admission{ID: "c", Now: time.Now()})
-		if err == nil && d.Allowed {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the slot was still held 3 s after Redis answered again: %+v %v", d, err)
-		}
-		time.Sleep(50 * time.Millisecond)
+	if d, err := admittedWithin(peer, l, Admission{ID: "c"}, 6*time.Second); !d.Allowed {
+		t.Fatalf("the slot was still held 3 s after Redis answered again: %+v %v", d, err)
 	}
 }
 
@@ -525,19 +498,8 @@ func TestSteadyTrafficWritesNoFlush(t *testing.T) {
 	// The last settlement reaches the peer: 700 spent, nothing held, so a
 	// reservation of the rest of the budget fits (not while the last
 	// request's 1000 are still held).
-	deadline := time.Now().Add(2 * time.Second)
-	for {
-		d, err := peer.Admit(ctx, l, Admission{ID: "a", Spend: 1e12 - 700, Now: time.Now()})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if d.Allowed {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the last settlement never reached the other instance")
-		}
-		time.Sleep(5 * time.Millisecond)
+	if d, err := admittedWithin(peer, l, Admission{ID: "a", Spend: 1e12 - 700}, 2*time.Second); !d.Allowed {
+		t.Fatalf("the last settlement never reached the other instance: %+v %v", d, err)
 	}
 }
 
@@ -625,6 +587,23 @@ func BenchmarkAdmit(b *testing.B) {
 		defer s.Close()
 		run(b, s)
 	})
+}
+
+// admittedWithin asks s to admit a (at the time of asking) until it does,
+// for at most within, and returns the last answer.
+func admittedWithin(s Store, l Limits, a Admission, within time.Duration) (Decision, error) {
+	deadline := time.Now().Add(within)
+	for {
+		a.Now = time.Now()
+		d, err := s.Admit(context.Background(), l, a)
+		if err != nil {
+			d = Decision{} // not admitted
+		}
+		if d.Allowed || time.Now().After(deadline) {
+			return d, err
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // redisPair is two instances' stores on one server, closed with the test.
