@@ -10,6 +10,9 @@
 # CLIENT=h1. reverse_proxy speaks HTTP/2 to the mock; nginx HTTP/1.1 over
 # TLS (it cannot proxy to an upstream over HTTP/2); llm_stream as
 # configured by default (HTTP/2 when the upstream offers it).
+# The floor column is bench_floor (bench/floor): the least a handler inside
+# Caddy can do to relay a stream, through the same transport; what Caddy and
+# net/http cost on their own, below which no Caddy proxy can go.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=bench/out
@@ -19,11 +22,11 @@ open=${1:-2000}
 shape=${SHAPE:-plain}
 client=${CLIENT:-h2}
 
-echo "building caddy and the load tool" >&2
-go build -o "$out/caddy" ./cmd/caddy
+echo "building caddy (with bench_floor) and the load tool" >&2
+go build -o "$out/caddy" ./bench/caddy
 go build -o "$out/load" ./bench/load
 
-MOCK=18081 RP=18082 NGX=18083 LLM=18084
+MOCK=18081 RP=18082 NGX=18083 LLM=18084 FLOOR=18085
 scheme=http site=http tlsline="" upstream_tls="" rp_tls="" load_tls=()
 if [ "$shape" = tls ]; then
 	# one CA and one certificate for 127.0.0.1, made once
@@ -128,6 +131,17 @@ $site://:$LLM {
 	}
 }
 CF
+cat > "$out/floor.caddyfile" <<CF
+$global
+$site://:$FLOOR {
+	bind 127.0.0.1
+	$tlsline
+	bench_floor $scheme://127.0.0.1:$MOCK {
+		api_key sk-bench
+		$upstream_tls
+	}
+}
+CF
 
 started=""
 start() { # name config; the process id in $started (not in a subshell, so cleanup sees it)
@@ -149,7 +163,9 @@ start rp "$out/rp.caddyfile"
 rp_pid=$started
 start llm "$out/llm.caddyfile"
 llm_pid=$started
-wait_port $MOCK; wait_port $RP; wait_port $LLM
+start floor "$out/floor.caddyfile"
+floor_pid=$started
+wait_port $MOCK; wait_port $RP; wait_port $LLM; wait_port $FLOOR
 
 targets=("direct=$scheme://127.0.0.1:$MOCK=0" "reverse_proxy=$scheme://127.0.0.1:$RP=$rp_pid")
 ngx_listen="listen 127.0.0.1:$NGX;" ngx_upstream_tls=""
@@ -195,7 +211,7 @@ NG
 else
 	echo "nginx not installed: its column is skipped (apt-get install nginx-light)" >&2
 fi
-targets+=("llm_stream=$scheme://127.0.0.1:$LLM=$llm_pid")
+targets+=("floor=$scheme://127.0.0.1:$FLOOR=$floor_pid" "llm_stream=$scheme://127.0.0.1:$LLM=$llm_pid")
 
 echo "shape: $shape$([ "$shape" = tls ] && echo ", $client to the client"), $open open streams" | tee "$out/results.md"
 "$out/load" -open "$open" "${load_tls[@]}" ${LOAD_ARGS:-} "${targets[@]}" | tee -a "$out/results.md"

@@ -132,15 +132,22 @@ func main() {
 	for _, l := range labels {
 		fmt.Printf("| %s | %s |\n", l.text, strings.Join(rows[l.key], " | "))
 	}
-	// ratios of the last target against reverse_proxy, when both ran
+	// ratios, round by round where rounds were run: llm_stream against
+	// reverse_proxy (the targets), the floor (the least a handler
+	// inside Caddy can do) against reverse_proxy, and llm_stream against
+	// the floor (how much of its figure is its own)
 	idx := func(name string) int {
 		return slices.IndexFunc(targets, func(t target) bool { return t.name == name })
 	}
-	if rp, ls := idx("reverse_proxy"), idx("llm_stream"); rp >= 0 && ls >= 0 {
-		f := func(k string, i int) float64 { v, _ := strconv.ParseFloat(rows[k][i], 64); return v }
-		fmt.Println()
-		if m := f("_mem", rp); m > 0 {
-			fmt.Printf("llm_stream / reverse_proxy: memory per open stream %.2f×\n", f("_mem", ls)/m)
+	f := func(k string, i int) float64 { v, _ := strconv.ParseFloat(rows[k][i], 64); return v }
+	fmt.Println()
+	for _, p := range [][2]string{{"llm_stream", "reverse_proxy"}, {"floor", "reverse_proxy"}, {"llm_stream", "floor"}} {
+		a, b := idx(p[0]), idx(p[1])
+		if a < 0 || b < 0 {
+			continue
+		}
+		if m := f("_mem", b); m > 0 {
+			fmt.Printf("%s / %s: memory per open stream %.2f×\n", p[0], p[1], f("_mem", a)/m)
 		}
 		if burstRounds != nil {
 			// Each round's ratio, both proxies measured under the same
@@ -149,9 +156,9 @@ func main() {
 				name   string
 				rounds [][]float64
 			}{{"no delay", burstRounds}, {"@2 ms", steadyRounds}} {
-				m, lo, hi := pairedRatio(c.rounds[ls], c.rounds[rp])
-				fmt.Printf("llm_stream / reverse_proxy: CPU per chunk, %s: %.2f× (median of %d rounds' ratios; range %.2f–%.2f×)\n",
-					c.name, m, len(c.rounds[ls]), lo, hi)
+				m, lo, hi := pairedRatio(c.rounds[a], c.rounds[b])
+				fmt.Printf("%s / %s: CPU per chunk, %s: %.2f× (median of %d rounds' ratios; range %.2f–%.2f×)\n",
+					p[0], p[1], c.name, m, len(c.rounds[a]), lo, hi)
 			}
 		}
 	}
