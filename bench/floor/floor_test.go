@@ -10,7 +10,6 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
-
 	_ "github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy" // the http transport
 )
 
