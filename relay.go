@@ -765,11 +765,18 @@ func (rl *relay) fail(e *apiError) bool {
 // The handler's own X-Request-Id stays; the provider's id is passed on as
 // X-Upstream-Request-Id.
 func copyResponseHeaders(dst, src http.Header) {
+	n := 0
+	for _, vv := range src {
+		n += len(vv)
+	}
+	vals := make([]string, n) // one allocation for every value, as Header.Clone
 	for k, vv := range src {
 		if k == headerRequestID {
 			continue // ours stays
 		}
-		dst[k] = append(dst[k][:0:0], vv...)
+		c := copy(vals, vv)
+		dst[k] = vals[:c:c]
+		vals = vals[c:]
 	}
 	removeHopHeaders(dst)
 	dst.Del("Set-Cookie")

@@ -44,6 +44,22 @@ func (in *inbound) tokenEstimate() int64 {
 	return int64(len(in.body))/3 + in.maxTokens
 }
 
+// readBody reads a request body of at most max bytes (more is returned
+// for the caller to refuse): into a buffer of its declared length when it
+// has one, since the body is kept while the answer streams (failover
+// resends it) and io.ReadAll's doubling would keep up to twice its size;
+// net/http ends a body at its declared length.
+func readBody(body io.Reader, declared, max int64) ([]byte, error) {
+	if declared < 0 || declared > max {
+		return io.ReadAll(io.LimitReader(body, max+1))
+	}
+	b := make([]byte, declared)
+	if _, err := io.ReadFull(body, b); err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
 // readRequest reads the body (at most max bytes) and, for JSON bodies,
 // checks the syntax and takes the fields routing and relaying need.
 func readRequest(r *http.Request, max int64) (*inbound, *apiError) {
@@ -52,7 +68,7 @@ func readRequest(r *http.Request, max int64) (*inbound, *apiError) {
 		return nil, errTooLarge(max)
 	}
 	if r.Body != nil && r.Body != http.NoBody {
-		b, err := io.ReadAll(io.LimitReader(r.Body, max+1))
+		b, err := readBody(r.Body, r.ContentLength, max)
 		if err != nil {
 			return nil, &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: "body_unreadable",
 				Message: "could not read the request body"}

@@ -61,3 +61,31 @@ func TestReadRequestFields(t *testing.T) {
 		})
 	}
 }
+
+// The body is kept while the answer streams: read to its declared length it
+// holds no spare capacity; a body that ends before its declared length, or
+// one without a length that passes the limit, is refused.
+func TestReadRequestBody(t *testing.T) {
+	body := `{"model":"m","messages":[{"role":"user","content":"` + strings.Repeat("x", 3000) + `"}]}`
+	r := httptest.NewRequest("POST", "/v1/chat/completions", strings.NewReader(body))
+	r.Header.Set("Content-Type", "application/json")
+	in, err := readRequest(r, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(in.body) != body || cap(in.body) != len(body) {
+		t.Errorf("body of %d bytes kept in %d (want exactly its length)", len(in.body), cap(in.body))
+	}
+
+	r = httptest.NewRequest("POST", "/v1/chat/completions", strings.NewReader(`{"model":"m"}`))
+	r.ContentLength = 100 // the client promised more than it sent
+	if _, err := readRequest(r, 1<<20); err == nil || err.Code != "body_unreadable" || err.Status != 400 {
+		t.Errorf("short body: %+v, want 400 body_unreadable", err)
+	}
+
+	r = httptest.NewRequest("POST", "/v1/chat/completions", strings.NewReader(body))
+	r.ContentLength = -1 // chunked: the limit is found while reading
+	if _, err := readRequest(r, 1000); err == nil || err.Status != 413 {
+		t.Errorf("unlimited body over the limit: %+v, want 413", err)
+	}
+}

@@ -297,5 +297,9 @@ func (h *Handler) route(x *exchange) bool {
 		return false
 	}
 	x.conv = h.conversation(x)
+	// Named: let go of where the conversation begins in the body read, or
+	// that body would be kept, beside its rewrite (a model renamed,
+	// include_usage asked), for as long as the answer streams.
+	x.in.system, x.in.turns, x.in.input = [3][]byte{}, nil, nil
 	return true
 }

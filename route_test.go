@@ -8,9 +8,11 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
+	"weak"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -291,4 +293,41 @@ func BenchmarkHealthyPath(b *testing.B) {
 			}
 		})
 	}
+}
+
+// The body read is kept while the answer streams (failover resends it).
+// When the handler rewrites it (here: asking for the usage chunk the client
+// did not ask for), the body read must not stay reachable beside its
+// rewrite: with agent-sized prompts that would double what every open
+// stream holds.
+func TestBodyReadIsNotKeptBesideItsRewrite(t *testing.T) {
+	h := new(Handler)
+	if err := json.Unmarshal([]byte(`{"upstreams":[{"url":"http://127.0.0.1:1","api_keys":["k"]}]}`), h); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	defer cancel()
+	if err := h.Provision(ctx); err != nil {
+		t.Fatal(err)
+	}
+	body := `{"model":"gpt-4o","stream":true,"messages":[{"role":"system","content":"be brief"},{"role":"user","content":"` +
+		strings.Repeat("long prompt ", 1000) + `"}]}`
+	r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", strings.NewReader(body))
+	r.Header.Set("Content-Type", "application/json")
+	r = caddyhttp.PrepareRequest(r, caddy.NewReplacer(), nil, &caddyhttp.Server{})
+	x := &exchange{w: httptest.NewRecorder(), r: r, start: time.Now(), id: "t", usage: new(usage)}
+	if !h.admit(x) || !h.inspect(x) || !h.route(x) {
+		t.Fatal("the request was refused")
+	}
+	read := weak.Make(&x.in.body[0])
+	h.consultCache(x)
+	x.requestUsage()
+	if !x.hideUsage || !strings.Contains(string(x.in.body), `"include_usage":true`) {
+		t.Fatal("the body was not rewritten: the test shows nothing")
+	}
+	runtime.GC()
+	if read.Value() != nil {
+		t.Error("the body read is still reachable beside its rewrite")
+	}
+	runtime.KeepAlive(x)
 }
