@@ -2,8 +2,9 @@
 // into the plugin's Caddy: the least a Caddy handler can do to relay a
 // stream. It forwards the request through Caddy's own `http` transport
 // (the one llm_stream and reverse_proxy use), then reads the answer into a
-// pooled 1 KiB buffer and writes and flushes every read, with nothing
-// else: no request parsing, no usage, no timers, no logs.
+// pooled buffer (1 KiB, 32 KiB once a read fills it) and writes and
+// flushes every read, with nothing else: no request parsing, no usage, no
+// timers, no logs.
 //
 // Its figures in bench/run.sh are what Caddy, net/http and the transport
 // themselves cost per stream and per chunk, so they bound from below what
@@ -78,7 +79,13 @@ func (f *Floor) Provision(ctx caddy.Context) error {
 	return nil
 }
 
-var bufPool = sync.Pool{New: func() any { b := make([]byte, 1<<10); return &b }}
+// Read buffers: 1 KiB while a stream is paced (an open stream holds no
+// more), 32 KiB (reverse_proxy's size) once a read fills the small one, so
+// that a burst takes as few reads as reverse_proxy's.
+var (
+	smallPool = sync.Pool{New: func() any { b := make([]byte, 1<<10); return &b }}
+	largePool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+)
 
 // ServeHTTP forwards the request and relays the answer read by read.
 func (f *Floor) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
@@ -104,8 +111,8 @@ func (f *Floor) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Ha
 	}
 	w.WriteHeader(resp.StatusCode)
 	rc := http.NewResponseController(w)
-	bp := bufPool.Get().(*[]byte)
-	defer bufPool.Put(bp)
+	bp, pool := smallPool.Get().(*[]byte), &smallPool
+	defer func() { pool.Put(bp) }()
 	for {
 		n, err := resp.Body.Read(*bp)
 		if n > 0 {
@@ -114,6 +121,10 @@ func (f *Floor) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Ha
 			}
 			if werr := rc.Flush(); werr != nil {
 				return nil
+			}
+			if n == len(*bp) && pool == &smallPool {
+				smallPool.Put(bp)
+				bp, pool = largePool.Get().(*[]byte), &largePool
 			}
 		}
 		if err == io.EOF {

@@ -16,7 +16,7 @@ import (
 // The floor must relay what it measures: the answer byte for byte, with
 // the key sent upstream, or its figures would be of something else.
 func TestFloorRelaysTheAnswer(t *testing.T) {
-	const answer = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n"
+	answer := "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n" + strings.Repeat("data: {\"choices\":[{\"delta\":{\"content\":\"a burst\"}}]}\n\n", 200) + "data: [DONE]\n\n"
 	var gotAuth, gotBody, gotPath string
 	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		gotAuth, gotPath = r.Header.Get("Authorization"), r.URL.RequestURI()
