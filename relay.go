@@ -75,8 +75,12 @@ type relayTimers struct {
 
 // relayState is where the answer to the client stands.
 type relayState struct {
-	streamed    bool // the client asked for a stream
-	committed   bool // response headers written
+	streamed  bool // the client asked for a stream
+	committed bool // response headers written
+	// a whole JSON answer: written as it is read but not flushed read by
+	// read (no client reads JSON before its end; net/http sends the rest,
+	// in one piece with the end, when the handler returns)
+	whole       bool
 	frame       framing
 	reading     bool // the body is being read: the idle timeout applies
 	wroteBody   bool // some upstream body bytes reached the client
@@ -475,6 +479,7 @@ func (rl *relay) begin(resp *http.Response, streaming bool) {
 		if stream {
 			writeStreamHeaders(hdr, resp.Header.Get("Content-Type"))
 		}
+		rl.whole = !stream && isJSONAnswer(resp.Header)
 		rl.w.WriteHeader(resp.StatusCode)
 		if stream {
 			// The client learns at once that its answer is coming, even
@@ -723,7 +728,9 @@ func (rl *relay) flushOut() error {
 	err := rl.werr
 	if rl.emitted && err == nil {
 		rl.lastWrite = rl.lastRead
-		err = rl.rc.Flush()
+		if !rl.whole {
+			err = rl.rc.Flush()
+		}
 	}
 	rl.emitted, rl.werr = false, nil
 	return err

@@ -6,7 +6,9 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/caddy-llm-stream/caddy-llm-stream/internal/denyword"
 )
@@ -290,4 +292,70 @@ func (c *writeCounter) Flush()                      { c.flushes++ }
 // clip is s around i, for failure messages about long streams.
 func clip(s string, i int) string {
 	return s[max(0, i-60):min(len(s), i+60)]
+}
+
+// A whole JSON answer is passed on as it is read but goes out in one piece
+// with its end (no client reads JSON before its end, and a flush per read
+// costs a write each): the client gets nothing of it while the upstream is
+// still writing; an event stream is flushed read by read as ever.
+func TestWholeJSONAnswerIsNotFlushedByRead(t *testing.T) {
+	for _, tc := range []struct {
+		name, contentType, body string
+		wantEarly               bool
+	}{
+		{name: "json", contentType: "application/json", body: `{"model":"gpt-4o","messages":[]}`},
+		{name: "event stream", contentType: "text/event-stream", body: streamBody, wantEarly: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			first, rest := `{"id":"chatcmpl-1","object":"chat.completion",`, `"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}`
+			if tc.wantEarly {
+				first, rest = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n", "data: [DONE]\n\n"
+			}
+			wrote, release := make(chan struct{}), make(chan struct{})
+			var once sync.Once
+			free := func() { once.Do(func() { close(release) }) }
+			defer free() // a failed test must not leave the upstream waiting (before the cleanups stop Caddy)
+			up := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set("Content-Type", tc.contentType)
+				flushWrite(w, first)
+				close(wrote)
+				<-release
+				_, _ = io.WriteString(w, rest)
+			}))
+			c := startCaddy(t, `llm_stream `+up.URL+` {
+		api_key `+testKey+`
+	}`)
+			got := make(chan string, 1)
+			go func() {
+				resp := send(t, "POST", c.base()+"/v1/chat/completions", tc.body, nil)
+				defer resp.Body.Close()
+				b := make([]byte, 4096)
+				n, _ := resp.Body.Read(b)
+				got <- string(b[:n])
+				rb, _ := io.ReadAll(resp.Body)
+				got <- string(b[:n]) + string(rb)
+			}()
+			<-wrote
+			select {
+			case early := <-got:
+				if !tc.wantEarly {
+					t.Fatalf("the client had %q of a JSON answer before its end", early)
+				}
+				if early != first {
+					t.Fatalf("first read %q, want %q", early, first)
+				}
+			case <-time.After(500 * time.Millisecond):
+				if tc.wantEarly {
+					t.Fatal("the first event did not reach the client before the stream went on")
+				}
+			}
+			free()
+			if !tc.wantEarly {
+				<-got // the first read, after the release
+			}
+			if all := <-got; all != first+rest {
+				t.Errorf("client got %q, want %q", all, first+rest)
+			}
+		})
+	}
 }

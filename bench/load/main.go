@@ -97,7 +97,7 @@ func main() {
 		add("rps", fmt.Sprintf("%.0f", r.rps))
 		rows["_mem"] = append(rows["_mem"], fmt.Sprint(r.memPerStream))
 	}
-	var burstRounds, steadyRounds [][]float64
+	var burstRounds, steadyRounds, requestRounds [][]float64
 	if enabled("burst") {
 		burstRounds = cpuRounds(targets, *burst, cpuBurstRounds)
 		// The same count of chunks, paced so that every proxy reads one
@@ -107,6 +107,12 @@ func main() {
 		for i := range targets {
 			rows["cpu"][i] = fmt.Sprintf("%.2f", median(burstRounds[i]))
 			rows["cpusteady"] = append(rows["cpusteady"], fmt.Sprintf("%.2f", median(steadyRounds[i])))
+		}
+	}
+	if enabled("rps") {
+		requestRounds = cpuRequestRounds(targets, requestRoundsN)
+		for i := range targets {
+			rows["cpureq"] = append(rows["cpureq"], fmt.Sprintf("%.1f", median(requestRounds[i])))
 		}
 	}
 	head := "| scenario (medians; proxies: added = minus direct) |"
@@ -128,6 +134,7 @@ func main() {
 		{"upconns", "same: the proxy's open connections to the mock"},
 		{"errors", "errors (all scenarios)"},
 		{"rps", "non-streaming requests/s (32 in flight)"},
+		{"cpureq", fmt.Sprintf("non-streaming requests (32 in flight): proxy CPU per request (µs, median of %d interleaved rounds)", requestRoundsN)},
 	}
 	for _, l := range labels {
 		fmt.Printf("| %s | %s |\n", l.text, strings.Join(rows[l.key], " | "))
@@ -148,6 +155,11 @@ func main() {
 		}
 		if m := f("_mem", b); m > 0 {
 			fmt.Printf("%s / %s: memory per open stream %.2f×\n", p[0], p[1], f("_mem", a)/m)
+		}
+		if requestRounds != nil {
+			m, lo, hi := pairedRatio(requestRounds[a], requestRounds[b])
+			fmt.Printf("%s / %s: CPU per non-streamed request: %.2f× (median of %d rounds' ratios; range %.2f–%.2f×)\n",
+				p[0], p[1], m, len(requestRounds[a]), lo, hi)
 		}
 		if burstRounds != nil {
 			// Each round's ratio, both proxies measured under the same
@@ -466,17 +478,7 @@ func runAll(t target, paced, burst, slow string, open int, rpsDur time.Duration)
 			go func() {
 				defer wg.Done()
 				for time.Now().Before(end) {
-					req, _ := http.NewRequest(http.MethodPost, t.url+"/json/v1/chat/completions",
-						strings.NewReader(`{"model":"mock-1","messages":[{"role":"user","content":"hello"}]}`))
-					req.Header.Set("Content-Type", "application/json")
-					resp, err := client.Do(req)
-					if err != nil {
-						errs.Add(1)
-						continue
-					}
-					b, _ := io.ReadAll(resp.Body)
-					resp.Body.Close()
-					if resp.StatusCode != 200 || !bytes.Contains(b, []byte(`"chat.completion"`)) {
+					if !plainRequest(t.url) {
 						errs.Add(1)
 						continue
 					}
@@ -492,13 +494,31 @@ func runAll(t target, paced, burst, slow string, open int, rpsDur time.Duration)
 	return r
 }
 
+// plainRequest sends one non-streamed chat completion and reports whether
+// the whole answer came back.
+func plainRequest(url string) bool {
+	req, _ := http.NewRequest(http.MethodPost, url+"/json/v1/chat/completions",
+		strings.NewReader(`{"model":"mock-1","messages":[{"role":"user","content":"hello"}]}`))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := client.Do(req)
+	if err != nil {
+		return false
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	return resp.StatusCode == 200 && bytes.Contains(b, []byte(`"chat.completion"`))
+}
+
 // Rounds of the CPU scenarios. A no-delay round takes about 0.15 s per
 // target, and a single one swings by ±30–80 % with what else the machine does
 // (a garbage collection, the load tool's own scheduling): many rounds make
 // the median steady. A paced round takes about 1.2 s and swings far less.
+// A round of non-streamed requests (512, 32 in flight) takes about 0.2 s
+// per target.
 const (
 	cpuBurstRounds  = 61
 	cpuSteadyRounds = 5
+	requestRoundsN  = 21
 )
 
 // runtimeSettle gives the proxies' garbage collectors a moment after the
@@ -506,17 +526,58 @@ const (
 func runtimeSettle() { time.Sleep(2 * time.Second) }
 
 // cpuRounds measures proxy CPU time per relayed chunk for 100 streams of
-// 500 chunks, in rounds that take the targets in turn, so that changes in
+// 500 chunks at path; see cpuRoundsOf.
+func cpuRounds(targets []target, path string, rounds int) [][]float64 {
+	ctx := context.Background()
+	return cpuRoundsOf(targets, rounds, func(t target) int64 {
+		var chunks atomic.Int64
+		var wg sync.WaitGroup
+		for s := 0; s < 100; s++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				_, _, n, _ := stream(ctx, t.url+path, nil)
+				chunks.Add(int64(n))
+			}()
+		}
+		wg.Wait()
+		return chunks.Load()
+	})
+}
+
+// cpuRequestRounds measures proxy CPU time per non-streamed request: 512
+// requests a round, 32 in flight; see cpuRoundsOf.
+func cpuRequestRounds(targets []target, rounds int) [][]float64 {
+	return cpuRoundsOf(targets, rounds, func(t target) int64 {
+		var ok atomic.Int64
+		var wg sync.WaitGroup
+		for w := 0; w < 32; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for range 16 {
+					if plainRequest(t.url) {
+						ok.Add(1)
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		return ok.Load()
+	})
+}
+
+// cpuRoundsOf measures proxy CPU time per unit of work (the count work
+// returns), in rounds that take the targets in turn, so that changes in
 // the machine's load hit every target alike, and in reverse order every
 // other round, so that no target always runs right after another one; it
-// returns each target's value per round (0 for a target with no process to
-// measure).
-func cpuRounds(targets []target, path string, rounds int) [][]float64 {
+// returns each target's value per round, in µs (0 for a target with no
+// process to measure).
+func cpuRoundsOf(targets []target, rounds int, work func(target) int64) [][]float64 {
 	per := make([][]float64, len(targets))
 	for i := range per {
 		per[i] = make([]float64, rounds)
 	}
-	ctx := context.Background()
 	for round := 0; round < rounds; round++ {
 		for j := range targets {
 			i := j
@@ -524,23 +585,13 @@ func cpuRounds(targets []target, path string, rounds int) [][]float64 {
 				i = len(targets) - 1 - j
 			}
 			t := targets[i]
-			v := 0.0
-			var chunks atomic.Int64
-			var wg sync.WaitGroup
+			if len(t.pids) == 0 {
+				continue
+			}
 			cpu0 := cpuSeconds(t.pids)
-			for s := 0; s < 100 && len(t.pids) > 0; s++ {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					_, _, n, _ := stream(ctx, t.url+path, nil)
-					chunks.Add(int64(n))
-				}()
+			if n := work(t); n > 0 {
+				per[i][round] = (cpuSeconds(t.pids) - cpu0) / float64(n) * 1e6
 			}
-			wg.Wait()
-			if n := chunks.Load(); n > 0 {
-				v = (cpuSeconds(t.pids) - cpu0) / float64(n) * 1e6
-			}
-			per[i][round] = v
 		}
 	}
 	return per
