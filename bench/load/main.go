@@ -92,6 +92,7 @@ func main() {
 		add("cpu", "-") // measured below, in interleaved rounds
 		add("mem", fmt.Sprintf("%.1f", r.memPerStream))
 		add("openttft", rel(r.openTTFTP50, direct.openTTFTP50)+" / "+rel(r.openTTFTP99, direct.openTTFTP99))
+		add("opencpu", fmt.Sprintf("%.1f", r.openCPUPerChunk))
 		add("upconns", strconv.Itoa(r.upConns))
 		add("errors", strconv.Itoa(r.errors))
 		add("rps", fmt.Sprintf("%.0f", r.rps))
@@ -131,6 +132,7 @@ func main() {
 		{"cpusteady", fmt.Sprintf("100 streams × 500 chunks @2 ms (a chunk a read): proxy CPU per chunk (µs, median of %d interleaved rounds)", cpuSteadyRounds)},
 		{"mem", fmt.Sprintf("%d open slow streams: proxy memory per stream (KB)", *open)},
 		{"openttft", fmt.Sprintf("%d open slow streams (opened 1 per ms): TTFT p50 / p99 (ms)", *open)},
+		{"opencpu", "same: proxy CPU per chunk over the streams' lives (µs; a chunk a read, a second apart)"},
 		{"upconns", "same: the proxy's open connections to the mock"},
 		{"errors", "errors (all scenarios)"},
 		{"rps", "non-streaming requests/s (32 in flight)"},
@@ -181,6 +183,7 @@ type result struct {
 	upConns                              int
 	ttftP50, ttftP99, chunkP50, chunkP99 float64
 	memPerStream                         float64
+	openCPUPerChunk                      float64
 	openTTFTP50, openTTFTP99             float64
 	errors                               int
 	rps                                  float64
@@ -432,14 +435,16 @@ func runAll(t target, paced, burst, slow string, open int, rpsDur time.Duration)
 	// buffers that bursts will fill.
 	if enabled("open") {
 		runtimeSettle()
-		rss0 := rssKB(t.pids)
+		rss0, cpu0 := rssKB(t.pids), cpuSeconds(t.pids)
+		var openChunks atomic.Int64
 		started := make(chan struct{}, open)
 		ttfts = ttfts[:0]
 		for i := 0; i < open; i++ {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				tt, _, _, err := stream(ctx, t.url+slow, started)
+				tt, _, n, err := stream(ctx, t.url+slow, started)
+				openChunks.Add(int64(n))
 				mu.Lock()
 				defer mu.Unlock()
 				if err != nil {
@@ -467,6 +472,11 @@ func runAll(t target, paced, burst, slow string, open int, rpsDur time.Duration)
 		}
 		wg.Wait()
 		r.openTTFTP50, r.openTTFTP99 = pct(ttfts, .5), pct(ttfts, .99)
+		if n := openChunks.Load(); n > 0 && len(t.pids) > 0 {
+			// every stream's whole life: its request, its chunks (one a
+			// read, a second apart) and its end
+			r.openCPUPerChunk = (cpuSeconds(t.pids) - cpu0) / float64(n) * 1e6
+		}
 	}
 
 	// 4. non-streaming requests per second, 32 in flight
