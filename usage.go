@@ -54,27 +54,27 @@ func (u *usage) total() int64 {
 // embeddings), the Responses API, Anthropic, Gemini (usageMetadata) and
 // Ollama's native API.
 type usageFields struct {
-	PromptTokens     *int64 `json:"prompt_tokens"`
-	CompletionTokens *int64 `json:"completion_tokens"`
-	TotalTokens      *int64 `json:"total_tokens"`
-	PromptDetails    *struct {
-		CachedTokens *int64 `json:"cached_tokens"`
-	} `json:"prompt_tokens_details"`
-	CompletionDetails *struct {
-		ReasoningTokens *int64 `json:"reasoning_tokens"`
-	} `json:"completion_tokens_details"`
+	PromptTokens      *int64            `json:"prompt_tokens"`
+	CompletionTokens  *int64            `json:"completion_tokens"`
+	TotalTokens       *int64            `json:"total_tokens"`
+	PromptDetails     *cachedDetails    `json:"prompt_tokens_details"`
+	CompletionDetails *reasoningDetails `json:"completion_tokens_details"`
 
 	// Responses API; Anthropic's input_tokens leaves the cache out.
-	InputTokens  *int64 `json:"input_tokens"`
-	OutputTokens *int64 `json:"output_tokens"`
-	InputDetails *struct {
-		CachedTokens *int64 `json:"cached_tokens"`
-	} `json:"input_tokens_details"`
-	OutputDetails *struct {
-		ReasoningTokens *int64 `json:"reasoning_tokens"`
-	} `json:"output_tokens_details"`
-	CacheRead     *int64 `json:"cache_read_input_tokens"`
-	CacheCreation *int64 `json:"cache_creation_input_tokens"`
+	InputTokens   *int64            `json:"input_tokens"`
+	OutputTokens  *int64            `json:"output_tokens"`
+	InputDetails  *cachedDetails    `json:"input_tokens_details"`
+	OutputDetails *reasoningDetails `json:"output_tokens_details"`
+	CacheRead     *int64            `json:"cache_read_input_tokens"`
+	CacheCreation *int64            `json:"cache_creation_input_tokens"`
+}
+
+type cachedDetails struct {
+	CachedTokens *int64 `json:"cached_tokens"`
+}
+
+type reasoningDetails struct {
+	ReasoningTokens *int64 `json:"reasoning_tokens"`
 }
 
 // geminiUsage is Gemini's usageMetadata: the prompt count includes cached
@@ -247,12 +247,12 @@ func (u *usage) readJSON(body []byte) {
 	switch {
 	case isObject(usageRaw):
 		var f usageFields
-		if json.Unmarshal(usageRaw, &f) == nil {
+		if f.decode(usageRaw) {
 			u.apply(&f)
 		}
 	case isObject(gemini):
 		var g geminiUsage
-		if json.Unmarshal(gemini, &g) == nil {
+		if g.decode(gemini) {
 			u.applyGemini(&g)
 		}
 	case promptEval != nil || eval != nil:
