@@ -22,7 +22,7 @@ var usageDecodeSeeds = []string{
 	`{"completion_tokens_details":{"REASONING_TOKENS":3}}`, `{"total_tokens":1,"unknown":{"a":[1,2,{"b":"c"}]},"output_tokens":2}`,
 	`{"prompt_tokens":1,}`, `{"prompt_tokens":1`, `{"prompt_tokens":1} x`, `{"a":"\u00"}`, `[1,2]`,
 	`{"promptTokenCount":"1"}`, `{"PROMPTTOKENCOUNT":2,"thoughtsTokenCount":null}`, "{\"prompt_\xfftokens\":1}",
-	`{"\u212aeep":1,"prompt_to\u212bens":2}`, `{"total_tokenſ":3}`,
+	`{"\u212aeep":1,"prompt_to\u212aens":2,"total_\u212bokens":3}`, `{"total_tokenſ":3}`,
 }
 
 // The hand decoder must give what encoding/json gives for every input:
