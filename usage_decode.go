@@ -13,50 +13,44 @@ import (
 // members wins; a null clears a count; a count that is not an integer, or
 // an object that is not valid JSON, fails the whole object.
 
+// The members each object has, as encoding/json names its fields.
 var (
-	usageNames = memberNames("prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details",
+	usageNames = []string{"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details",
 		"completion_tokens_details", "input_tokens", "output_tokens", "input_tokens_details",
-		"output_tokens_details", "cache_read_input_tokens", "cache_creation_input_tokens")
-	geminiNames    = memberNames("promptTokenCount", "candidatesTokenCount", "totalTokenCount", "cachedContentTokenCount", "thoughtsTokenCount")
-	cachedNames    = memberNames("cached_tokens")
-	reasoningNames = memberNames("reasoning_tokens")
+		"output_tokens_details", "cache_read_input_tokens", "cache_creation_input_tokens"}
+	geminiNames = []string{"promptTokenCount", "candidatesTokenCount", "totalTokenCount",
+		"cachedContentTokenCount", "thoughtsTokenCount"}
+	cachedNames    = []string{"cached_tokens"}
+	reasoningNames = []string{"reasoning_tokens"}
 )
-
-func memberNames(n ...string) [][]byte {
-	b := make([][]byte, len(n))
-	for i, s := range n {
-		b[i] = []byte(s)
-	}
-	return b
-}
 
 // decode decodes raw, a usage object, into f; false when encoding/json
 // would have returned an error.
 func (f *usageFields) decode(raw []byte) bool {
-	return json.Valid(raw) && decodeMembers(raw, usageNames, func(i int, v []byte) bool {
-		switch i {
-		case 0:
+	return json.Valid(raw) && decodeMembers(raw, usageNames, func(name string, v []byte) bool {
+		switch name {
+		case "prompt_tokens":
 			return setCount(&f.PromptTokens, v)
-		case 1:
+		case "completion_tokens":
 			return setCount(&f.CompletionTokens, v)
-		case 2:
+		case "total_tokens":
 			return setCount(&f.TotalTokens, v)
-		case 3:
-			return setDetails(&f.PromptDetails, v, cachedNames, func(d *cachedDetails) **int64 { return &d.CachedTokens })
-		case 4:
-			return setDetails(&f.CompletionDetails, v, reasoningNames, func(d *reasoningDetails) **int64 { return &d.ReasoningTokens })
-		case 5:
+		case "input_tokens":
 			return setCount(&f.InputTokens, v)
-		case 6:
+		case "output_tokens":
 			return setCount(&f.OutputTokens, v)
-		case 7:
-			return setDetails(&f.InputDetails, v, cachedNames, func(d *cachedDetails) **int64 { return &d.CachedTokens })
-		case 8:
-			return setDetails(&f.OutputDetails, v, reasoningNames, func(d *reasoningDetails) **int64 { return &d.ReasoningTokens })
-		case 9:
+		case "cache_read_input_tokens":
 			return setCount(&f.CacheRead, v)
-		default:
+		case "cache_creation_input_tokens":
 			return setCount(&f.CacheCreation, v)
+		case "prompt_tokens_details":
+			return setDetails(&f.PromptDetails, v, cachedNames, func(d *cachedDetails) **int64 { return &d.CachedTokens })
+		case "input_tokens_details":
+			return setDetails(&f.InputDetails, v, cachedNames, func(d *cachedDetails) **int64 { return &d.CachedTokens })
+		case "completion_tokens_details":
+			return setDetails(&f.CompletionDetails, v, reasoningNames, func(d *reasoningDetails) **int64 { return &d.ReasoningTokens })
+		default: // output_tokens_details
+			return setDetails(&f.OutputDetails, v, reasoningNames, func(d *reasoningDetails) **int64 { return &d.ReasoningTokens })
 		}
 	})
 }
@@ -64,40 +58,53 @@ func (f *usageFields) decode(raw []byte) bool {
 // decode decodes raw, Gemini's usageMetadata object, into g; false when
 // encoding/json would have returned an error.
 func (g *geminiUsage) decode(raw []byte) bool {
-	counts := [...]**int64{&g.Prompt, &g.Candidates, &g.Total, &g.Cached, &g.Thoughts}
-	return json.Valid(raw) && decodeMembers(raw, geminiNames, func(i int, v []byte) bool { return setCount(counts[i], v) })
+	return json.Valid(raw) && decodeMembers(raw, geminiNames, func(name string, v []byte) bool {
+		switch name {
+		case "promptTokenCount":
+			return setCount(&g.Prompt, v)
+		case "candidatesTokenCount":
+			return setCount(&g.Candidates, v)
+		case "totalTokenCount":
+			return setCount(&g.Total, v)
+		case "cachedContentTokenCount":
+			return setCount(&g.Cached, v)
+		default: // thoughtsTokenCount
+			return setCount(&g.Thoughts, v)
+		}
+	})
 }
 
-// decodeMembers calls set with the index in names of each member of the
-// valid JSON value raw that names one, and its value; false when raw is no
+// decodeMembers calls set with the name in names of each member of the
+// valid JSON value raw that has one, and its value; false when raw is no
 // object or set fails (every member is still visited, as encoding/json
 // goes on after a type error).
-func decodeMembers(raw []byte, names [][]byte, set func(i int, v []byte) bool) bool {
+func decodeMembers(raw []byte, names []string, set func(name string, v []byte) bool) bool {
 	if i := skipSpace(raw, 0); i >= len(raw) || raw[i] != '{' {
 		return false
 	}
 	ok := true
 	members(raw, func(k []byte, vs, ve int) {
-		if i := nameIndex(names, k); i >= 0 && !set(i, raw[vs:ve]) {
+		if name := fieldName(names, k); name != "" && !set(name, raw[vs:ve]) {
 			ok = false
 		}
 	})
 	return ok
 }
 
-// nameIndex finds k in names: exactly, else as encoding/json folds names.
-func nameIndex(names [][]byte, k []byte) int {
-	for i, n := range names {
-		if bytes.Equal(n, k) {
-			return i
+// fieldName finds k in names: exactly, else as encoding/json folds names
+// ("" when none).
+func fieldName(names []string, k []byte) string {
+	for _, n := range names {
+		if string(k) == n {
+			return n
 		}
 	}
-	for i, n := range names {
-		if bytes.EqualFold(n, k) {
-			return i
+	for _, n := range names {
+		if bytes.EqualFold(k, []byte(n)) {
+			return n
 		}
 	}
-	return -1
+	return ""
 }
 
 // setCount sets a count from a raw JSON value: null clears it, an integer
@@ -121,7 +128,7 @@ func setCount(dst **int64, v []byte) bool {
 // setDetails decodes a nested details object into *dst (kept, as
 // encoding/json keeps it, when a repeated member names it again): null
 // clears it, an object sets its count, anything else fails.
-func setDetails[T any](dst **T, v []byte, names [][]byte, count func(*T) **int64) bool {
+func setDetails[T any](dst **T, v []byte, names []string, count func(*T) **int64) bool {
 	if string(v) == "null" {
 		*dst = nil
 		return true
@@ -132,5 +139,5 @@ func setDetails[T any](dst **T, v []byte, names [][]byte, count func(*T) **int64
 	if *dst == nil {
 		*dst = new(T)
 	}
-	return decodeMembers(v, names, func(_ int, c []byte) bool { return setCount(count(*dst), c) })
+	return decodeMembers(v, names, func(_ string, c []byte) bool { return setCount(count(*dst), c) })
 }
