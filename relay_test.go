@@ -301,10 +301,12 @@ func clip(s string, i int) string {
 func TestWholeJSONAnswerIsNotFlushedByRead(t *testing.T) {
 	for _, tc := range []struct {
 		name, contentType, body string
-		wantEarly               bool
+		wantEarly, tls          bool
 	}{
 		{name: "json", contentType: "application/json", body: `{"model":"gpt-4o","messages":[]}`},
+		{name: "json from HTTP/2 over TLS", contentType: "application/json", body: `{"model":"gpt-4o","messages":[]}`, tls: true},
 		{name: "event stream", contentType: "text/event-stream", body: streamBody, wantEarly: true},
+		{name: "event stream from HTTP/2 over TLS", contentType: "text/event-stream", body: streamBody, wantEarly: true, tls: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			first, rest := `{"id":"chatcmpl-1","object":"chat.completion",`, `"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}`
@@ -315,15 +317,25 @@ func TestWholeJSONAnswerIsNotFlushedByRead(t *testing.T) {
 			var once sync.Once
 			free := func() { once.Do(func() { close(release) }) }
 			defer free() // a failed test must not leave the upstream waiting (before the cleanups stop Caddy)
-			up := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
+			opts := []upstreamOption{answering(func(w http.ResponseWriter, r *http.Request) {
 				w.Header().Set("Content-Type", tc.contentType)
+				w.Header().Set("X-Request-Id", "req_upstream")
 				flushWrite(w, first)
 				close(wrote)
 				<-release
 				_, _ = io.WriteString(w, rest)
-			}))
+			})}
+			transport := ""
+			if tc.tls {
+				opts = append(opts, overTLS())
+			}
+			up := newUpstream(t, opts...)
+			if tc.tls {
+				transport = "transport http {\n\t\t\ttls_trust_pool file " + up.caFile + "\n\t\t}"
+			}
 			c := startCaddy(t, `llm_stream `+up.URL+` {
 		api_key `+testKey+`
+		`+transport+`
 	}`)
 			got := make(chan string, 1)
 			go func() {
@@ -361,6 +373,9 @@ func TestWholeJSONAnswerIsNotFlushedByRead(t *testing.T) {
 			}
 			if all := <-got; all != first+rest {
 				t.Errorf("client got %q, want %q", all, first+rest)
+			}
+			if seen := up.requests(); tc.tls && (len(seen) != 1 || seen[0].Proto != "HTTP/2.0") {
+				t.Errorf("the upstream was not reached over HTTP/2: %+v", seen)
 			}
 		})
 	}
