@@ -79,6 +79,10 @@ func readRequest(r *http.Request, max int64) (*inbound, *apiError) {
 		if len(b) > 0 {
 			in.body = b
 		}
+		// All of it is in memory now. Closing it lets HTTP/2 drop the
+		// frame data it keeps for an unfinished read (a 1 KiB chunk for a
+		// short prompt) now, not when the answer ends.
+		_ = r.Body.Close()
 	}
 	if in.body == nil || !looksJSON(r.Header.Get("Content-Type"), in.body) {
 		return in, nil

@@ -1,6 +1,7 @@
 package llmstream
 
 import (
+	"io"
 	"net/http/httptest"
 	"strings"
 	"testing"
@@ -77,6 +78,16 @@ func TestReadRequestBody(t *testing.T) {
 		t.Errorf("body of %d bytes kept in %d (want exactly its length)", len(in.body), cap(in.body))
 	}
 
+	// Read whole, the body is closed at once: HTTP/2 keeps the frame data
+	// of a body not read to its end (1 KiB for a short prompt) until it
+	// is closed, which would otherwise be when a long answer ends.
+	closed := &closeRecorder{Reader: strings.NewReader(body)}
+	r = httptest.NewRequest("POST", "/v1/chat/completions", closed)
+	r.ContentLength = int64(len(body))
+	if _, err := readRequest(r, 1<<20); err != nil || !closed.closed {
+		t.Errorf("body read whole: closed %v (error %v), want closed", closed.closed, err)
+	}
+
 	r = httptest.NewRequest("POST", "/v1/chat/completions", strings.NewReader(`{"model":"m"}`))
 	r.ContentLength = 100 // the client promised more than it sent
 	if _, err := readRequest(r, 1<<20); err == nil || err.Code != "body_unreadable" || err.Status != 400 {
@@ -89,3 +100,11 @@ func TestReadRequestBody(t *testing.T) {
 		t.Errorf("unlimited body over the limit: %+v, want 413", err)
 	}
 }
+
+// closeRecorder is a request body that records whether it was closed.
+type closeRecorder struct {
+	io.Reader
+	closed bool
+}
+
+func (c *closeRecorder) Close() error { c.closed = true; return nil }
