@@ -157,7 +157,7 @@ func (h *Handler) try(r *http.Request, in *inbound, rl *relay, at attempt) attem
 			zap.String("key", at.key.id),
 			zap.Int("status", resp.StatusCode),
 			zap.Int64("bytes", out.bytes),
-			zap.Duration("duration", time.Since(rl.attemptStart)),
+			zap.Duration("duration", rl.since()-rl.attemptStart),
 		}
 	}
 	if errors.Is(context.Cause(ctx), errStopped) && out.err != nil {

@@ -60,6 +60,11 @@ var openAIHeaders = map[string]string{
 	"x-ratelimit-limit-tokens":       "30000000",
 	"x-ratelimit-remaining-tokens":   "29999990",
 	"x-ratelimit-reset-tokens":       "0s",
+	// Cloudflare in front of the API: its cookie and its HTTP/3
+	// advertisement describe the provider's edge, not us.
+	"set-cookie": "__cf_bm=8kQe2; path=/; expires=Sun, 29-Nov-26 10:30:00 GMT; domain=.api.openai.com; HttpOnly; Secure",
+	"alt-svc":    `h3=":443"; ma=86400`,
+	"cf-ray":     "8e4a2b1c9d0f3e21-FRA",
 }
 
 var anthropicHeaders = map[string]string{
@@ -319,6 +324,18 @@ func TestProviderStreamsRelayedExactly(t *testing.T) {
 						t.Fatal(err)
 					}
 					checkRelayed(t, s, resp, string(got))
+					// The client's HTTP/3 advertisement is Caddy's (on for
+					// HTTPS sites), never the provider's; its cookies stay.
+					wantAlt := ""
+					if c.tls {
+						wantAlt = `h3=":` + strconv.Itoa(c.port) + `"`
+					}
+					if alt := resp.Header.Get("Alt-Svc"); !strings.HasPrefix(alt, wantAlt) || wantAlt == "" && alt != "" {
+						t.Errorf("Alt-Svc %q, want Caddy's own (%q…)", alt, wantAlt)
+					}
+					if sc := resp.Header.Values("Set-Cookie"); len(sc) > 0 {
+						t.Errorf("the provider's cookies reached the client: %q", sc)
+					}
 					id := resp.Header.Get("X-Request-Id")
 					line := regexp.MustCompile(`.*"request_id":"` + id + `".*`).FindString(c.waitLog(`"request_id":"` + id + `"`))
 					upID := s.header["x-request-id"] + s.header["request-id"]

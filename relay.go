@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -61,15 +62,20 @@ type relay struct {
 
 // relayTimers: one timer per stream serves the heartbeat, the idle
 // timeout and the first-token timeout.
+//
+// The relay's times are durations since t0, its creation, read with
+// time.Since: a monotonic clock read, half the cost of time.Now (which
+// reads the wall clock too), and the relay reads the clock on every read.
 type relayTimers struct {
 	heartbeat         time.Duration // <= 0: off
 	idle              time.Duration
 	firstTokenTimeout time.Duration // <= 0: off
 	timer             *time.Timer
 	cancel            context.CancelCauseFunc // the current attempt's
-	attemptStart      time.Time
-	lastRead          time.Time
-	lastWrite         time.Time
+	t0                time.Time               // the relay's creation: what the times below count from
+	attemptStart      time.Duration
+	lastRead          time.Duration
+	lastWrite         time.Duration
 	paced             bool // writes may wait (smooth): the idle timeout counts from their end
 }
 
@@ -117,7 +123,7 @@ type relayObservers struct {
 	firstToken    time.Time        // when the first data event reached the client
 	model         string           // the model's metrics label
 	gaps          gapCounts        // inter-token gaps, merged into the metric at the end
-	lastDataEvent time.Time        // for the inter-token gap
+	lastDataEvent time.Duration    // for the inter-token gap (since t0)
 	answer        *strings.Builder // the assembled answer text, for log_prompts
 	// the provider's id for this answer: its id header, else the answer's
 	// own id, the first id in its first bytes (a Responses API follow-up
@@ -127,9 +133,8 @@ type relayObservers struct {
 	answerModel string // the model the answer names, sniffed with its id
 	sniffID     bool
 	// the response cache's flight this answer is shared through and
-	// stored from: it sees every upstream read
-	tee      *cache.Flight
-	teeStart time.Time
+	// stored from: it sees every upstream read (timed from t0)
+	tee *cache.Flight
 }
 
 // relayFilters change what the client gets, only when asked for
@@ -209,7 +214,6 @@ func (h *Handler) openRelay(x *exchange) {
 }
 
 func newRelay(w http.ResponseWriter, c relayConfig) *relay {
-	now := time.Now()
 	rl := &relay{
 		w:  w,
 		rc: http.NewResponseController(w),
@@ -218,15 +222,11 @@ func newRelay(w http.ResponseWriter, c relayConfig) *relay {
 			idle:              c.idle,
 			firstTokenTimeout: c.firstTokenTimeout,
 			paced:             c.paced,
-			lastRead:          now,
-			lastWrite:         now,
+			t0:                time.Now(),
 		},
 		relayState:     relayState{streamed: c.stream},
-		relayObservers: relayObservers{usage: c.usage, model: c.model},
+		relayObservers: relayObservers{usage: c.usage, model: c.model, tee: c.tee},
 		relayFilters:   relayFilters{hideUsage: c.hideUsage, deny: c.deny, filterModels: c.filterModels},
-	}
-	if c.tee != nil {
-		rl.tee, rl.teeStart = c.tee, now
 	}
 	if c.keepAnswer {
 		rl.keepAnswer()
@@ -272,15 +272,18 @@ func (rl *relay) keepAnswer() {
 	}
 }
 
+// since is the time since the relay's creation (see relayTimers).
+func (rl *relay) since() time.Duration { return time.Since(rl.t0) }
+
 // sawTokens notes the n data events the current read completed: the first
 // token's time, and the inter-token gaps (events that arrive in one read
 // are 0 s apart).
 func (rl *relay) sawTokens(n int) {
 	now := rl.lastRead // no second clock read
 	if rl.firstToken.IsZero() {
-		rl.firstToken = now
+		rl.firstToken = rl.t0.Add(now)
 	} else {
-		rl.gaps.observe(now.Sub(rl.lastDataEvent).Seconds())
+		rl.gaps.observe((now - rl.lastDataEvent).Seconds())
 	}
 	rl.gaps.observeZeros(n - 1)
 	rl.lastDataEvent = now
@@ -288,7 +291,7 @@ func (rl *relay) sawTokens(n int) {
 
 // arm starts the timer if something needs it. Called with mu held.
 func (rl *relay) arm() {
-	d := rl.nextTick(time.Now())
+	d := rl.nextTick(rl.since())
 	if d <= 0 {
 		return
 	}
@@ -301,21 +304,21 @@ func (rl *relay) arm() {
 
 // nextTick is the delay to the next heartbeat or idle deadline; 0 when
 // neither applies. Called with mu held (or before the relay is shared).
-func (rl *relay) nextTick(now time.Time) time.Duration {
+func (rl *relay) nextTick(now time.Duration) time.Duration {
 	var next time.Duration
 	if rl.heartbeat > 0 && rl.frame == frameSSE {
-		next = rl.lastWrite.Add(rl.heartbeat).Sub(now)
+		next = rl.lastWrite + rl.heartbeat - now
 		if next <= 0 {
 			next = rl.heartbeat // mid-event: try again a period later
 		}
 	}
 	if rl.reading && rl.idle > 0 {
-		if d := max(rl.lastRead.Add(rl.idle).Sub(now), time.Millisecond); next == 0 || d < next {
+		if d := max(rl.lastRead+rl.idle-now, time.Millisecond); next == 0 || d < next {
 			next = d
 		}
 	}
 	if rl.awaitingFirstToken() {
-		if d := max(rl.attemptStart.Add(rl.firstTokenTimeout).Sub(now), time.Millisecond); next == 0 || d < next {
+		if d := max(rl.attemptStart+rl.firstTokenTimeout-now, time.Millisecond); next == 0 || d < next {
 			next = d
 		}
 	}
@@ -344,7 +347,7 @@ func (rl *relay) canFailOver() bool {
 func (rl *relay) setAttempt(cancel context.CancelCauseFunc) {
 	rl.mu.Lock()
 	rl.cancel = cancel
-	rl.attemptStart = time.Now()
+	rl.attemptStart = rl.since()
 	rl.reading = false
 	rl.mu.Unlock()
 }
@@ -357,16 +360,16 @@ func (rl *relay) tick() {
 	if rl.done {
 		return
 	}
-	now := time.Now()
-	if rl.reading && rl.idle > 0 && now.Sub(rl.lastRead) >= rl.idle {
+	now := rl.since()
+	if rl.reading && rl.idle > 0 && now-rl.lastRead >= rl.idle {
 		rl.cancel(errIdleTimeout)
 		return
 	}
-	if rl.awaitingFirstToken() && now.Sub(rl.attemptStart) >= rl.firstTokenTimeout {
+	if rl.awaitingFirstToken() && now-rl.attemptStart >= rl.firstTokenTimeout {
 		rl.cancel(errFirstTokenTimeout)
 		return
 	}
-	if rl.heartbeat > 0 && rl.frame == frameSSE && !rl.discarding && now.Sub(rl.lastWrite) >= rl.heartbeat && rl.parser.AtBoundary() {
+	if rl.heartbeat > 0 && rl.frame == frameSSE && !rl.discarding && now-rl.lastWrite >= rl.heartbeat && rl.parser.AtBoundary() {
 		if !rl.committed {
 			rl.commitStream()
 		}
@@ -495,7 +498,7 @@ func (rl *relay) begin(resp *http.Response, streaming bool) {
 	if rl.tee != nil {
 		rl.tee.Start(rl.streamed, resp.Header.Get("Content-Type"))
 	}
-	rl.attemptStart = time.Now()
+	rl.attemptStart = rl.since()
 	rl.lastRead = rl.attemptStart
 	rl.lastWrite = rl.lastRead
 	if rl.timer != nil {
@@ -521,17 +524,18 @@ func (rl *relay) copyBody(body io.Reader, drain bool) outcome {
 		n, rerr := body.Read(buf[off:])
 		if n > 0 {
 			b := buf[off : off+n]
+			now := rl.since()
 			if rl.tee != nil {
-				rl.tee.Append(b, time.Since(rl.teeStart))
+				rl.tee.Append(b, now)
 			}
 			rl.mu.Lock()
 			if rl.sniffID {
 				rl.sniffAnswerID(b, out.bytes)
 			}
-			rl.lastRead = time.Now()
+			rl.lastRead = now
 			werr := rl.write(b)
 			if rl.paced {
-				rl.lastRead = time.Now()
+				rl.lastRead = rl.since()
 			}
 			rl.mu.Unlock()
 			out.bytes += int64(n)
@@ -768,28 +772,43 @@ func (rl *relay) fail(e *apiError) bool {
 }
 
 // copyResponseHeaders copies upstream response headers for the client,
-// without hop-by-hop fields and cookies for the upstream's domain.
-// The handler's own X-Request-Id stays; the provider's id is passed on as
-// X-Upstream-Request-Id.
+// without hop-by-hop fields (those named in the upstream's Connection
+// header too) and cookies for the upstream's domain. They are left out of
+// the copy, not deleted after it: what the client's response already has
+// stays, such as Caddy's own Alt-Svc (its HTTP/3 advertisement; the
+// upstream's describes the upstream). The handler's own X-Request-Id stays;
+// the provider's id is passed on as X-Upstream-Request-Id.
 func copyResponseHeaders(dst, src http.Header) {
+	conn := src["Connection"]
 	n := 0
 	for _, vv := range src {
 		n += len(vv)
 	}
 	vals := make([]string, n) // one allocation for every value, as Header.Clone
 	for k, vv := range src {
-		if k == headerRequestID {
-			continue // ours stays
+		if k == headerRequestID || k == "Set-Cookie" || slices.Contains(hopHeaders, k) ||
+			len(conn) > 0 && namedIn(conn, k) {
+			continue
 		}
 		c := copy(vals, vv)
 		dst[k] = vals[:c:c]
 		vals = vals[c:]
 	}
-	removeHopHeaders(dst)
-	dst.Del("Set-Cookie")
 	if up := upstreamRequestID(src); up != "" {
 		dst[headerUpstreamRequestID] = []string{up}
 	}
+}
+
+// namedIn reports whether a Connection header's values name the field k.
+func namedIn(conn []string, k string) bool {
+	for _, v := range conn {
+		for f := range strings.SplitSeq(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(f), k) {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // decodedBody returns the response body, decoding gzip if the upstream sent
@@ -837,8 +856,8 @@ func (rl *relay) failDenied() int {
 func (rl *relay) writeStored(e *cache.Entry) attemptResult {
 	rl.mu.Lock()
 	defer rl.mu.Unlock()
-	rl.lastRead = time.Now()
-	rl.firstToken = rl.lastRead
+	rl.lastRead = rl.since()
+	rl.firstToken = rl.t0.Add(rl.lastRead)
 	body := e.Body
 	rl.sniffAnswerID(body[:min(len(body), maxIDSniff)], 0)
 	switch rl.frame {

@@ -5,6 +5,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net/http"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -378,5 +379,51 @@ func TestWholeJSONAnswerIsNotFlushedByRead(t *testing.T) {
 				t.Errorf("the upstream was not reached over HTTP/2: %+v", seen)
 			}
 		})
+	}
+}
+
+// What the client's response gets of the upstream's headers: the end-to-end
+// fields, not the hop-by-hop ones (listed or named in Connection) nor the
+// upstream's cookies; and what the response already had stays: Caddy's
+// own Alt-Svc (its HTTP/3 advertisement, where the upstream's describes
+// the upstream) and the handler's request id beside the provider's.
+func TestResponseHeadersForTheClient(t *testing.T) {
+	dst := http.Header{
+		"Server":          {"Caddy"},
+		"Alt-Svc":         {`h3=":443"; ma=2592000`},
+		"X-Request-Id":    {"ours"},
+		"X-Caddy-Ignored": {"kept"},
+	}
+	src := http.Header{
+		"Content-Type":       {"text/event-stream"},
+		"Openai-Version":     {"2020-10-01"},
+		"X-Request-Id":       {"req_provider"},
+		"Alt-Svc":            {`h3=":443"; ma=86400`},
+		"Connection":         {"keep-alive, X-Hop-Trace", "x-caddy-ignored"},
+		"X-Hop-Trace":        {"1"},
+		"Keep-Alive":         {"timeout=5"},
+		"Set-Cookie":         {"__cf_bm=abc; path=/; domain=.api.openai.com", "_cfuvid=def"},
+		"Proxy-Authenticate": {"Basic"},
+		"Transfer-Encoding":  {"chunked"},
+		"Vary":               {"Origin", "Accept-Encoding"},
+	}
+	copyResponseHeaders(dst, src)
+	want := http.Header{
+		"Server":                {"Caddy"},
+		"Alt-Svc":               {`h3=":443"; ma=2592000`},
+		"X-Request-Id":          {"ours"},
+		"X-Caddy-Ignored":       {"kept"},
+		"Content-Type":          {"text/event-stream"},
+		"Openai-Version":        {"2020-10-01"},
+		"Vary":                  {"Origin", "Accept-Encoding"},
+		"X-Upstream-Request-Id": {"req_provider"},
+	}
+	if !reflect.DeepEqual(dst, want) {
+		t.Errorf("client's headers\n got %v\nwant %v", dst, want)
+	}
+	// Values are copies: the upstream's header may be reused.
+	src["Vary"][0] = "changed"
+	if dst.Get("Vary") != "Origin" {
+		t.Error("the client's Vary shares the upstream's storage")
 	}
 }

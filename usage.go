@@ -145,16 +145,30 @@ var (
 // reports whether b may hold a usage object, by the token counts every
 // usage object has (`_tokens"` in OpenAI, Anthropic and Responses usage,
 // `TokenCount"` in Gemini's usageMetadata). Only what passes is parsed.
-// These patterns start with bytes that are rare in JSON chunks, so the
-// search runs at memory speed; `"usage":null`, which every chunk carries
-// once include_usage is on, does not stop it.
+// It is one search, for the k both names share: k is rare in JSON chunks
+// (once, in "chat.completion.chunk"), where the names' first bytes are
+// not (`_` in "finish_reason" and "system_fingerprint"), and searching for
+// each name would pass over the bytes twice. `"usage":null`, which every
+// chunk carries once include_usage is on, does not stop it.
 func mayHoldUsage(b []byte) bool {
-	return bytes.Contains(b, tokensKey) || bytes.Contains(b, tokenCountKey)
+	for i := 0; ; i++ {
+		k := bytes.IndexByte(b[i:], 'k')
+		if k < 0 {
+			return false
+		}
+		i += k
+		switch {
+		case i >= 3 && string(b[i-3:i]) == "_to" && bytes.HasPrefix(b[i+1:], tokensRest),
+			i >= 2 && string(b[i-2:i]) == "To" && bytes.HasPrefix(b[i+1:], tokenCountRest):
+			return true
+		}
+	}
 }
 
+// What follows the k of `_tokens"` and of `TokenCount"`.
 var (
-	tokensKey     = []byte(`_tokens"`)
-	tokenCountKey = []byte(`TokenCount"`)
+	tokensRest     = []byte(`ens"`)
+	tokenCountRest = []byte(`enCount"`)
 )
 
 // hasUsageObject reports whether JSON text holds a usage object
