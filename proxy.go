@@ -64,10 +64,13 @@ func (h *Handler) newUpstreamRequest(ctx context.Context, r *http.Request, in *i
 		}
 		body = bytes.NewReader(b)
 	}
-	req, err := http.NewRequestWithContext(ctx, r.Method, target.String(), body)
+	// The URL is built, not parsed: NewRequest would parse target's
+	// String() back into what target already is.
+	req, err := http.NewRequestWithContext(ctx, r.Method, "", body)
 	if err != nil {
 		return nil, err
 	}
+	req.URL, req.Host = &target, strings.TrimSuffix(target.Host, ":") // as NewRequest sets it
 	req.Header = r.Header.Clone()
 	removeHopHeaders(req.Header)
 	for _, k := range clientCredentials {
