@@ -492,6 +492,10 @@ func (rl *relay) begin(resp *http.Response, streaming bool) {
 		rl.committed = true
 	}
 	rl.frame = f
+	if f == framePlain && (rl.usage != nil || rl.holdPlain) && cap(rl.jsonBuf) == 0 &&
+		resp.ContentLength > 0 && resp.ContentLength <= maxUsageBody {
+		rl.jsonBuf = make([]byte, 0, resp.ContentLength) // kept in one allocation, not grown read by read
+	}
 	rl.reading = true
 	rl.upstreamID = upstreamRequestID(resp.Header)
 	rl.answerID, rl.answerModel, rl.sniffID = "", "", true
