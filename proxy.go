@@ -70,7 +70,8 @@ func (h *Handler) newUpstreamRequest(ctx context.Context, r *http.Request, in *i
 	if err != nil {
 		return nil, err
 	}
-	req.URL, req.Host = &target, strings.TrimSuffix(target.Host, ":") // as NewRequest sets it
+	target.Host = strings.TrimSuffix(target.Host, ":") // an empty port, as NewRequest drops it
+	req.URL, req.Host = &target, target.Host
 	req.Header = r.Header.Clone()
 	removeHopHeaders(req.Header)
 	for _, k := range clientCredentials {
