@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -214,6 +215,66 @@ func TestKeyInjection(t *testing.T) {
 	}
 	if got.Get("Accept-Encoding") != "identity" {
 		t.Errorf("Accept-Encoding: got %q, want identity", got.Get("Accept-Encoding"))
+	}
+}
+
+// What the upstream gets of the client's headers, sent raw as a client or a
+// proxy in front might: the end-to-end fields, not the hop-by-hop ones
+// (listed, or named in the client's Connection header) nor the client's
+// credentials; header_up then applies to the copy, never to the client's
+// own request (a later handler or the access log still sees what came).
+func TestRequestHeadersForTheUpstream(t *testing.T) {
+	var got http.Header
+	up := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
+		got = r.Header.Clone()
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = io.WriteString(w, `{}`)
+	}))
+	// header_up's replace edits values in place; the deferred header
+	// reads the client's X-Trace when the response is written, after it.
+	c := startCaddy(t, `route {
+		header >X-Trace-Seen {http.request.header.X-Trace}
+		llm_stream `+up.URL+` {
+			api_key `+testKey+`
+			header_up X-Trace t1 t1-up
+		}
+	}`)
+	conn, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(c.port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	body := `{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}`
+	_, _ = fmt.Fprintf(conn, "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"+
+		"Content-Type: application/json\r\nContent-Length: %d\r\n"+
+		"Connection: keep-alive, X-Hop-Trace\r\nX-Hop-Trace: 1\r\nKeep-Alive: timeout=5\r\n"+
+		"Proxy-Authorization: Basic cHJveHk6c2VjcmV0\r\nProxy-Connection: keep-alive\r\nTe: trailers\r\n"+
+		"Authorization: Bearer client-token\r\nCookie: session=abc\r\n"+
+		"X-Trace: t1\r\nOpenAI-Beta: assistants=v2\r\nAccept: application/json\r\n\r\n%s", len(body), body)
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 || got == nil {
+		t.Fatalf("status %d; upstream called: %v", resp.StatusCode, got != nil)
+	}
+	for _, k := range []string{"Connection", "X-Hop-Trace", "Keep-Alive", "Proxy-Authorization", "Proxy-Connection", "Te", "Cookie"} {
+		if v, ok := got[k]; ok {
+			t.Errorf("%s reached the upstream: %q", k, v)
+		}
+	}
+	if want := "Bearer " + testKey; got.Get("Authorization") != want {
+		t.Errorf("Authorization: got %q, want %q", got.Get("Authorization"), want)
+	}
+	for k, want := range map[string]string{"Openai-Beta": "assistants=v2", "Accept": "application/json", "X-Trace": "t1-up",
+		"Content-Type": "application/json", "Accept-Encoding": "identity"} {
+		if got.Get(k) != want {
+			t.Errorf("%s: got %q, want %q", k, got.Get(k), want)
+		}
+	}
+	if v := resp.Header.Get("X-Trace-Seen"); v != "t1" {
+		t.Errorf("the client's own X-Trace after llm_stream: got %q, want t1 (header_up changed the client's request)", v)
 	}
 }
 

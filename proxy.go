@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 
@@ -30,17 +31,38 @@ var hopHeaders = []string{
 // gets our key and nothing the client sent to prove who it is.
 var clientCredentials = []string{"Authorization", "Api-Key", "X-Api-Key", "X-Goog-Api-Key", "Cookie"}
 
-func removeHopHeaders(h http.Header) {
-	for _, v := range h["Connection"] {
-		for _, f := range strings.Split(v, ",") {
-			if f = strings.TrimSpace(f); f != "" {
-				h.Del(f)
+// copyHeaders copies src's fields into dst, the values of all of them in
+// one allocation (as Header.Clone), leaving out the hop-by-hop fields
+// (hopHeaders and those src's Connection header names, RFC 9110 §7.6.1)
+// and the fields in drop. Fields are left out of the copy rather than
+// deleted after it: what dst already holds under those names stays.
+func copyHeaders(dst, src http.Header, drop []string) {
+	conn := src["Connection"]
+	n := 0
+	for _, vv := range src {
+		n += len(vv)
+	}
+	vals := make([]string, n)
+	for k, vv := range src {
+		if slices.Contains(drop, k) || slices.Contains(hopHeaders, k) || len(conn) > 0 && namedIn(conn, k) {
+			continue
+		}
+		c := copy(vals, vv)
+		dst[k] = vals[:c:c]
+		vals = vals[c:]
+	}
+}
+
+// namedIn reports whether a Connection header's values name the field k.
+func namedIn(conn []string, k string) bool {
+	for _, v := range conn {
+		for f := range strings.SplitSeq(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(f), k) {
+				return true
 			}
 		}
 	}
-	for _, k := range hopHeaders {
-		h.Del(k)
-	}
+	return false
 }
 
 // newUpstreamRequest builds the request for one attempt: same method,
@@ -72,11 +94,9 @@ func (h *Handler) newUpstreamRequest(ctx context.Context, r *http.Request, in *i
 	}
 	target.Host = strings.TrimSuffix(target.Host, ":") // an empty port, as NewRequest drops it
 	req.URL, req.Host = &target, target.Host
-	req.Header = r.Header.Clone()
-	removeHopHeaders(req.Header)
-	for _, k := range clientCredentials {
-		req.Header.Del(k)
-	}
+	// Room for what is added below (Accept-Encoding, the key).
+	req.Header = make(http.Header, len(r.Header)+2)
+	copyHeaders(req.Header, r.Header, clientCredentials)
 	// Compressed event streams cannot be parsed (or flushed) incrementally;
 	// ask for identity. A gzip answer sent anyway is decoded in relay.
 	req.Header.Set("Accept-Encoding", "identity")

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"io"
 	"net/http"
-	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -783,37 +782,16 @@ func (rl *relay) fail(e *apiError) bool {
 // upstream's describes the upstream). The handler's own X-Request-Id stays;
 // the provider's id is passed on as X-Upstream-Request-Id.
 func copyResponseHeaders(dst, src http.Header) {
-	conn := src["Connection"]
-	n := 0
-	for _, vv := range src {
-		n += len(vv)
-	}
-	vals := make([]string, n) // one allocation for every value, as Header.Clone
-	for k, vv := range src {
-		if k == headerRequestID || k == "Set-Cookie" || slices.Contains(hopHeaders, k) ||
-			len(conn) > 0 && namedIn(conn, k) {
-			continue
-		}
-		c := copy(vals, vv)
-		dst[k] = vals[:c:c]
-		vals = vals[c:]
-	}
+	copyHeaders(dst, src, responseDrop)
 	if up := upstreamRequestID(src); up != "" {
 		dst[headerUpstreamRequestID] = []string{up}
 	}
 }
 
-// namedIn reports whether a Connection header's values name the field k.
-func namedIn(conn []string, k string) bool {
-	for _, v := range conn {
-		for f := range strings.SplitSeq(v, ",") {
-			if strings.EqualFold(strings.TrimSpace(f), k) {
-				return true
-			}
-		}
-	}
-	return false
-}
+// responseDrop are the upstream's fields the client never gets besides the
+// hop-by-hop ones: its request id (the client gets ours, and the
+// provider's as X-Upstream-Request-Id) and its cookies.
+var responseDrop = []string{headerRequestID, "Set-Cookie"}
 
 // decodedBody returns the response body, decoding gzip if the upstream sent
 // it although we asked for identity.

@@ -10,6 +10,9 @@
 # CLIENT=h1. reverse_proxy speaks HTTP/2 to the mock; nginx HTTP/1.1 over
 # TLS (it cannot proxy to an upstream over HTTP/2); llm_stream as
 # configured by default (HTTP/2 when the upstream offers it).
+# BASELINE=path/to/caddy adds a column "baseline": that build (of an earlier
+# commit, say) running the same llm_stream site, for before/after tables in
+# one run.
 # The floor column is bench_floor (bench/floor): the least a handler inside
 # Caddy can do to relay a stream, through the same transport; what Caddy and
 # net/http cost on their own, below which no Caddy proxy can go.
@@ -26,7 +29,7 @@ echo "building caddy (with bench_floor) and the load tool" >&2
 go build -o "$out/caddy" ./bench/caddy
 go build -o "$out/load" ./bench/load
 
-MOCK=18081 RP=18082 NGX=18083 LLM=18084 FLOOR=18085
+MOCK=18081 RP=18082 NGX=18083 LLM=18084 FLOOR=18085 BASE=18086
 scheme=http site=http tlsline="" upstream_tls="" rp_tls="" load_tls=()
 if [ "$shape" = tls ]; then
 	# one CA and one certificate for 127.0.0.1, made once
@@ -166,6 +169,14 @@ llm_pid=$started
 start floor "$out/floor.caddyfile"
 floor_pid=$started
 wait_port $MOCK; wait_port $RP; wait_port $LLM; wait_port $FLOOR
+base_target=()
+if [ -n "${BASELINE:-}" ]; then
+	sed "s/:$LLM {/:$BASE {/" "$out/llm.caddyfile" >"$out/base.caddyfile"
+	"$BASELINE" run --config "$out/base.caddyfile" --adapter caddyfile >"$out/base.log" 2>&1 &
+	pids+=("$!")
+	base_target=("baseline=$scheme://127.0.0.1:$BASE=$!")
+	wait_port $BASE
+fi
 
 targets=("direct=$scheme://127.0.0.1:$MOCK=0" "reverse_proxy=$scheme://127.0.0.1:$RP=$rp_pid")
 ngx_listen="listen 127.0.0.1:$NGX;" ngx_upstream_tls=""
@@ -211,7 +222,7 @@ NG
 else
 	echo "nginx not installed: its column is skipped (apt-get install nginx-light)" >&2
 fi
-targets+=("floor=$scheme://127.0.0.1:$FLOOR=$floor_pid" "llm_stream=$scheme://127.0.0.1:$LLM=$llm_pid")
+targets+=("floor=$scheme://127.0.0.1:$FLOOR=$floor_pid" "${base_target[@]}" "llm_stream=$scheme://127.0.0.1:$LLM=$llm_pid")
 
 echo "shape: $shape$([ "$shape" = tls ] && echo ", $client to the client"), $open open streams" | tee "$out/results.md"
 "$out/load" -open "$open" "${load_tls[@]}" ${LOAD_ARGS:-} "${targets[@]}" | tee -a "$out/results.md"

@@ -148,13 +148,14 @@ func main() {
 	// ratios, round by round where rounds were run: llm_stream against
 	// reverse_proxy (the targets), the floor (the least a handler
 	// inside Caddy can do) against reverse_proxy, and llm_stream against
-	// the floor (how much of its figure is its own)
+	// the floor (how much of its figure is its own); with a baseline
+	// column (an earlier build), llm_stream against it
 	idx := func(name string) int {
 		return slices.IndexFunc(targets, func(t target) bool { return t.name == name })
 	}
 	f := func(k string, i int) float64 { v, _ := strconv.ParseFloat(rows[k][i], 64); return v }
 	fmt.Println()
-	for _, p := range [][2]string{{"llm_stream", "reverse_proxy"}, {"floor", "reverse_proxy"}, {"llm_stream", "floor"}} {
+	for _, p := range [][2]string{{"llm_stream", "reverse_proxy"}, {"floor", "reverse_proxy"}, {"llm_stream", "floor"}, {"llm_stream", "baseline"}, {"baseline", "reverse_proxy"}} {
 		a, b := idx(p[0]), idx(p[1])
 		if a < 0 || b < 0 {
 			continue
