@@ -115,25 +115,41 @@ func (h *Handler) try(r *http.Request, in *inbound, rl *relay, at attempt) attem
 	ctx, cancel, detached, end := h.attemptContext(r, in, rl)
 	defer end()
 	rl.setAttempt(cancel)
-
-	req, err := h.newUpstreamRequest(ctx, r, in, at.up, at.key)
+	resp, err := h.send(ctx, r, in, at, cancel)
 	if err != nil {
-		return attemptResult{outcome: failConnect, err: err}
-	}
-	resp, err := h.roundTrip(at.up, req, cancel)
-	if err != nil {
-		switch {
-		case errors.Is(context.Cause(ctx), errStopped):
-			return attemptResult{done: true, stopped: true}
-		case r.Context().Err() != nil:
-			return attemptResult{done: true, code: 499}
-		case errors.Is(err, errFirstByteTimeout):
-			return attemptResult{outcome: failTimeout, err: err}
-		}
-		return attemptResult{outcome: failConnect, err: err}
+		return sendFailure(ctx, r, err)
 	}
 	defer resp.Body.Close()
+	return h.answer(ctx, r, in, rl, at, resp, detached)
+}
 
+// send builds the attempt's upstream request and sends it, waiting at most
+// first_byte_timeout for the response headers.
+func (h *Handler) send(ctx context.Context, r *http.Request, in *inbound, at attempt, cancel context.CancelCauseFunc) (*http.Response, error) {
+	req, err := h.newUpstreamRequest(ctx, r, in, at.up, at.key)
+	if err != nil {
+		return nil, err
+	}
+	return h.roundTrip(at.up, req, cancel)
+}
+
+// sendFailure is the result of an attempt whose upstream request failed
+// before any response headers.
+func sendFailure(ctx context.Context, r *http.Request, err error) attemptResult {
+	switch {
+	case errors.Is(context.Cause(ctx), errStopped):
+		return attemptResult{done: true, stopped: true}
+	case r.Context().Err() != nil:
+		return attemptResult{done: true, code: 499}
+	case errors.Is(err, errFirstByteTimeout):
+		return attemptResult{outcome: failTimeout, err: err}
+	}
+	return attemptResult{outcome: failConnect, err: err}
+}
+
+// answer handles the upstream's response to an attempt: an error status
+// is kept for failover, an answer relayed to the client.
+func (h *Handler) answer(ctx context.Context, r *http.Request, in *inbound, rl *relay, at attempt, resp *http.Response, detached bool) attemptResult {
 	if resp.StatusCode >= 400 {
 		raw, _ := io.ReadAll(io.LimitReader(resp.Body, maxErrorBody))
 		return attemptResult{
