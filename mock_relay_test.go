@@ -28,6 +28,24 @@ http://127.0.0.1:`+strconv.Itoa(mockPort)+` {
 		return send(t, "POST", c.base()+path, body, nil)
 	}
 
+	t.Run("provider headers", func(t *testing.T) {
+		// The provider's own headers reach the client, its edge's cookies
+		// and its request id (as X-Upstream-Request-Id beside ours) do not.
+		resp := post("/v1/chat/completions", `{"model":"mock-1","messages":[{"role":"user","content":"hi"}]}`)
+		resp.Body.Close()
+		for _, k := range []string{"Openai-Organization", "Openai-Processing-Ms", "X-Ratelimit-Remaining-Tokens", "Cf-Ray", "Strict-Transport-Security"} {
+			if resp.Header.Get(k) == "" {
+				t.Errorf("%s did not reach the client: %v", k, resp.Header)
+			}
+		}
+		if c := resp.Header.Values("Set-Cookie"); len(c) != 0 {
+			t.Errorf("the provider's cookies reached the client: %q", c)
+		}
+		if up, id := resp.Header.Get("X-Upstream-Request-Id"), resp.Header.Get("X-Request-Id"); !strings.HasPrefix(up, "req_") || id == "" || id == up {
+			t.Errorf("request ids: ours %q, the provider's %q", id, up)
+		}
+	})
+
 	t.Run("openai stream with usage", func(t *testing.T) {
 		resp := post("/v1/chat/completions", `{"model":"mock-2","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi there"}]}`)
 		defer resp.Body.Close()

@@ -170,27 +170,50 @@ func (m *Mock) serves(model string) bool {
 
 // providerHeaders sets what providers send on every answer: their own
 // request id (OpenAI `x-request-id`, Anthropic `request-id`), processing
-// time and rate-limit state.
+// time and rate-limit state, and what their edge adds (the hosted APIs sit
+// behind Cloudflare: its ray id, cache status and cookies). Real answers
+// carry about twenty headers; a proxy's per-response work and memory
+// depend on how many, so the mock sends as many.
 func providerHeaders(h http.Header, anthropic bool) {
 	id := "req_" + newID()
 	if anthropic {
 		h.Set("Request-Id", id)
+		h.Set("Anthropic-Organization-Id", "0f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9")
 		h.Set("Anthropic-Ratelimit-Requests-Limit", "4000")
 		h.Set("Anthropic-Ratelimit-Requests-Remaining", "3999")
 		h.Set("Anthropic-Ratelimit-Requests-Reset", time.Now().Add(time.Minute).UTC().Format(time.RFC3339))
 		h.Set("Anthropic-Ratelimit-Tokens-Limit", "400000")
 		h.Set("Anthropic-Ratelimit-Tokens-Remaining", "399000")
+		h.Set("Anthropic-Ratelimit-Input-Tokens-Limit", "2000000")
+		h.Set("Anthropic-Ratelimit-Output-Tokens-Limit", "400000")
+		h.Set("X-Robots-Tag", "none")
+		edgeHeaders(h, ".anthropic.com")
 		return
 	}
 	h.Set("X-Request-Id", id)
+	h.Set("Access-Control-Expose-Headers", "X-Request-ID")
+	h.Set("Openai-Organization", "user-llm-mock")
 	h.Set("Openai-Processing-Ms", "12")
+	h.Set("Openai-Project", "proj_llm_mock")
 	h.Set("Openai-Version", "2020-10-01")
+	h.Set("X-Envoy-Upstream-Service-Time", "14")
 	h.Set("X-Ratelimit-Limit-Requests", "10000")
 	h.Set("X-Ratelimit-Remaining-Requests", "9999")
 	h.Set("X-Ratelimit-Reset-Requests", "6ms")
 	h.Set("X-Ratelimit-Limit-Tokens", "30000000")
 	h.Set("X-Ratelimit-Remaining-Tokens", "29999000")
 	h.Set("X-Ratelimit-Reset-Tokens", "2ms")
+	edgeHeaders(h, ".api.openai.com")
+}
+
+// edgeHeaders are what Cloudflare, in front of the hosted APIs, adds.
+func edgeHeaders(h http.Header, domain string) {
+	h.Set("Strict-Transport-Security", "max-age=31536000; includeSubDomains; preload")
+	h.Set("X-Content-Type-Options", "nosniff")
+	h.Set("Cf-Cache-Status", "DYNAMIC")
+	h.Set("Cf-Ray", newID()[:16]+"-FRA")
+	h.Add("Set-Cookie", "__cf_bm=llm-mock; path=/; domain="+domain+"; HttpOnly; Secure; SameSite=None")
+	h.Add("Set-Cookie", "_cfuvid=llm-mock; path=/; domain="+domain+"; HttpOnly; Secure; SameSite=None")
 }
 
 // token returns the i-th token: a word, with a leading space after the first.

@@ -39,6 +39,10 @@ func TestAnswersLikeAProvider(t *testing.T) {
 	if resp.StatusCode != http.StatusOK || !strings.HasPrefix(resp.Header.Get("X-Request-Id"), "req_") || resp.Header.Get("X-Ratelimit-Remaining-Requests") == "" {
 		t.Errorf("a served model: %d %v", resp.StatusCode, resp.Header)
 	}
+	// as many headers as the hosted API sends, its edge's included
+	if n := len(resp.Header); n < 20 || len(resp.Header.Values("Set-Cookie")) != 2 || resp.Header.Get("Cf-Ray") == "" || resp.Header.Get("Openai-Organization") == "" {
+		t.Errorf("OpenAI's %d headers: %v", n, resp.Header)
+	}
 	resp, _ = post(t, srv.URL+"/v1/messages", `{"model":"mock-1","max_tokens":5,"messages":[]}`)
 	if !strings.HasPrefix(resp.Header.Get("Request-Id"), "req_") || resp.Header.Get("Anthropic-Ratelimit-Requests-Limit") == "" {
 		t.Errorf("Anthropic style: %v", resp.Header)
