@@ -178,13 +178,20 @@ func firstDiff(a, b string) int {
 	return min(len(a), len(b))
 }
 
-func TestKeyInjection(t *testing.T) {
+// headersUpstream answers `{}` and keeps the headers of the last request
+// it got.
+func headersUpstream(t *testing.T) (*fakeUpstream, *http.Header) {
 	var got http.Header
 	up := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
 		got = r.Header.Clone()
 		w.Header().Set("Content-Type", "application/json")
 		_, _ = io.WriteString(w, `{}`)
 	}))
+	return up, &got
+}
+
+func TestKeyInjection(t *testing.T) {
+	up, seen := headersUpstream(t)
 	c := startCaddy(t, `llm_stream {
 		upstream `+up.URL+`
 		api_key `+testKey+`
@@ -202,6 +209,7 @@ func TestKeyInjection(t *testing.T) {
 		"X-Debug":        "1",
 	})
 	resp.Body.Close()
+	got := *seen
 	if want := "Bearer " + testKey; got.Get("Authorization") != want {
 		t.Errorf("Authorization: got %q, want %q", got.Get("Authorization"), want)
 	}
@@ -224,12 +232,7 @@ func TestKeyInjection(t *testing.T) {
 // credentials; header_up then applies to the copy, never to the client's
 // own request (a later handler or the access log still sees what came).
 func TestRequestHeadersForTheUpstream(t *testing.T) {
-	var got http.Header
-	up := newUpstream(t, answering(func(w http.ResponseWriter, r *http.Request) {
-		got = r.Header.Clone()
-		w.Header().Set("Content-Type", "application/json")
-		_, _ = io.WriteString(w, `{}`)
-	}))
+	up, seen := headersUpstream(t)
 	// header_up's replace edits values in place; the deferred header
 	// reads the client's X-Trace when the response is written, after it.
 	c := startCaddy(t, `route {
@@ -256,6 +259,7 @@ func TestRequestHeadersForTheUpstream(t *testing.T) {
 		t.Fatal(err)
 	}
 	resp.Body.Close()
+	got := *seen
 	if resp.StatusCode != 200 || got == nil {
 		t.Fatalf("status %d; upstream called: %v", resp.StatusCode, got != nil)
 	}
