@@ -30,7 +30,8 @@ http://127.0.0.1:`+strconv.Itoa(mockPort)+` {
 
 	t.Run("provider headers", func(t *testing.T) {
 		// The provider's own headers reach the client, its edge's cookies
-		// and its request id (as X-Upstream-Request-Id beside ours) do not.
+		// do not, and its request id comes as X-Upstream-Request-Id beside
+		// ours.
 		resp := post("/v1/chat/completions", `{"model":"mock-1","messages":[{"role":"user","content":"hi"}]}`)
 		resp.Body.Close()
 		for _, k := range []string{"Openai-Organization", "Openai-Processing-Ms", "X-Ratelimit-Remaining-Tokens", "Cf-Ray", "Strict-Transport-Security"} {
